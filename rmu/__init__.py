@@ -1,0 +1,1 @@
+"""CUT / RMU (Li et al. 2024, the WMDP paper): representation misdirection."""

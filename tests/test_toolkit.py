@@ -1,0 +1,242 @@
+"""The corpus toolkit: tokens, batches, losses, evaluation, device policy, LoRA."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import unlearn_corpus as uc
+from pipeline import LossType, UnlearnType
+
+
+def test_answer_tokens_byte_level(byte_level_tokenizer):
+    ids = uc.answer_letter_token_ids(byte_level_tokenizer)
+    assert byte_level_tokenizer.convert_ids_to_tokens(ids) == ["ĠA", "ĠB", "ĠC", "ĠD"]
+
+
+def test_answer_tokens_sentencepiece(sentencepiece_tokenizer):
+    ids = uc.answer_letter_token_ids(sentencepiece_tokenizer)
+    assert sentencepiece_tokenizer.convert_ids_to_tokens(ids) == ["▁A", "▁B", "▁C", "▁D"]
+
+
+@pytest.mark.parametrize("fixture", ["byte_level_tokenizer", "sentencepiece_tokenizer"])
+def test_answer_token_is_what_follows_answer_in_a_prompt(fixture, request):
+    tokenizer = request.getfixturevalue(fixture)
+    row = uc.McqRow("When was Aaron Abernathy born?", ("1961", "1958", "1965", "1994"), 2)
+    pair = uc.MCQ_EXAMPLE_BUILDERS[LossType.LETTER](row)
+    encoded = uc.encode(tokenizer, pair, 256)
+    first_target = next(i for i, label in zip(encoded.input_ids, encoded.labels) if label != uc.IGNORE_INDEX)
+    assert first_target == uc.answer_letter_token_ids(tokenizer)[2]
+
+
+def test_encode_masks_prefix_and_collate_masks_padding(byte_level_tokenizer):
+    tok = byte_level_tokenizer
+    short = uc.encode(tok, uc.TextPair("Q:", " yes"), 64)
+    long = uc.encode(tok, uc.TextPair("", "Aaron Abernathy was born in 1965."), 64)
+    assert short.labels[: len(tok("Q:").input_ids)] == [uc.IGNORE_INDEX] * len(tok("Q:").input_ids)
+    assert all(label != uc.IGNORE_INDEX for label in long.labels)
+    batch = uc.collate([short, long], tok.pad_token_id)
+    n = len(short.input_ids)
+    assert batch["attention_mask"][0, :n].all() and not batch["attention_mask"][0, n:].any()
+    assert (batch["labels"][0, n:] == uc.IGNORE_INDEX).all()
+    assert (batch["input_ids"][0, n:] == tok.pad_token_id).all()
+
+
+def test_nll_excludes_padding(tiny_llama, byte_level_tokenizer):
+    """A padded batch gives the token-weighted mean of the rows' own NLLs."""
+    tok = byte_level_tokenizer
+    model = uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}))
+    a = uc.encode(tok, uc.TextPair("", "In 1965, Aaron Abernathy was born."), 64)
+    b = uc.encode(tok, uc.TextPair("", "Yara Zabala"), 64)
+    with torch.no_grad():
+        joint = uc.mean_token_nll(model, uc.collate([a, b], tok.pad_token_id)).item()
+        na = uc.mean_token_nll(model, uc.collate([a], tok.pad_token_id)).item()
+        nb = uc.mean_token_nll(model, uc.collate([b], tok.pad_token_id)).item()
+    ta, tb = len(a.input_ids) - 1, len(b.input_ids) - 1
+    assert joint == pytest.approx((na * ta + nb * tb) / (ta + tb), rel=1e-4)
+
+
+def test_nll_matches_transformers_loss(tiny_llama, byte_level_tokenizer):
+    tok = byte_level_tokenizer
+    model = uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}))
+    batch = uc.collate([uc.encode(tok, uc.TextPair("", "In 1965, Aaron Abernathy was born."), 64)], tok.pad_token_id)
+    with torch.no_grad():
+        reference = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.item()
+        ours = uc.mean_token_nll(model, batch).item()
+    assert ours == pytest.approx(reference, rel=1e-5)
+
+
+def test_calibrated_accuracy_removes_letter_bias():
+    # Every row prefers A by +5; the true answers are only visible after removing that bias.
+    answers = [1, 2, 3, 0]
+    logits = torch.full((4, 4), 0.0)
+    logits[:, 0] += 5.0
+    for row, answer in enumerate(answers):
+        logits[row, answer] += 1.0
+    score = uc.score_letter_logits(logits, answers)
+    assert score.acc == pytest.approx(0.25)
+    assert score.calibrated_acc == pytest.approx(1.0)
+
+
+def test_evaluate_mcq_uses_last_prompt_position(tiny_llama, byte_level_tokenizer):
+    """Batched (padded) evaluation gives the same letter logits as one row at a time."""
+    model = uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}))
+    rows = [uc.McqRow("When was Aaron Abernathy born?", ("1961", "1958", "1965", "1994"), 2),
+            uc.McqRow("When was Yara Zabala born?", ("2001", "1999", "1903", "1967"), 0)]
+    together = uc.mcq_letter_logits(model, byte_level_tokenizer, rows, batch_size=2)
+    one_by_one = torch.cat([uc.mcq_letter_logits(model, byte_level_tokenizer, [r], batch_size=1) for r in rows])
+    assert torch.allclose(together, one_by_one, atol=1e-4)
+
+
+def test_batches_cover_every_item_once():
+    items = [uc.Encoded([0] * n, [0] * n) for n in (3, 9, 4, 8, 5, 7, 6)]
+    batches = uc.shuffled_batches(items, 3, random.Random(0))
+    assert sorted(len(e.input_ids) for b in batches for e in b) == [3, 4, 5, 6, 7, 8, 9]
+    assert all(len(b) <= 3 for b in batches)
+
+
+# ---------------------------------------------------------------- device policy
+
+CPU_ONLY = uc.Capabilities(cuda=False, flash_attn=False, triton=False)
+GPU_FULL = uc.Capabilities(cuda=True, flash_attn=True, triton=True)
+GPU_BARE = uc.Capabilities(cuda=True, flash_attn=False, triton=False)
+
+
+@pytest.mark.parametrize("caps, expected", [
+    (CPU_ONLY, uc.DevicePolicy("cpu", torch.float32, "sdpa", False)),
+    (GPU_FULL, uc.DevicePolicy("cuda", torch.bfloat16, "flash_attention_2", True)),
+    (GPU_BARE, uc.DevicePolicy("cuda", torch.bfloat16, "sdpa", False)),
+])
+def test_device_policy_from_capabilities(caps, expected):
+    assert uc.resolve_device_policy({}, caps) == expected
+
+
+def test_device_policy_overrides():
+    policy = uc.resolve_device_policy({"device": "cpu", "dtype": "bfloat16", "attn_implementation": "eager"}, GPU_FULL)
+    assert policy == uc.DevicePolicy("cpu", torch.bfloat16, "eager", False)
+    assert uc.resolve_device_policy({"triton_lion": False}, GPU_FULL).triton_lion is False
+
+
+@pytest.mark.parametrize("overrides, caps, message", [
+    ({"device": "cuda"}, CPU_ONLY, "CUDA is not available"),
+    ({"attn_implementation": "flash_attention_2"}, GPU_BARE, "flash_attn"),
+    ({"triton_lion": True}, CPU_ONLY, "triton"),
+    ({"dtype": "float64"}, CPU_ONLY, "device.dtype='float64' is not allowed"),
+])
+def test_device_policy_refuses_what_the_machine_lacks(overrides, caps, message):
+    with pytest.raises(ValueError, match=message):
+        uc.resolve_device_policy(overrides, caps)
+
+
+def test_detected_capabilities_on_this_machine_pick_a_runnable_policy():
+    policy = uc.resolve_device_policy()
+    if not torch.cuda.is_available():
+        assert policy == uc.DevicePolicy("cpu", torch.float32, "sdpa", False)
+
+
+def test_optimizer_sees_only_trainable_parameters(tiny_llama):
+    model = uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}))
+    uc.freeze_embeddings(model)
+    optimizer = uc.make_optimizer("lion", model, 1e-4, uc.resolve_device_policy({}, CPU_ONLY))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert all(p.requires_grad for p in params)
+    assert all(p is not model.get_input_embeddings().weight for p in params)
+    with pytest.raises(ValueError, match="optimizer='sgd' is not allowed"):
+        uc.make_optimizer("sgd", model, 1e-4, uc.resolve_device_policy({}, CPU_ONLY))
+
+
+def test_warmup_is_linear_then_constant():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = uc.warmup_then_constant(optimizer, 4)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+def _train_steps(model, tokenizer, steps=3, lr=1e-2):
+    optimizer = uc.make_optimizer("adamw", model, lr, uc.resolve_device_policy({}, CPU_ONLY))
+    batch = uc.collate([uc.encode(tokenizer, uc.TextPair("", "Aaron Abernathy was born in 1965."), 64)],
+                       tokenizer.pad_token_id)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        uc.mean_token_nll(model, batch).backward()
+        optimizer.step()
+    return batch
+
+
+def test_lora_training_changes_only_adapters(tiny_llama, byte_level_tokenizer):
+    model = uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}))
+    peft_model = uc.attach_lora(model, rank=4)
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    _train_steps(peft_model, byte_level_tokenizer)
+    changed = {n for n, p in peft_model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "LoRA training changed nothing"
+    assert all("lora_" in n for n in changed)
+    assert any("lora_B" in n for n in changed)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_merged_model_matches_peft_model_and_saves_plainly(tiny_llama, byte_level_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}))
+    peft_model = uc.attach_lora(model, rank=4)
+    batch = _train_steps(peft_model, byte_level_tokenizer)
+    with torch.no_grad():
+        peft_logits = peft_model(input_ids=batch["input_ids"]).logits
+    saved = uc.save_checkpoint(peft_model, byte_level_tokenizer, tmp_path / "merged")
+    files = {p.name for p in saved.iterdir()}
+    assert "model.safetensors" in files
+    assert not any("adapter" in name for name in files)
+    plain = AutoModelForCausalLM.from_pretrained(saved)
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    with torch.no_grad():
+        plain_logits = plain(input_ids=batch["input_ids"]).logits
+    assert torch.allclose(peft_logits, plain_logits, atol=1e-4)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        assert not torch.allclose(base(input_ids=batch["input_ids"]).logits, plain_logits, atol=1e-4)
+
+
+def test_lora_alpha_defaults_to_twice_the_rank(tiny_llama):
+    model = uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}))
+    config = uc.attach_lora(model, rank=8).peft_config["default"]
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 16, 0.0)
+    assert set(config.target_modules) == set(uc.DEFAULT_LORA_TARGETS)
+
+
+def test_lora_without_target_modules_names_what_the_model_has(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=32))
+    # GPT-2 uses Conv1D, not Linear, except the LM head.
+    with pytest.raises(ValueError, match="match no module of this model; its linear modules are \\['lm_head'\\]"):
+        uc.attach_lora(model, rank=4)
+
+
+def test_checkpoint_save_is_atomic(tiny_llama, byte_level_tokenizer, tmp_path, monkeypatch):
+    model = uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}))
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(type(byte_level_tokenizer), "save_pretrained", crash)
+    with pytest.raises(RuntimeError):
+        uc.save_checkpoint(model, byte_level_tokenizer, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
+def test_forget_objectives_by_method():
+    assert uc.FORGET_OBJECTIVES[UnlearnType.GD] == uc.ForgetObjective("train_files", -1.0)
+    assert uc.FORGET_OBJECTIVES[UnlearnType.WHP].sign == 1.0
+    assert uc.FORGET_OBJECTIVES[UnlearnType.FWF].corpus == "fixed_wrong_unlearn_files"

