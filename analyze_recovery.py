@@ -216,6 +216,7 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
     for axis in (left, right):
         if len(lora):
             axis.set_xscale("log", base=2)
+            axis.set_xlim(lora.lora_rank.min() / 1.5, lora.lora_rank.max() * 1.5)
         axis.set_xlabel("LoRA rank")
         axis.grid(alpha=0.3)
     left.set_ylabel("recovered fraction (B - A) / (base - A)")
@@ -232,8 +233,9 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
 
 
 def analyze(results_dir: str | Path, options: Options = Options(), out_dir: str | Path | None = None,
-            stream=sys.stdout) -> pd.DataFrame:
+            stream=None) -> pd.DataFrame:
     """Print the table, write recovery_vs_rank.csv and .png, return the table."""
+    stream = stream or sys.stdout
     unlearning, ft = load_results(results_dir)
     table = summarize(split_rows(unlearning, ft, options), options)
     if table.empty:

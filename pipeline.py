@@ -84,6 +84,13 @@ class DatasetFiles:
     retain_dev_file: str
     generated_dir: str | None = None  # a folder the project writes itself when absent
 
+    def training_files(self, data_format: DataFormat) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(forget, retain) files to train on: the corpora, or with MCQ the
+        question files of the same facts."""
+        if data_format == DataFormat.MCQ:
+            return self.val_files, self.val_retain_files
+        return self.unlearn_files, self.retain_files
+
     def all_files(self) -> list[str]:
         groups = (self.unlearn_files, self.wrong_unlearn_files, self.fixed_wrong_unlearn_files,
                   self.val_files, self.retain_files, self.val_retain_files)
@@ -373,6 +380,11 @@ def plan_sweep(cfg: DictConfig) -> Plan:
                               f"val files of {dataset.name}")
     if UnlearnType.CUT in methods:
         check_cut_available()
+    data_format = parse_enum(DataFormat, cfg.unlearn.data_format, "unlearn.data_format", exclude=(DataFormat.TF,))
+    wrong_answer_methods = sorted(m.name for m in methods if m in (UnlearnType.WHP, UnlearnType.FWF))
+    if data_format == DataFormat.MCQ and wrong_answer_methods:
+        raise ConfigError(f"unlearn.data_format: MCQ is not allowed with {', '.join(wrong_answer_methods)}; "
+                          "they train on their wrong-answer corpora (use CORPUS)")
     points = [p for m in methods for d in datasets for p in dataset_grid(cfg, m, d)]
     for dataset in datasets:
         ensure_dataset(cfg, dataset)
@@ -456,13 +468,16 @@ METHODS: dict[UnlearnType, Method] = {
 def unlearn_kwargs(cfg: Mapping, run: Run, epochs: int | None = None, save: bool = True) -> dict:
     """Keyword arguments of a method's main() for one run (cfg as a plain dict)."""
     point, files, u = run.point, DATASETS[run.point.dataset], cfg["unlearn"]
+    data_format = DataFormat[u["data_format"]]
+    forget_files, retain_files = files.training_files(data_format)
     method_cfg = {k: v for k, v in u["types_config"][point.unlearn_type.name].items()
                   if k not in ("datasets_config", "loss_type")}
     retain_loss = u.get("retain_loss_type")
     return dict(
-        train_files=files.unlearn_files, wrong_unlearn_files=files.wrong_unlearn_files,
+        train_files=forget_files, wrong_unlearn_files=files.wrong_unlearn_files,
         fixed_wrong_unlearn_files=files.fixed_wrong_unlearn_files, val_files=files.val_files,
-        dev_set=files.dev_file, retain_files=files.retain_files, val_retain_files=files.val_retain_files,
+        dev_set=files.dev_file, retain_files=retain_files, val_retain_files=files.val_retain_files,
+        data_format=data_format,
         retain_dev_file=files.retain_dev_file, base_model=run.base_model, lr=point.lr,
         epochs=point.epochs if epochs is None else epochs, retain_coeff=point.retain_coeff,
         max_samples=point.max_samples, save_name=run.model_path if save else None, loss_type=point.loss_type,
@@ -574,7 +589,7 @@ def rtt_kwargs(cfg: Mapping, job: RttJob) -> dict:
         dev_set=files.dev_file, base_model=job.base_model, lr=job.lr, epochs=job.epochs, loss_type=job.loss_type,
         batch_size=ft["batch_size"], val_batch_size=ft["val_batch_size"], warmup_steps=ft["warmup_steps"],
         optimizer=ft["optimizer"], k_shot=ft["k_shot"], data_root=cfg["data_root"], data_seed=cfg["data_seed"],
-        device=cfg["device"], max_length=ft["max_length"], name=f"rtt-{job.condition}-{Path(job.base_model).name}-skip{job.skip_split}",
+        device=cfg["device"], max_length=ft["max_length"], train_embeddings=ft["train_embeddings"], name=f"rtt-{job.condition}-{Path(job.base_model).name}-skip{job.skip_split}",
         project_name=cfg["wandb_project_name"], wandb_mode=cfg["wandb_mode"],
     )
 
@@ -622,8 +637,9 @@ def start_ray(ray_cfg: Mapping) -> None:
         ray.init(address=ray_cfg["address"], runtime_env={
             "working_dir": project, "excludes": [".venv", ".git", "models", "data", "evals"]})
     else:
-        ray.init(num_cpus=ray_cfg.get("num_cpus"), include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent)}})
+        # No runtime_env: local workers see the driver's sys.path, and tasks can
+        # then use the workers Ray prestarts (each new worker imports torch anew).
+        ray.init(num_cpus=ray_cfg.get("num_cpus"), include_dashboard=False, log_to_driver=True)
 
 
 def run_all(refs: list, desc: str) -> list:

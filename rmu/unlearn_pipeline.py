@@ -90,6 +90,36 @@ def masked_sq_distance(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return (per_token * weights).sum() / weights.sum().clamp(min=1)
 
 
+@dataclass
+class RmuObjective:
+    """The RMU loss for one forget batch and one retain batch."""
+
+    model: torch.nn.Module
+    frozen: torch.nn.Module
+    target: torch.Tensor  # c * u
+    layer_id: int
+    retain_coeff: float
+
+    def forget_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        h = layer_activations(self.model, batch, self.layer_id)
+        return masked_sq_distance(h, self.target.expand_as(h), batch["attention_mask"])
+
+    def retain_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        h = layer_activations(self.model, batch, self.layer_id)
+        with torch.no_grad():
+            anchor = layer_activations(self.frozen, batch, self.layer_id)
+        return masked_sq_distance(h, anchor, batch["attention_mask"])
+
+    def __call__(self, forget_batch, retain_batch=None) -> tuple[torch.Tensor, dict]:
+        forget = self.forget_loss(forget_batch)
+        loss, metrics = forget, {"forget_loss": forget.item()}
+        if retain_batch is not None and self.retain_coeff:
+            retain = self.retain_loss(retain_batch)
+            loss = loss + self.retain_coeff * retain
+            metrics["retain_loss"] = retain.item()
+        return loss, metrics
+
+
 def steering_vector(hidden_size: int, coeff: float, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     u = torch.rand(hidden_size, generator=generator)
@@ -165,20 +195,12 @@ def main(
                                          retain_dev_file=retain_dev_file, k_shot=k_shot, batch_size=val_batch_size,
                                          run=run, name=name)
 
+    objective = RmuObjective(model, frozen, target, layers.layer_id, retain_coeff)
+
     def step_loss(pair):
-        forget_batch = uc.collate(pair[0], tokenizer.pad_token_id, policy.device)
-        h_forget = layer_activations(model, forget_batch, layers.layer_id)
-        forget_loss = masked_sq_distance(h_forget, target.expand_as(h_forget), forget_batch["attention_mask"])
-        loss, metrics = forget_loss, {"forget_loss": forget_loss.item()}
-        if pair[1] and retain_coeff:
-            retain_batch = uc.collate(pair[1], tokenizer.pad_token_id, policy.device)
-            h_retain = layer_activations(model, retain_batch, layers.layer_id)
-            with torch.no_grad():
-                h_anchor = layer_activations(frozen, retain_batch, layers.layer_id)
-            retain_loss = masked_sq_distance(h_retain, h_anchor, retain_batch["attention_mask"])
-            loss = loss + retain_coeff * retain_loss
-            metrics["retain_loss"] = retain_loss.item()
-        return loss, metrics
+        forget_batch, retain_batch = pair
+        return objective(uc.collate(forget_batch, tokenizer.pad_token_id, policy.device),
+                         uc.collate(retain_batch, tokenizer.pad_token_id, policy.device) if retain_batch else None)
 
     uc.fit(model, uc.make_optimizer(optimizer, model, lr, policy), epochs=epochs,
            steps_per_epoch=lambda _: uc.unlearn_steps(forget, retain, batch_size, rng), step_loss=step_loss,

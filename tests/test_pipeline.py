@@ -1,0 +1,205 @@
+"""pipeline.py: configuration, grid, validation, resources, results, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import pipeline as pl
+import unlearn_corpus as uc
+from pipeline import Datasets, UnlearnType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(name: str = "lora_smoketest", overrides=()):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def run_cli(args, cwd, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "pipeline.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_get_log_range():
+    assert pl.get_log_range(1e-3, 1e3, 10) == pytest.approx([1e-3, 1e-2, 1e-1, 1, 10, 100])
+    assert pl.get_log_range(1, 10, 2) == [1, 2, 4, 8]
+
+
+def test_default_config_resolves_the_paper_grid():
+    cfg = config("default")
+    gd = pl.dataset_grid(cfg, UnlearnType.GD, Datasets.MMLU)
+    assert sorted({p.retain_coeff for p in gd}) == pytest.approx([1e-3, 1e-2, 1e-1, 1, 10, 100])
+
+
+def test_grid_adds_ranks_only_for_lora_and_scs_only_for_cut():
+    cfg = config("default", ["unlearn.lora_ranks=[1,2,4]", "unlearn.cut_scs=[5,20]"])
+    gd = pl.dataset_grid(cfg, UnlearnType.GD, Datasets.RANDOM_BD_SAME_RETAIN)
+    lora = pl.dataset_grid(cfg, UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN)
+    cut = pl.dataset_grid(cfg, UnlearnType.CUT, Datasets.RANDOM_BD_SAME_RETAIN)
+    assert {p.lora_rank for p in gd} == {0} and {p.steering_coeff for p in gd} == {None}
+    assert {p.lora_rank for p in lora} == {1, 2, 4} and {p.steering_coeff for p in lora} == {None}
+    assert {p.steering_coeff for p in cut} == {5.0, 20.0} and {p.lora_rank for p in cut} == {0}
+    lora_cfg = cfg.unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN
+    per_rank = len(lora_cfg.lrs) * len(lora_cfg.epochs_lst) * len(pl.get_log_range(*[1e-1, 1e2, 10]))
+    assert len(lora) == 3 * per_rank
+
+
+def test_model_path_names_the_rank():
+    cfg = config(overrides=["models_dir=m", "wandb_project_name=p"])
+    point = pl.GridPoint(UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN, pl.LossType.CORPUS, 1e-4, 2, 1.0, 32, None, 8)
+    assert pl.unlearned_model_path(cfg, point, "/x/tiny") == \
+        "m/LORA/RANDOM_BD_SAME_RETAIN/p/rank8-scnone-tiny-rc1.0-lr0.0001-epochs2"
+
+
+def test_lora_routes_to_gradient_difference_with_rank(tmp_path, shared_data):
+    cfg = config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}", "model_id=/x/tiny"])
+    plan = pl.plan_sweep(cfg)
+    run = plan.runs[0]
+    kwargs = pl.unlearn_kwargs(OmegaConf.to_container(cfg, resolve=True), run)
+    assert pl.METHODS[UnlearnType.LORA].entry is pl._unlearn_corpus_main
+    assert kwargs["unlearn_type"] == UnlearnType.GD and kwargs["lora_rank"] == 4
+    assert kwargs["save_name"] == run.model_path and kwargs["base_model"] == "/x/tiny"
+    assert pl.METHODS[UnlearnType.CUT].entry is pl._rmu_main
+
+
+def test_baseline_rtt_runs_once_per_dataset_and_setting(tmp_path, shared_data):
+    cfg = config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}/m", f"results_dir={tmp_path}/r",
+                            "model_id=/x/tiny", "baseline_rtt=true", "unlearn.lora_ranks=[1,2,4]",
+                            "ft.num_splits=2", "ft.lrs=[1e-6,2e-6]"])
+    plan = pl.plan_sweep(cfg)
+    assert len(plan.runs) == 3
+    assert all(len(run.rtt) == 4 for run in plan.runs)  # 2 lrs x 2 held-out splits per rank
+    assert len(plan.baseline_rtt) == 4  # not 4 x 3 ranks
+    assert {j.base_model for j in plan.baseline_rtt} == {"/x/tiny"}
+    assert len({j.index for run in plan.runs for j in run.rtt} | {j.index for j in plan.baseline_rtt}) == 16
+    # A recorded baseline run is not run again.
+    job = plan.baseline_rtt[0]
+    pl.write_result_csv(Path(tmp_path, "r", "ft"), 0, {"rtt_key": job.key, "condition": "baseline"})
+    again = pl.plan_sweep(cfg)
+    assert len(again.baseline_rtt) == 3 and job.key not in {j.key for j in again.baseline_rtt}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("unlearn.types=[FOO]", "unlearn.types: 'FOO' is not allowed; use one of CUT, GD, WHP, FWF, LORA"),
+    ("datasets=[NOPE]", "datasets: 'NOPE' is not allowed; use one of YEARS_MMLU_RETAIN"),
+    ("unlearn.lora_ranks=[-4]", "unlearn.lora_ranks: -4 is not allowed; use positive integers"),
+    ("unlearn.lora_ranks=[0]", "unlearn.lora_ranks: 0 is not allowed"),
+    ("ft.num_splits=7", "ft.num_splits: 7 is more than the 5 val files of RANDOM_BD_SAME_RETAIN"),
+    ("device.device=cuda", "CUDA is not available"),
+    ("wandb_mode=maybe", "wandb_mode: 'maybe' is not allowed"),
+])
+def test_bad_values_are_refused_in_one_line_before_any_model_loads(override, message, tmp_path):
+    if override == "device.device=cuda" and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run_cli(["--config-name=lora_smoketest", override, f"models_dir={tmp_path}/models",
+                      f"data_root={tmp_path}/data", f"results_dir={tmp_path}/evals"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-2000:]
+    assert sum(line.startswith("error:") for line in lines) == 1
+    assert not (tmp_path / "models").exists() and not (tmp_path / "evals").exists()
+
+
+def test_missing_paper_files_are_named(tmp_path):
+    cfg = config(overrides=[f"data_root={tmp_path}", "datasets=[YEARS_MMLU_RETAIN]", "model_id=/x/tiny",
+                            "unlearn.types_config.LORA.datasets_config.YEARS_MMLU_RETAIN.lrs=[1e-4]"])
+    with pytest.raises(uc.DataValidationError, match="YEARS_MMLU_RETAIN is missing 32 file.*dates-years-trimmed/corpus_split_0.jsonl"):
+        pl.plan_sweep(cfg)
+
+
+def test_unpublished_wmdp_files_fail_validation(shared_data):
+    cfg = config(overrides=[f"data_root={shared_data}", "datasets=[WMDP_MCQ_CORPUS]", "model_id=/x/tiny",
+                            "unlearn.types_config.LORA.datasets_config.WMDP_MCQ_CORPUS.lrs=[1e-4]"])
+    with pytest.raises(uc.DataValidationError, match="wmdp-deduped/corpus_split_0.jsonl"):
+        pl.plan_sweep(cfg)
+
+
+def test_registry_matches_the_paper_files(shared_data):
+    for dataset in (Datasets.MMLU, Datasets.YEARS_MMLU_RETAIN, Datasets.RANDOM_BD_SAME_RETAIN, Datasets.RANDOM_BD_ALL_SPLITS):
+        assert uc.missing_files(shared_data, pl.DATASETS[dataset].all_files()) == [], dataset
+    bd = pl.DATASETS[Datasets.RANDOM_BD_SAME_RETAIN]
+    assert bd.retain_files == tuple(f"random_bd/corpus_split_{i}" for i in range(5, 10))
+
+
+def test_absent_random_bd_is_generated(tmp_path):
+    cfg = config(overrides=[f"data_root={tmp_path}/data", "model_id=/x/tiny", "random_bd.facts_per_split=4"])
+    pl.plan_sweep(cfg)
+    rows = uc.load_mcq(tmp_path / "data" / "random_bd" / "split_9.jsonl")
+    assert len(rows) == 4
+
+
+def test_result_csv_is_written_whole(tmp_path):
+    row = {"lora_rank": 8, "unlearn_type": UnlearnType.LORA, "forget_accs": {"f": {0: 0.5, 1: 0.25}}}
+    path = pl.write_result_csv(tmp_path / "unlearning", 3, row)
+    assert path.name.endswith("--num3.csv")
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    frame = pd.read_csv(path)
+    assert frame.lora_rank[0] == 8 and frame.unlearn_type[0] == "LORA"
+    assert json.loads(frame.forget_accs[0]) == {"f": {"0": 0.5, "1": 0.25}}
+
+
+def test_unlearning_row_carries_rank():
+    point = pl.GridPoint(UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN, pl.LossType.CORPUS, 1e-4, 2, 1.0, 32, None, 16)
+    run = pl.Run(0, point, "/base", "/m/rank16")
+    result = uc.UnlearnResult("/m/rank16", {}, {}, {}, {}, 123)
+    cfg = {"wandb_project_name": "p", "data_seed": 0, "just_eval": False}
+    row = pl.unlearning_row(run, result, cfg)
+    assert row["lora_rank"] == 16 and row["unlearn_type"] == UnlearnType.LORA and row["model_path"] == "/m/rank16"
+
+
+@pytest.mark.parametrize("ray_cfg, cluster, expected", [
+    ({"cpus_per_task": 1, "gpus_per_task": "auto"}, {"CPU": 2}, pl.Resources(1, 0)),
+    ({"cpus_per_task": 2, "gpus_per_task": "auto"}, {"CPU": 8, "GPU": 4}, pl.Resources(2, 1)),
+    ({"cpus_per_task": 1, "gpus_per_task": 0}, {"CPU": 8, "GPU": 4}, pl.Resources(1, 0)),
+])
+def test_task_resources(ray_cfg, cluster, expected):
+    assert pl.task_resources(ray_cfg, cluster) == expected
+
+
+def test_task_never_asks_for_a_missing_gpu():
+    with pytest.raises(pl.ConfigError, match="ray.gpus_per_task: 1 is more than the 0 GPU"):
+        pl.task_resources({"cpus_per_task": 1, "gpus_per_task": 1}, {"CPU": 2})
+
+
+def test_lora_smoketest_end_to_end(tiny_llama, shared_data, tmp_path):
+    """The issue's command on a tiny Llama: unlearning (rank 4) then RTT on 2
+    splits plus baseline RTT, CSVs written, model folder plain; then analysis."""
+    from transformers import AutoModelForCausalLM
+
+    result = run_cli(["--config-name=lora_smoketest", f"model_id={tiny_llama}", f"data_root={shared_data}",
+                      f"models_dir={tmp_path}/models", f"results_dir={tmp_path}/evals", "ray.num_cpus=2",
+                      "baseline_rtt=true"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    unlearning = [pd.read_csv(p) for p in (tmp_path / "evals" / "unlearning").glob("*.csv")]
+    ft = pd.concat([pd.read_csv(p) for p in (tmp_path / "evals" / "ft").glob("*.csv")])
+    assert len(unlearning) == 1
+    row = unlearning[0].iloc[0]
+    assert row.lora_rank == 4 and row.unlearn_type == "LORA" and row.dataset == "RANDOM_BD_SAME_RETAIN"
+    for column in ("model_path", "lr", "epochs", "retain_coeff", "steering_coeff", "max_samples", "forget_accs",
+                   "forget_accs_calibrated", "retain_accs", "retain_accs_calibrated", "base_model", "save_name"):
+        assert column in unlearning[0].columns
+    assert sorted(ft.condition) == ["baseline", "baseline", "unlearned", "unlearned"]
+    unlearned = ft[ft.condition == "unlearned"]
+    assert set(unlearned.base_model) == {row.model_path} and sorted(unlearned.skip_split) == [0, 1]
+    assert all(json.loads(v) for v in ft.forget_accs_local)
+    model_dir = Path(row.model_path)
+    assert not any("adapter" in p.name for p in model_dir.iterdir())
+    AutoModelForCausalLM.from_pretrained(model_dir)
+    assert not list(tmp_path.glob("outputs")), "hydra must not write outputs/"
+
+    import analyze_recovery
+
+    table = analyze_recovery.analyze(tmp_path / "evals", analyze_recovery.Options())
+    assert list(table.lora_rank) == [4] and not table.C.isna().any()
+    assert (tmp_path / "evals" / "recovery_vs_rank.png").stat().st_size > 0

@@ -1,0 +1,105 @@
+"""CUT/RMU: layer choice, what trains, the steering objective, end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import unlearn_corpus as uc
+from pipeline import LossType
+from rmu import unlearn_pipeline as rmu
+from test_pipeline import run_cli
+
+FORGET = [f"random_bd/corpus_split_{i}" for i in range(2)]
+RETAIN = ["random_bd/corpus_split_2"]
+
+
+@pytest.fixture(scope="module")
+def facts(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("rmu-facts")
+    uc.write_random_bd_dataset(root / "random_bd", uc.RandomBdSpec(num_splits=3, facts_per_split=6, seed=4))
+    return root
+
+
+@pytest.mark.parametrize("layers, expected", [(32, (7, (5, 6, 7))), (30, (7, (5, 6, 7))), (3, (1, (0, 1))), (2, (0, (0,)))])
+def test_default_layers_scale_with_depth(layers, expected):
+    chosen = rmu.choose_layers(layers)
+    assert (chosen.layer_id, chosen.layer_ids) == expected
+
+
+def test_bad_layers_are_refused():
+    with pytest.raises(ValueError, match="layer_id=5 is not allowed; the model has layers 0..2"):
+        rmu.choose_layers(3, layer_id=5)
+    with pytest.raises(ValueError, match="updated layers must be in 0..1"):
+        rmu.choose_layers(3, layer_id=1, layer_ids=[2])
+
+
+def _batch(tokenizer, root, names):
+    encoded = [uc.encode(tokenizer, p, 64) for p in uc.load_examples_from(str(root), names, LossType.CORPUS)]
+    return uc.collate(encoded, tokenizer.pad_token_id)
+
+
+def test_objective_trains_only_chosen_weights_and_steers_toward_target(tiny_llama, byte_level_tokenizer, facts):
+    policy = uc.resolve_device_policy({"device": "cpu"})
+    model, frozen = uc.load_model(str(tiny_llama), policy), uc.load_model(str(tiny_llama), policy).requires_grad_(False)
+    layers = rmu.choose_layers(model.config.num_hidden_layers)
+    trained = rmu.select_trainable(model, layers.layer_ids, ["mlp.down_proj.weight"])
+    assert trained == [f"model.layers.{i}.mlp.down_proj.weight" for i in layers.layer_ids]
+    target = rmu.steering_vector(model.config.hidden_size, 20.0, seed=0)
+    assert target.norm().item() == pytest.approx(20.0, rel=1e-5)
+    objective = rmu.RmuObjective(model, frozen, target, layers.layer_id, retain_coeff=1.0)
+    forget, retain = _batch(byte_level_tokenizer, facts, FORGET), _batch(byte_level_tokenizer, facts, RETAIN)
+    model_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    frozen_before = {n: p.detach().clone() for n, p in frozen.named_parameters()}
+    optimizer = uc.make_optimizer("adamw", model, 1e-2, policy)
+    def toward_target() -> float:
+        h = rmu.layer_activations(model, forget, layers.layer_id)[forget["attention_mask"].bool()].mean(0)
+        return torch.nn.functional.cosine_similarity(h, target, dim=0).item()
+
+    with torch.no_grad():
+        start, cos_start = objective.forget_loss(forget).item(), toward_target()
+    for _ in range(30):
+        loss, _ = objective(forget, retain)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        end, cos_end = objective.forget_loss(forget).item(), toward_target()
+    assert end < 0.8 * start
+    assert cos_end > cos_start + 0.1  # forget activations turned toward c*u
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, model_before[n])}
+    assert changed == set(trained)
+    assert all(torch.equal(p, frozen_before[n]) for n, p in frozen.named_parameters())
+
+
+def test_main_returns_the_shared_record(tiny_llama, facts, tmp_path):
+    result = rmu.main(train_files=FORGET, val_files=["random_bd/split_0"], retain_files=RETAIN,
+                      val_retain_files=["random_bd/split_2"], base_model=str(tiny_llama), lr=1e-2, epochs=1,
+                      batch_size=4, retain_coeff=1.0, data_root=str(facts), steering_coeff=10.0,
+                      save_name=str(tmp_path / "cut"), device={"device": "cpu"})
+    assert isinstance(result, uc.UnlearnResult)
+    assert set(result.forget_accs["random_bd/split_0"]) == {0, 1}
+    assert result.trainable_params == 2 * 128 * 64  # down_proj of layers 0 and 1
+    from safetensors.torch import load_file
+
+    base, after = load_file(Path(tiny_llama) / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert {k for k in base if not torch.equal(base[k], after[k])} == {
+        "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+
+
+def test_cut_end_to_end_through_pipeline(tiny_llama, shared_data, tmp_path):
+    result = run_cli(["--config-name=lora_smoketest", "unlearn.types=[CUT]", "unlearn.cut_scs=[5]",
+                      f"model_id={tiny_llama}", f"data_root={shared_data}", f"models_dir={tmp_path}/models",
+                      f"results_dir={tmp_path}/evals", "ray.num_cpus=2", "ft.num_splits=1",
+                      "unlearn.types_config.CUT.datasets_config.RANDOM_BD_SAME_RETAIN.epochs_lst=[1]",
+                      "unlearn.types_config.CUT.datasets_config.RANDOM_BD_SAME_RETAIN.rcs.add=[10]"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = pd.concat([pd.read_csv(p) for p in (tmp_path / "evals" / "unlearning").glob("*.csv")])
+    assert list(rows.unlearn_type) == ["CUT"] and list(rows.steering_coeff) == [5.0] and list(rows.lora_rank) == [0]
+    assert json.loads(rows.forget_accs.iloc[0])
+    ft = pd.concat([pd.read_csv(p) for p in (tmp_path / "evals" / "ft").glob("*.csv")])
+    assert list(ft.unlearn_type) == ["CUT"] and list(ft.condition) == ["unlearned"]
