@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum, auto
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -228,8 +228,22 @@ def dataset_grid(cfg: DictConfig, method: UnlearnType, dataset: Datasets) -> lis
         scs = _positive_floats(cfg.unlearn.cut_scs, "unlearn.cut_scs")
     if method == UnlearnType.LORA:
         ranks = _positive_ints(cfg.unlearn.lora_ranks, "unlearn.lora_ranks")
+    lrs_by_rank = _lrs_by_rank(ds_cfg.get("lrs_by_rank"), f"{key}.datasets_config.{dataset.name}.lrs_by_rank")
     return [GridPoint(method, dataset, loss_type, lr, e, rc, ms, sc, r)
-            for ms in max_samples for e in epochs for lr in lrs for rc in rcs for sc in scs for r in ranks]
+            for ms in max_samples for e in epochs for r in ranks for lr in lrs_by_rank.get(r, lrs)
+            for rc in rcs for sc in scs]
+
+
+def _lrs_by_rank(mapping, key: str) -> dict[int, list[float]]:
+    """Optional per-rank lr lists for LoRA: a larger rank moves the weights
+    further per step, so matched forgetting needs a smaller lr."""
+    if not mapping:
+        return {}
+    out = {}
+    for rank, lrs in mapping.items():
+        rank_value = int(rank) if str(rank).isdigit() else rank
+        out[_positive_ints([rank_value], key)[0]] = _positive_floats(lrs, f"{key}.{rank}")
+    return out
 
 
 def model_name(model_path: str) -> str:
@@ -585,7 +599,8 @@ def unlearn(cfg: Mapping, run: Run, epochs: int | None = None, save: bool = True
 def rtt_kwargs(cfg: Mapping, job: RttJob) -> dict:
     files, ft = DATASETS[job.dataset], cfg["ft"]
     return dict(
-        train_files=job.train_files, val_files=[job.val_file], val_retain_files=files.val_retain_files,
+        train_files=job.train_files, val_files=[job.val_file],
+        val_retain_files=files.val_retain_files if ft["eval_retain"] else (),
         dev_set=files.dev_file, base_model=job.base_model, lr=job.lr, epochs=job.epochs, loss_type=job.loss_type,
         batch_size=ft["batch_size"], val_batch_size=ft["val_batch_size"], warmup_steps=ft["warmup_steps"],
         optimizer=ft["optimizer"], k_shot=ft["k_shot"], data_root=cfg["data_root"], data_seed=cfg["data_seed"],

@@ -9,7 +9,7 @@ Reading order: data -> prompts -> tokens and batches -> losses -> evaluation
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -106,6 +106,24 @@ def is_corpus_file(path: str | os.PathLike) -> bool:
     return bool(rows) and "text" in rows[0] and "question" not in rows[0]
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike):
+    """Yield a temporary sibling folder; it replaces `path` only if the block
+    finishes, so a crash never leaves half a dataset or half a model."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
 # --------------------------------------------------------------------------
 # Made-up facts: a RANDOM_BD-format dataset the project writes itself
 # --------------------------------------------------------------------------
@@ -189,10 +207,12 @@ def write_random_bd_dataset(directory: str | os.PathLike, spec: RandomBdSpec = R
     rng = random.Random(spec.seed)
     names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
     rng.shuffle(names)
-    target = Path(directory)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_folder(directory) as tmp:
+        _write_random_bd_files(tmp, spec, rng, names)
+    return Path(directory)
+
+
+def _write_random_bd_files(tmp: Path, spec: RandomBdSpec, rng: random.Random, names: list[str]) -> None:
     public = ("question", "choices", "answer")
     for i in range(spec.num_splits):
         split = f"split_{i}"
@@ -206,10 +226,6 @@ def write_random_bd_dataset(directory: str | os.PathLike, spec: RandomBdSpec = R
             write_jsonl(tmp / f"{kind}_{split}.jsonl", rows)
     dev = [_random_bd_fact(rng, names.pop()) for _ in range(spec.num_dev)]
     write_jsonl(tmp / "dev.jsonl", ({k: f[k] for k in public} for f in dev))
-    shutil.rmtree(target, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, target)
-    return target
 
 
 # --------------------------------------------------------------------------
@@ -598,15 +614,10 @@ def save_checkpoint(model, tokenizer, path: str | os.PathLike) -> Path:
     temporary folder and renamed, so a crash never leaves half a model."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, target)
-    return target
+    with atomic_folder(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return Path(path)
 
 
 # --------------------------------------------------------------------------
@@ -788,6 +799,12 @@ def limit_samples(items: list, max_samples: int | None, rng: random.Random) -> l
     return rng.sample(items, max_samples)
 
 
+def encode_files(tokenizer, data_root: str, names: Sequence[str], loss_type: LossType, *,
+                 max_samples: int | None, rng: random.Random, max_length: int) -> list[Encoded]:
+    pairs = limit_samples(load_examples_from(data_root, names, loss_type), max_samples, rng)
+    return [encode(tokenizer, pair, max_length) for pair in pairs]
+
+
 def unlearn_steps(forget: list[Encoded], retain: list[Encoded], batch_size: int, rng: random.Random):
     """One step per forget batch, each paired with a retain batch (cycled)."""
     forget_batches = shuffled_batches(forget, batch_size, rng)
@@ -853,11 +870,9 @@ def main(
         model = attach_lora(model, lora_rank, lora_alpha, lora_target_modules)
     trainable, _ = count_parameters(model)
 
-    def encoded(names, kind):
-        return [encode(tokenizer, ex, max_length) for ex in limit_samples(load_examples_from(data_root, names, kind), max_samples, rng)]
-
-    forget = encoded(forget_names, loss_type)
-    retain = encoded(retain_files, retain_loss_type or loss_type)
+    sizes = {"max_samples": max_samples, "rng": rng, "max_length": max_length}
+    forget = encode_files(tokenizer, data_root, forget_names, loss_type, **sizes)
+    retain = encode_files(tokenizer, data_root, retain_files, retain_loss_type or loss_type, **sizes)
     run = start_wandb(wandb_mode, project_name, name, {"lr": lr, "lora_rank": lora_rank, "retain_coeff": retain_coeff,
                                                        "unlearn_type": unlearn_type.name, "epochs": epochs})
     evaluator = ForgetRetainEval.load(data_root, val_files, val_retain_files, dev_set=dev_set,

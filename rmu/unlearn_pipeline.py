@@ -183,12 +183,9 @@ def main(
     log.info("RMU: steering layer %d, training %s", layers.layer_id, trained)
     target = steering_vector(model.config.hidden_size, steering_coeff, steering_seed).to(policy.device)
 
-    def encoded(names, kind):
-        pairs = uc.limit_samples(uc.load_examples_from(data_root, names, kind), max_samples, rng)
-        return [uc.encode(tokenizer, pair, max_length) for pair in pairs]
-
-    forget = encoded(train_files, loss_type)
-    retain = encoded(retain_files, retain_loss_type or loss_type)
+    sizes = {"max_samples": max_samples, "rng": rng, "max_length": max_length}
+    forget = uc.encode_files(tokenizer, data_root, train_files, loss_type, **sizes)
+    retain = uc.encode_files(tokenizer, data_root, retain_files, retain_loss_type or loss_type, **sizes)
     run = uc.start_wandb(wandb_mode, project_name, name, {"lr": lr, "steering_coeff": steering_coeff,
                                                           "retain_coeff": retain_coeff, "layer_id": layers.layer_id})
     evaluator = uc.ForgetRetainEval.load(data_root, val_files, val_retain_files, dev_set=dev_set,

@@ -12,8 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
-import pipeline  # noqa: E402  (defines the enums before the toolkit imports them)
-
 
 def _training_text() -> list[str]:
     lines = [f"Answer: {letter}. {year}" for letter in "ABCD" for year in range(1900, 2030, 7)]

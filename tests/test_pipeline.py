@@ -203,3 +203,26 @@ def test_lora_smoketest_end_to_end(tiny_llama, shared_data, tmp_path):
     table = analyze_recovery.analyze(tmp_path / "evals", analyze_recovery.Options())
     assert list(table.lora_rank) == [4] and not table.C.isna().any()
     assert (tmp_path / "evals" / "recovery_vs_rank.png").stat().st_size > 0
+
+
+def test_lrs_by_rank_override_the_lr_grid_for_listed_ranks():
+    cfg = config(overrides=["unlearn.lora_ranks=[1,8,32]",
+                            "+unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN.lrs_by_rank={1: [3e-3], 32: [5e-4, 1e-3]}"])
+    grid = pl.dataset_grid(cfg, UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN)
+    assert sorted((p.lora_rank, p.lr) for p in grid) == [(1, 3e-3), (8, 1e-4), (32, 5e-4), (32, 1e-3)]
+    bad = config(overrides=["+unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN.lrs_by_rank={-2: [1e-3]}"])
+    with pytest.raises(pl.ConfigError, match="lrs_by_rank: -2 is not allowed"):
+        pl.dataset_grid(bad, UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN)
+
+
+def test_demo_config_plans_the_rank_sweep(tmp_path):
+    cfg = config("demo_cpu", [f"data_root={tmp_path}/data", f"models_dir={tmp_path}/models",
+                              f"results_dir={tmp_path}/evals"])
+    plan = pl.plan_sweep(cfg)
+    assert [run.point.lora_rank for run in plan.runs] == [1, 2, 4, 8, 16, 32]
+    assert plan.teach is not None and plan.unlearn_from == plan.teach.model_path
+    assert plan.base_model == str(tmp_path / "models" / "base" / "SmolLM2-135M-Instruct")
+    assert cfg.preflight.min_forget_acc == 0.9
+    assert len(plan.baseline_rtt) == cfg.ft.num_splits and all(len(r.rtt) == cfg.ft.num_splits for r in plan.runs)
+    assert (tmp_path / "data" / "random_bd" / "split_9.jsonl").is_file()
+    assert not (tmp_path / "models").exists()  # planning loads and writes no model
