@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum, auto
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -377,7 +377,8 @@ def teach_job(cfg: DictConfig, base_model: str) -> TeachJob | None:
     ensure_dataset(cfg, dataset)
     files = DATASETS[dataset]
     data_key = uc.files_fingerprint(uc.data_file(cfg.data_root, f) for f in files.all_files())
-    key = uc.fingerprint(base_model, OmegaConf.to_container(cfg.teach, resolve=True), cfg.data_seed, data_key)
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.teach, resolve=True).items() if k != "cpus"}
+    key = uc.fingerprint(base_model, settings, cfg.data_seed, data_key)
     path = Path(cfg.models_dir) / "taught" / f"{model_name(base_model)}-{dataset.name}-{key}"
     return TeachJob(base_model, str(path), dataset)
 
@@ -707,7 +708,9 @@ def execute(cfg: DictConfig) -> Plan:
     uc.resolve_model_path(cfg.model_id, cfg.models_dir)
     if plan.teach and not Path(plan.teach.model_path, "config.json").is_file():
         log.info("teaching %s the facts of %s -> %s", plan.base_model, plan.teach.dataset.name, plan.teach.model_path)
-        ray.get(teach_task.options(**resources.options()).remote(plain, plan.teach))
+        # One task alone: it may take more CPUs than a sweep task (teach.cpus).
+        teach_resources = replace(resources, num_cpus=float(cfg.teach.cpus or resources.num_cpus))
+        ray.get(teach_task.options(**teach_resources.options()).remote(plain, plan.teach))
     preflight(cfg, plain, plan, resources)
     refs = [main.remote(plain, run, resources) for run in plan.runs]
     refs += [finetune.options(**resources.options()).remote(plain, job) for job in plan.baseline_rtt + plan.given_rtt]
