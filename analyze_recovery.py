@@ -191,6 +191,21 @@ def format_table(table: pd.DataFrame) -> str:
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3g}")
 
 
+def _series(lora: pd.DataFrame):
+    """One line per method, dataset, epochs and retain coefficient; the lr joins
+    the key only where a rank has several lrs (otherwise per-rank lrs, as in a
+    matched-forgetting sweep, would break the line into points)."""
+    base_keys = ["unlearn_type", "dataset", "epochs", "retain_coeff"]
+    for key, group in lora.groupby(base_keys):
+        name = f"{key[0]} {key[1]} rc={key[3]:g} epochs={key[2]}"
+        if group.lora_rank.is_unique:
+            lrs = "per-rank lr" if group.lr.nunique() > 1 else f"lr={group.lr.iloc[0]:g}"
+            yield f"{name} ({lrs})", group.sort_values("lora_rank")
+            continue
+        for lr, by_lr in group.groupby("lr"):
+            yield f"{name} lr={lr:g}", by_lr.sort_values("lora_rank")
+
+
 def plot(table: pd.DataFrame, path: Path, title: str) -> None:
     import matplotlib
 
@@ -199,14 +214,13 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     lora = table[table.lora_rank > 0]
-    series_keys = ["unlearn_type", "dataset", "lr", "epochs", "retain_coeff"]
-    for key, group in lora.groupby(series_keys):
-        group = group.sort_values("lora_rank")
-        label = f"{key[0]} {key[1]} lr={key[2]:g} rc={key[4]:g}"
+    for label, group in _series(lora):
         left.errorbar(group.lora_rank, group.recovered_fraction, yerr=group.recovered_fraction_std, marker="o",
                       capsize=3, label=label)
         for measure, style in (("A", "o-"), ("B", "s-"), ("C", "^--")):
             right.plot(group.lora_rank, group[measure], style, label=f"{measure}: {label}")
+        for rank, lr, value in zip(group.lora_rank, group.lr, group.recovered_fraction):
+            left.annotate(f"lr {lr:.2g}", (rank, value), textcoords="offset points", xytext=(6, -10), fontsize=7)
         flagged = group[group.too_little_forgetting]
         left.scatter(flagged.lora_rank, flagged.recovered_fraction, s=140, facecolors="none", edgecolors="red",
                      label="too little forgetting" if len(flagged) else None)

@@ -502,8 +502,7 @@ def unlearn_kwargs(cfg: Mapping, run: Run, epochs: int | None = None, save: bool
         batch_size=u["batch_size"], val_batch_size=u["val_batch_size"], warmup_steps=u["warmup_steps"],
         eval_every=u["eval_every"], k_shot=u["k_shot"], optimizer=u["optimizer"], freeze_layers=u["freeze_layers"],
         lora_alpha=u["lora_alpha"], lora_target_modules=u["lora_target_modules"], max_length=u["max_length"],
-        **method_cfg, **METHODS[point.unlearn_type].extra_args(point),
-    )
+    ) | method_cfg | METHODS[point.unlearn_type].extra_args(point)  # a method's own settings win
 
 
 # --------------------------------------------------------------------------

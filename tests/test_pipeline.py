@@ -226,3 +226,17 @@ def test_demo_config_plans_the_rank_sweep(tmp_path):
     assert len(plan.baseline_rtt) == cfg.ft.num_splits and all(len(r.rtt) == cfg.ft.num_splits for r in plan.runs)
     assert (tmp_path / "data" / "random_bd" / "split_9.jsonl").is_file()
     assert not (tmp_path / "models").exists()  # planning loads and writes no model
+
+
+def test_method_settings_override_the_shared_ones(tmp_path, shared_data):
+    cfg = config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}", "model_id=/x/tiny",
+                            "unlearn.types=[CUT]", "unlearn.cut_scs=[7]", "unlearn.optimizer=lion"])
+    run = pl.plan_sweep(cfg).runs[0]
+    kwargs = pl.unlearn_kwargs(OmegaConf.to_container(cfg, resolve=True), run)
+    assert kwargs["optimizer"] == "adamw"  # types_config.CUT.optimizer beats unlearn.optimizer
+    assert kwargs["steering_coeff"] == 7.0 and kwargs["param_names"] == ["mlp.down_proj.weight"]
+    import inspect
+
+    from rmu import unlearn_pipeline
+
+    assert set(kwargs) <= set(inspect.signature(unlearn_pipeline.main).parameters)
