@@ -590,9 +590,13 @@ def task_resources(ray_cfg: Mapping, cluster: Mapping[str, float]) -> Resources:
     return Resources(float(cpus), gpus)
 
 
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+
 @ray.remote(num_cpus=1)
 def unlearn(cfg: Mapping, run: Run, epochs: int | None = None, save: bool = True):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_logging()
     return METHODS[run.point.unlearn_type].entry(**unlearn_kwargs(cfg, run, epochs, save))
 
 
@@ -612,7 +616,7 @@ def rtt_kwargs(cfg: Mapping, job: RttJob) -> dict:
 @ray.remote(num_cpus=1)
 def finetune(cfg: Mapping, job: RttJob) -> str:
     """One RTT run; writes its own CSV when it finishes."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_logging()
     result = finetune_corpus.main(**rtt_kwargs(cfg, job))
     return str(write_result_csv(Path(cfg["results_dir"]) / "ft", job.index, rtt_row(job, result, cfg)))
 
@@ -670,6 +674,7 @@ def run_all(refs: list, desc: str) -> list:
 
 
 def teach(cfg: Mapping, job: TeachJob) -> None:
+    configure_logging()
     files, t = DATASETS[job.dataset], cfg["teach"]
     finetune_corpus.main(
         train_files=files.val_files, extra_corpus_files=files.unlearn_files if t["with_corpus"] else (),
@@ -720,7 +725,7 @@ def execute(cfg: DictConfig) -> Plan:
 
 @hydra.main(version_base=None, config_path=str(Path(__file__).resolve().parent / "conf"), config_name="default")
 def run_pipeline(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_logging()
     try:
         execute(cfg)
     except (ConfigError, uc.DataValidationError) as err:

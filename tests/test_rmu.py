@@ -96,6 +96,7 @@ def test_cut_end_to_end_through_pipeline(tiny_llama, shared_data, tmp_path):
                       f"model_id={tiny_llama}", f"data_root={shared_data}", f"models_dir={tmp_path}/models",
                       f"results_dir={tmp_path}/evals", "ray.num_cpus=2", "ft.num_splits=1",
                       "unlearn.types_config.CUT.datasets_config.RANDOM_BD_SAME_RETAIN.epochs_lst=[1]",
+                      "unlearn.types_config.CUT.datasets_config.RANDOM_BD_SAME_RETAIN.lrs=[1e-3]",
                       "unlearn.types_config.CUT.datasets_config.RANDOM_BD_SAME_RETAIN.rcs.add=[10]"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = pd.concat([pd.read_csv(p) for p in (tmp_path / "evals" / "unlearning").glob("*.csv")])
