@@ -81,3 +81,13 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "random_bd").is_dir():
         pytest.skip("../shared/data (the paper's datasets) is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def small_facts(tmp_path_factory) -> Path:
+    """Made-up facts written by the project's generator: 3 splits x 6 people."""
+    import unlearn_corpus as uc
+
+    root = tmp_path_factory.mktemp("facts")
+    uc.write_random_bd_dataset(root / "random_bd", uc.RandomBdSpec(num_splits=3, facts_per_split=6, seed=1))
+    return root

@@ -18,11 +18,9 @@ FORGET = [f"random_bd/corpus_split_{i}" for i in range(2)]
 RETAIN = ["random_bd/corpus_split_2"]
 
 
-@pytest.fixture(scope="module")
-def facts(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("rmu-facts")
-    uc.write_random_bd_dataset(root / "random_bd", uc.RandomBdSpec(num_splits=3, facts_per_split=6, seed=4))
-    return root
+@pytest.fixture
+def facts(small_facts) -> Path:
+    return small_facts
 
 
 @pytest.mark.parametrize("layers, expected", [(32, (7, (5, 6, 7))), (30, (7, (5, 6, 7))), (3, (1, (0, 1))), (2, (0, (0,)))])

@@ -18,11 +18,9 @@ RETAIN = ["random_bd/corpus_split_2"]
 VAL_RETAIN = ["random_bd/split_2"]
 
 
-@pytest.fixture(scope="module")
-def facts(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("facts")
-    uc.write_random_bd_dataset(root / "random_bd", uc.RandomBdSpec(num_splits=3, facts_per_split=6, seed=1))
-    return root
+@pytest.fixture
+def facts(small_facts) -> Path:
+    return small_facts
 
 
 def corpus_nll(model_path, tokenizer, root, names) -> float:
