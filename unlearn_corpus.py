@@ -89,21 +89,27 @@ def _mcq_row(raw: dict, where: str) -> McqRow:
     return McqRow(question, tuple(str(c) for c in choices), answer)
 
 
-def load_mcq(path: str | os.PathLike) -> list[McqRow]:
-    return [_mcq_row(raw, f"{path}:{i}") for i, raw in enumerate(read_jsonl(path), 1)]
+def _mcq_rows(rows: list[dict], path) -> list[McqRow]:
+    return [_mcq_row(raw, f"{path}:{i}") for i, raw in enumerate(rows, 1)]
 
 
-def load_corpus(path: str | os.PathLike) -> list[str]:
-    rows = read_jsonl(path)
+def _corpus_texts(rows: list[dict], path) -> list[str]:
     bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r.get("text"), str)), None)
     if bad is not None:
         raise DataValidationError(f"{path}:{bad}: corpus rows need a string 'text' field")
     return [r["text"] for r in rows]
 
 
-def is_corpus_file(path: str | os.PathLike) -> bool:
-    rows = read_jsonl(path)
+def _is_corpus(rows: list[dict]) -> bool:
     return bool(rows) and "text" in rows[0] and "question" not in rows[0]
+
+
+def load_mcq(path: str | os.PathLike) -> list[McqRow]:
+    return _mcq_rows(read_jsonl(path), path)
+
+
+def load_corpus(path: str | os.PathLike) -> list[str]:
+    return _corpus_texts(read_jsonl(path), path)
 
 
 @contextlib.contextmanager
@@ -271,9 +277,10 @@ MCQ_EXAMPLE_BUILDERS: dict[LossType, Callable[[McqRow], TextPair]] = {
 
 def load_examples(path: str | os.PathLike, loss_type: LossType) -> list[TextPair]:
     """Corpus files give plain text; MCQ files are formatted by loss type."""
-    if is_corpus_file(path):
-        return [TextPair("", text) for text in load_corpus(path)]
-    return [MCQ_EXAMPLE_BUILDERS[loss_type](row) for row in load_mcq(path)]
+    rows = read_jsonl(path)  # read once: the first row tells the format
+    if _is_corpus(rows):
+        return [TextPair("", text) for text in _corpus_texts(rows, path)]
+    return [MCQ_EXAMPLE_BUILDERS[loss_type](row) for row in _mcq_rows(rows, path)]
 
 
 def load_examples_from(data_root: str, names: Sequence[str], loss_type: LossType) -> list[TextPair]:
