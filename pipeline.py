@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import hydra
 import pandas as pd
 import ray
+import transformers
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -592,6 +593,8 @@ def task_resources(ray_cfg: Mapping, cluster: Mapping[str, float]) -> Resources:
 
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # A bar per checkpoint load (well under a second each) only buries the sweep's own bars.
+    transformers.utils.logging.disable_progress_bar()
 
 
 @ray.remote(num_cpus=1)
@@ -635,6 +638,7 @@ def main(cfg: Mapping, run: Run, resources: Resources) -> list[str]:
 @ray.remote(num_cpus=1)
 def evaluate_forget_accuracy(cfg: Mapping, model_path: str, dataset: Datasets) -> float:
     """Mean MCQ accuracy of a model on a dataset's forget (val) files."""
+    configure_logging()
     files = DATASETS[dataset]
     policy = uc.resolve_device_policy(cfg["device"])
     tokenizer, model = uc.load_tokenizer(model_path), uc.load_model(model_path, policy)
@@ -729,7 +733,10 @@ def run_pipeline(cfg: DictConfig) -> None:
     try:
         execute(cfg)
     except (ConfigError, uc.DataValidationError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        # Stop Ray first: its workers' forwarded output must not land after the error line.
+        ray.shutdown()
+        sys.stdout.flush()
+        print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
