@@ -192,18 +192,24 @@ def format_table(table: pd.DataFrame) -> str:
 
 
 def _series(lora: pd.DataFrame):
-    """One line per method, dataset, epochs and retain coefficient; the lr joins
-    the key only where a rank has several lrs (otherwise per-rank lrs, as in a
-    matched-forgetting sweep, would break the line into points)."""
-    base_keys = ["unlearn_type", "dataset", "epochs", "retain_coeff"]
-    for key, group in lora.groupby(base_keys):
-        name = f"{key[0]} {key[1]} rc={key[3]:g} epochs={key[2]}"
+    """(label, rows) per plotted line: one per method, dataset and epochs. The
+    lr and retain coefficient split the line only where a rank has several runs;
+    per-rank settings (a matched-forgetting sweep) would otherwise break it into points."""
+    for (method, dataset, epochs), group in lora.groupby(["unlearn_type", "dataset", "epochs"]):
+        name = f"{method} {dataset} epochs={epochs}"
         if group.lora_rank.is_unique:
-            lrs = "per-rank lr" if group.lr.nunique() > 1 else f"lr={group.lr.iloc[0]:g}"
-            yield f"{name} ({lrs})", group.sort_values("lora_rank")
+            yield f"{name} ({_setting('lr', group.lr)}, {_setting('rc', group.retain_coeff)})", group.sort_values("lora_rank")
             continue
-        for lr, by_lr in group.groupby("lr"):
-            yield f"{name} lr={lr:g}", by_lr.sort_values("lora_rank")
+        for (lr, rc), same in group.groupby(["lr", "retain_coeff"]):
+            yield f"{name} lr={lr:g} rc={rc:g}", same.sort_values("lora_rank")
+
+
+def _setting(name: str, values: pd.Series) -> str:
+    return f"per-rank {name}" if values.nunique() > 1 else f"{name}={values.iloc[0]:g}"
+
+
+def _point_label(row, show_rc: bool) -> str:
+    return f"lr {row.lr:.2g}" + (f", rc {row.retain_coeff:g}" if show_rc else "")
 
 
 def plot(table: pd.DataFrame, path: Path, title: str) -> None:
@@ -219,8 +225,10 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
                       capsize=3, label=label)
         for measure, style in (("A", "o-"), ("B", "s-"), ("C", "^--")):
             right.plot(group.lora_rank, group[measure], style, label=f"{measure}: {label}")
-        for rank, lr, value in zip(group.lora_rank, group.lr, group.recovered_fraction):
-            left.annotate(f"lr {lr:.2g}", (rank, value), textcoords="offset points", xytext=(6, -10), fontsize=7)
+        show_rc = group.retain_coeff.nunique() > 1
+        for row in group.itertuples():
+            left.annotate(_point_label(row, show_rc), (row.lora_rank, row.recovered_fraction), textcoords="offset points",
+                          xytext=(6, -10), fontsize=7)
         flagged = group[group.too_little_forgetting]
         left.scatter(flagged.lora_rank, flagged.recovered_fraction, s=140, facecolors="none", edgecolors="red",
                      label="too little forgetting" if len(flagged) else None)

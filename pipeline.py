@@ -216,12 +216,9 @@ def dataset_grid(cfg: DictConfig, method: UnlearnType, dataset: Datasets) -> lis
     if ds_cfg is None:
         raise ConfigError(f"{key}.datasets_config.{dataset.name} is missing; add epochs_lst, lrs and rcs for it")
     loss_type = parse_enum(LossType, method_cfg.get("loss_type", "CORPUS"), f"{key}.loss_type")
-    epochs = _positive_ints(ds_cfg.epochs_lst, f"{key}.datasets_config.{dataset.name}.epochs_lst")
-    lrs = _positive_floats(ds_cfg.lrs, f"{key}.datasets_config.{dataset.name}.lrs")
-    rcs_cfg = ds_cfg.get("rcs", {}) or {}
-    rcs = [float(v) for v in list(rcs_cfg.get("range", []) or []) + list(rcs_cfg.get("add", []) or [])]
-    if not rcs or any(v < 0 for v in rcs):
-        raise ConfigError(f"{key}.datasets_config.{dataset.name}.rcs: {rcs!r} is not allowed; give non-negative retain coefficients")
+    ds_key = f"{key}.datasets_config.{dataset.name}"
+    epochs = _positive_ints(ds_cfg.epochs_lst, f"{ds_key}.epochs_lst")
+    shared = LrRcGrid(_positive_floats(ds_cfg.lrs, f"{ds_key}.lrs"), _retain_coeffs(ds_cfg.get("rcs"), f"{ds_key}.rcs"))
     max_samples = _positive_ints(cfg.unlearn.max_samples_lst, "unlearn.max_samples_lst")
     scs: list[float | None] = [None]
     ranks = [0]
@@ -229,21 +226,44 @@ def dataset_grid(cfg: DictConfig, method: UnlearnType, dataset: Datasets) -> lis
         scs = _positive_floats(cfg.unlearn.cut_scs, "unlearn.cut_scs")
     if method == UnlearnType.LORA:
         ranks = _positive_ints(cfg.unlearn.lora_ranks, "unlearn.lora_ranks")
-    lrs_by_rank = _lrs_by_rank(ds_cfg.get("lrs_by_rank"), f"{key}.datasets_config.{dataset.name}.lrs_by_rank")
+    by_rank = _grids_by_rank(ds_cfg.get("by_rank"), shared, f"{ds_key}.by_rank")
     return [GridPoint(method, dataset, loss_type, lr, e, rc, ms, sc, r)
-            for ms in max_samples for e in epochs for r in ranks for lr in lrs_by_rank.get(r, lrs)
-            for rc in rcs for sc in scs]
+            for ms in max_samples for e in epochs for r in ranks
+            for lr in by_rank.get(r, shared).lrs for rc in by_rank.get(r, shared).rcs for sc in scs]
 
 
-def _lrs_by_rank(mapping, key: str) -> dict[int, list[float]]:
-    """Optional per-rank lr lists for LoRA: a larger rank moves the weights
-    further per step, so matched forgetting needs a smaller lr."""
-    if not mapping:
-        return {}
+@dataclass(frozen=True)
+class LrRcGrid:
+    lrs: list[float]
+    rcs: list[float]
+
+
+def _retain_coeffs(rcs_cfg, key: str) -> list[float]:
+    """Retain coefficients from `{range: [...], add: [...]}` (the paper's form) or a plain list."""
+    rcs_cfg = rcs_cfg or {}
+    if isinstance(rcs_cfg, Mapping):
+        values = list(rcs_cfg.get("range", []) or []) + list(rcs_cfg.get("add", []) or [])
+    else:
+        values = list(rcs_cfg)
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in values):
+        raise ConfigError(f"{key}: {values!r} is not allowed; give non-negative retain coefficients")
+    return [float(v) for v in values]
+
+
+def _grids_by_rank(mapping, shared: LrRcGrid, key: str) -> dict[int, LrRcGrid]:
+    """Optional per-rank `lrs` / `rcs` for LoRA: a larger rank moves the weights
+    further per step, so matched forgetting needs its own lr (and a small rank,
+    whose one direction the forget and retain answers share, a larger rc)."""
     out = {}
-    for rank, lrs in mapping.items():
+    for rank, settings in (mapping or {}).items():
         rank_value = int(rank) if str(rank).isdigit() else rank
-        out[_positive_ints([rank_value], key)[0]] = _positive_floats(lrs, f"{key}.{rank}")
+        rank_key = f"{key}.{rank}"
+        unknown = set(settings or {}) - {"lrs", "rcs"}
+        if unknown:
+            raise ConfigError(f"{rank_key}: {sorted(unknown)} not allowed; a rank may set lrs and rcs")
+        out[_positive_ints([rank_value], key)[0]] = LrRcGrid(
+            _positive_floats(settings["lrs"], f"{rank_key}.lrs") if "lrs" in settings else shared.lrs,
+            _retain_coeffs(settings["rcs"], f"{rank_key}.rcs") if "rcs" in settings else shared.rcs)
     return out
 
 

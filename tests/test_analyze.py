@@ -130,3 +130,15 @@ def test_matched_forgetting_through_the_cli(results, capsys):
 def test_no_results_is_a_clear_error(tmp_path, capsys):
     assert ar.main(["--results-dir", str(tmp_path)]) == 2
     assert "no unlearning CSVs under" in capsys.readouterr().err
+
+
+def test_plot_lines_join_per_rank_settings_and_split_repeated_ranks():
+    per_rank = pd.DataFrame({"unlearn_type": "LORA", "dataset": "D", "epochs": 5, "lora_rank": [1, 2, 4],
+                             "lr": [3.6e-3, 2.2e-3, 1.7e-3], "retain_coeff": [5.0, 2.0, 2.0]})
+    [(label, rows)] = list(ar._series(per_rank))
+    assert label == "LORA D epochs=5 (per-rank lr, per-rank rc)" and list(rows.lora_rank) == [1, 2, 4]
+    grid = pd.DataFrame({"unlearn_type": "LORA", "dataset": "D", "epochs": 5, "lora_rank": [4, 1, 4, 1],
+                         "lr": [1e-3, 1e-3, 2e-3, 2e-3], "retain_coeff": 2.0})
+    lines = list(ar._series(grid))
+    assert [label for label, _ in lines] == ["LORA D epochs=5 lr=0.001 rc=2", "LORA D epochs=5 lr=0.002 rc=2"]
+    assert all(list(rows.lora_rank) == [1, 4] for _, rows in lines)

@@ -205,13 +205,23 @@ def test_lora_smoketest_end_to_end(tiny_llama, shared_data, tmp_path):
     assert (tmp_path / "evals" / "recovery_vs_rank.png").stat().st_size > 0
 
 
-def test_lrs_by_rank_override_the_lr_grid_for_listed_ranks():
-    cfg = config(overrides=["unlearn.lora_ranks=[1,8,32]",
-                            "+unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN.lrs_by_rank={1: [3e-3], 32: [5e-4, 1e-3]}"])
+def test_by_rank_overrides_lrs_and_rcs_for_listed_ranks_only():
+    ds = "unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN"
+    cfg = config(overrides=["unlearn.lora_ranks=[1,8,32]", f"{ds}.rcs.add=[1.0]",
+                            f"+{ds}.by_rank={{1: {{lrs: [3e-3], rcs: [5.0]}}, 32: {{lrs: [5e-4, 1e-3]}}}}"])
     grid = pl.dataset_grid(cfg, UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN)
-    assert sorted((p.lora_rank, p.lr) for p in grid) == [(1, 3e-3), (8, 1e-4), (32, 5e-4), (32, 1e-3)]
-    bad = config(overrides=["+unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN.lrs_by_rank={-2: [1e-3]}"])
-    with pytest.raises(pl.ConfigError, match="lrs_by_rank: -2 is not allowed"):
+    assert sorted((p.lora_rank, p.lr, p.retain_coeff) for p in grid) == [
+        (1, 3e-3, 5.0), (8, 1e-4, 1.0), (32, 5e-4, 1.0), (32, 1e-3, 1.0)]
+
+
+@pytest.mark.parametrize("by_rank, message", [
+    ("{-2: {lrs: [1e-3]}}", "by_rank: -2 is not allowed"),
+    ("{4: {lr: [1e-3]}}", r"by_rank.4: \['lr'\] not allowed; a rank may set lrs and rcs"),
+    ("{4: {rcs: [-1.0]}}", r"by_rank.4.rcs: \[-1.0\] is not allowed"),
+])
+def test_by_rank_refuses_bad_entries(by_rank, message):
+    bad = config(overrides=[f"+unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN.by_rank={by_rank}"])
+    with pytest.raises(pl.ConfigError, match=message):
         pl.dataset_grid(bad, UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN)
 
 
@@ -220,6 +230,7 @@ def test_demo_config_plans_the_rank_sweep(tmp_path):
                               f"results_dir={tmp_path}/evals"])
     plan = pl.plan_sweep(cfg)
     assert [run.point.lora_rank for run in plan.runs] == [1, 2, 4, 8, 16, 32]
+    assert [run.point.retain_coeff for run in plan.runs] == [5.0, 2.0, 2.0, 2.0, 2.0, 2.0]
     assert plan.teach is not None and plan.unlearn_from == plan.teach.model_path
     assert plan.base_model == str(tmp_path / "models" / "base" / "SmolLM2-135M-Instruct")
     assert cfg.preflight.min_forget_acc == 0.9
