@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field, replace
 from enum import Enum, auto
 from pathlib import Path
@@ -615,6 +616,8 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # A bar per checkpoint load (well under a second each) only buries the sweep's own bars.
     transformers.utils.logging.disable_progress_bar()
+    # peft calls a transformers property deprecated for v6, once per LoRA run; nothing to act on here.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 @ray.remote(num_cpus=1)
