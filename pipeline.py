@@ -227,6 +227,8 @@ def dataset_grid(cfg: DictConfig, method: UnlearnType, dataset: Datasets) -> lis
         scs = _positive_floats(cfg.unlearn.cut_scs, "unlearn.cut_scs")
     if method == UnlearnType.LORA:
         ranks = _positive_ints(cfg.unlearn.lora_ranks, "unlearn.lora_ranks")
+    if ds_cfg.get("by_rank") and method != UnlearnType.LORA:
+        raise ConfigError(f"{ds_key}.by_rank is not allowed for {method.name}; only LORA sweeps ranks")
     by_rank = _grids_by_rank(ds_cfg.get("by_rank"), shared, f"{ds_key}.by_rank")
     return [GridPoint(method, dataset, loss_type, lr, e, rc, ms, sc, r)
             for ms in max_samples for e in epochs for r in ranks

@@ -98,6 +98,8 @@ def test_baseline_rtt_runs_once_per_dataset_and_setting(tmp_path, shared_data):
     ("ft.num_splits=7", "ft.num_splits: 7 is more than the 5 val files of RANDOM_BD_SAME_RETAIN"),
     ("device.device=cuda", "CUDA is not available"),
     ("wandb_mode=maybe", "wandb_mode: 'maybe' is not allowed"),
+    ("+unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN.by_rank={4: {lrs: [-1e-3]}}",
+     "RANDOM_BD_SAME_RETAIN.by_rank.4.lrs: -0.001 is not allowed; use positive numbers"),
 ])
 def test_bad_values_are_refused_in_one_line_before_any_model_loads(override, message, tmp_path):
     if override == "device.device=cuda" and __import__("torch").cuda.is_available():
@@ -223,6 +225,12 @@ def test_by_rank_refuses_bad_entries(by_rank, message):
     bad = config(overrides=[f"+unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN.by_rank={by_rank}"])
     with pytest.raises(pl.ConfigError, match=message):
         pl.dataset_grid(bad, UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN)
+
+
+def test_by_rank_is_refused_for_methods_without_ranks():
+    gd = config(overrides=["+unlearn.types_config.GD.datasets_config.RANDOM_BD_SAME_RETAIN.by_rank={4: {lrs: [1e-3]}}"])
+    with pytest.raises(pl.ConfigError, match="RANDOM_BD_SAME_RETAIN.by_rank is not allowed for GD; only LORA"):
+        pl.dataset_grid(gd, UnlearnType.GD, Datasets.RANDOM_BD_SAME_RETAIN)
 
 
 def test_demo_config_plans_the_rank_sweep(tmp_path):
