@@ -93,11 +93,16 @@ class DatasetFiles:
             return self.val_files, self.val_retain_files
         return self.unlearn_files, self.retain_files
 
+    def question_files(self) -> set[str]:
+        """Files read as multiple-choice questions (evaluation, k-shot, MCQ training)."""
+        return {*self.val_files, *self.val_retain_files} | {f for f in (self.dev_file, self.retain_dev_file) if f}
+
+    def text_files(self) -> set[str]:
+        """Training files, corpus or MCQ."""
+        return {*self.unlearn_files, *self.wrong_unlearn_files, *self.fixed_wrong_unlearn_files, *self.retain_files}
+
     def all_files(self) -> list[str]:
-        groups = (self.unlearn_files, self.wrong_unlearn_files, self.fixed_wrong_unlearn_files,
-                  self.val_files, self.retain_files, self.val_retain_files)
-        singles = [f for f in (self.dev_file, self.retain_dev_file) if f]
-        return sorted({f for group in groups for f in group} | set(singles))
+        return sorted(self.question_files() | self.text_files())
 
 
 MMLU_DIR = "mmlu_cats_random_trimmed"
@@ -372,6 +377,7 @@ def ensure_dataset(cfg: DictConfig, dataset: Datasets) -> None:
     if missing:
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise uc.DataValidationError(f"dataset {dataset.name} is missing {len(missing)} file(s) under {root}: {shown}")
+    uc.check_data_files(root, sorted(files.question_files()), sorted(files.text_files() - files.question_files()))
 
 
 def validate_settings(cfg: DictConfig) -> None:

@@ -275,12 +275,27 @@ MCQ_EXAMPLE_BUILDERS: dict[LossType, Callable[[McqRow], TextPair]] = {
 }
 
 
+def load_training_rows(path: str | os.PathLike) -> list[str] | list[McqRow]:
+    """A training file holds corpus texts or MCQ rows; its first row tells which."""
+    rows = read_jsonl(path)
+    return _corpus_texts(rows, path) if _is_corpus(rows) else _mcq_rows(rows, path)
+
+
 def load_examples(path: str | os.PathLike, loss_type: LossType) -> list[TextPair]:
     """Corpus files give plain text; MCQ files are formatted by loss type."""
-    rows = read_jsonl(path)  # read once: the first row tells the format
-    if _is_corpus(rows):
-        return [TextPair("", text) for text in _corpus_texts(rows, path)]
-    return [MCQ_EXAMPLE_BUILDERS[loss_type](row) for row in _mcq_rows(rows, path)]
+    rows = load_training_rows(path)
+    if rows and isinstance(rows[0], str):
+        return [TextPair("", text) for text in rows]
+    return [MCQ_EXAMPLE_BUILDERS[loss_type](row) for row in rows]
+
+
+def check_data_files(data_root: str | os.PathLike, question_files: Iterable[str], training_files: Iterable[str]) -> None:
+    """Parse every file a run will read, so a malformed row stops the sweep
+    with its file and line before any model loads (not later, in a worker)."""
+    for name in question_files:
+        load_mcq(data_file(data_root, name))
+    for name in training_files:
+        load_training_rows(data_file(data_root, name))
 
 
 def load_examples_from(data_root: str, names: Sequence[str], loss_type: LossType) -> list[TextPair]:

@@ -120,6 +120,25 @@ def test_missing_paper_files_are_named(tmp_path):
         pl.plan_sweep(cfg)
 
 
+@pytest.mark.parametrize("name, line, message", [
+    ("split_3", '{"question": "When?", "choices": ["1", "2", "3", "4"], "answer": 7}',
+     "random_bd/split_3.jsonl:2: 'answer' must be an integer 0..3, got 7"),
+    ("corpus_split_6", '{"text": "unterminated', "random_bd/corpus_split_6.jsonl:2: not valid JSON"),
+    ("dev", '{"text": "a corpus row where questions belong"}', "random_bd/dev.jsonl:2: 'question' must be a string"),
+])
+def test_a_malformed_data_row_is_refused_in_one_line_before_any_model_loads(name, line, message, tmp_path):
+    uc.write_random_bd_dataset(tmp_path / "data" / "random_bd", uc.RandomBdSpec(num_splits=10, facts_per_split=4))
+    path = tmp_path / "data" / "random_bd" / f"{name}.jsonl"
+    rows = path.read_text().splitlines()
+    path.write_text("\n".join([rows[0], line, *rows[2:]]) + "\n")
+    result = run_cli(["--config-name=lora_smoketest", f"models_dir={tmp_path}/models", f"data_root={tmp_path}/data",
+                      f"results_dir={tmp_path}/evals"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-2000:]
+    assert not (tmp_path / "models").exists() and not (tmp_path / "evals").exists()
+
+
 def test_unpublished_wmdp_files_fail_validation(shared_data):
     cfg = config(overrides=[f"data_root={shared_data}", "datasets=[WMDP_MCQ_CORPUS]", "model_id=/x/tiny",
                             "unlearn.types_config.LORA.datasets_config.WMDP_MCQ_CORPUS.lrs=[1e-4]"])
