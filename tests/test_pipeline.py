@@ -104,8 +104,15 @@ def test_baseline_rtt_runs_once_per_dataset_and_setting(tmp_path, shared_data):
 def test_bad_values_are_refused_in_one_line_before_any_model_loads(override, message, tmp_path):
     if override == "device.device=cuda" and __import__("torch").cuda.is_available():
         pytest.skip("this machine has CUDA")
-    result = run_cli(["--config-name=lora_smoketest", override, f"models_dir={tmp_path}/models",
-                      f"data_root={tmp_path}/data", f"results_dir={tmp_path}/evals"], cwd=tmp_path, timeout=120)
+    assert_refused_before_any_model_loads(override, message, tmp_path)
+
+
+def assert_refused_before_any_model_loads(override, message, tmp_path):
+    """The smoketest with `override` (or none) exits 2 with `message` on one
+    last `error:` line and writes no model and no results."""
+    result = run_cli(["--config-name=lora_smoketest", *([override] if override else []),
+                      f"models_dir={tmp_path}/models", f"data_root={tmp_path}/data", f"results_dir={tmp_path}/evals"],
+                     cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-2000:]
@@ -131,12 +138,7 @@ def test_a_malformed_data_row_is_refused_in_one_line_before_any_model_loads(name
     path = tmp_path / "data" / "random_bd" / f"{name}.jsonl"
     rows = path.read_text().splitlines()
     path.write_text("\n".join([rows[0], line, *rows[2:]]) + "\n")
-    result = run_cli(["--config-name=lora_smoketest", f"models_dir={tmp_path}/models", f"data_root={tmp_path}/data",
-                      f"results_dir={tmp_path}/evals"], cwd=tmp_path, timeout=120)
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-2000:]
-    assert not (tmp_path / "models").exists() and not (tmp_path / "evals").exists()
+    assert_refused_before_any_model_loads(None, message, tmp_path)
 
 
 def test_unpublished_wmdp_files_fail_validation(shared_data):
