@@ -1,21 +1,27 @@
-"""How much does RTT recover, and how does that change with LoRA rank?
+"""How much of what unlearning removed comes back, and how does that change
+with LoRA rank?
 
-Reads the pipeline's unlearning and RTT CSVs and, for every unlearned model
-and held-out split V, computes (accuracies on V):
+Reads the pipeline's CSVs (`unlearning/`, `ft/`, `quant/`) and, for every
+unlearned model and held-out split V, takes these accuracies on V:
 
-  base  forget accuracy before unlearning
-  A     after unlearning (no RTT)
-  B     after unlearning, then RTT            (best (lr, epochs) per split)
-  C     after RTT from the pre-unlearning model (baseline RTT; best per split)
+  base   before unlearning
+  A      after unlearning
+  B      after unlearning, then RTT (all weights)       best (lr, epochs) per split
+  C      RTT from the pre-unlearning model (baseline)   best per split, same seed
+  floor  RTT from the never-taught model               best per split
+  probes B with a LoRA attacker (lora_rtt); A after 8- and 4-bit quantization (quant8, quant4)
 
   recovered_fraction       = (B - A) / (base - A)
+  recovered_above_floor    = (B - floor) / (base - floor)
   relative_to_baseline_rtt = (B - chance) / (C - chance)
-  recovery_epoch           = first RTT epoch whose V accuracy reaches the threshold
+  {probe}_recovered        = (probe - A) / (base - A)
 
 Rows are one unlearning setting (method, dataset, rank, lr, epochs, retain
-and steering coefficients), averaged over held-out splits and seeds, with the
-spread (standard deviation) beside each mean. Full-parameter methods have
-rank 0 and are drawn as reference lines beside LoRA.
+and steering coefficients), averaged over seeds and held-out splits. 95%
+confidence intervals come from a bootstrap that resamples seeds, held-out
+splits and questions within each file (the same draws for every measure and
+every rank, so differences and the trend across ranks are paired). A run that
+never reached the stop rule's target is left out, with a printed line.
 
     python analyze_recovery.py [--results-dir evals/pipeline] [--match-forgetting 0.3]
 """
@@ -26,15 +32,25 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 
 CHANCE = 0.25
 SETTING = ["unlearn_type", "dataset", "lora_rank", "lr", "epochs", "retain_coeff", "steering_coeff"]
-MEASURES = ["base", "A", "B", "C", "retain_after", "recovered_fraction", "relative_to_baseline_rtt", "recovery_epoch"]
+MEASURES = ("base", "A", "B", "C", "floor", "lora_rtt", "quant8", "quant4")
+PROBES = ("lora_rtt", "quant8", "quant4")
+# ratio name -> (numerator, subtrahend, reference): (num - sub) / (ref - sub), per seed and split
+RATIOS = {
+    "recovered_fraction": ("B", "A", "base"),
+    "recovered_above_floor": ("B", "floor", "base"),
+    "relative_to_baseline_rtt": ("B", "chance", "C"),
+    **{f"{p}_recovered": (p, "A", "base") for p in PROBES},
+}
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,8 @@ class Options:
     absolute_threshold: bool = False
     match_target: float | None = None
     match_tolerance: float = 0.05
+    bootstrap: int = 2000
+    seed: int = 0
 
 
 # ---------------------------------------------------------------- reading
@@ -60,37 +78,73 @@ def _by_epoch(mapping: dict) -> dict[int, float]:
 
 
 def read_csvs(directory: Path) -> pd.DataFrame:
-    frames = [pd.read_csv(p) for p in sorted(directory.glob("*.csv"))]
+    frames = [pd.read_csv(p).assign(_file=p.name) for p in sorted(directory.glob("*.csv"))]
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     for column in frame.columns:
-        frame[column] = frame[column].map(_json_cell).astype(object) if frame[column].map(
-            lambda v: isinstance(v, str) and v[:1] in "{[").any() else frame[column]
+        if frame[column].map(lambda v: isinstance(v, str) and v[:1] in "{[").any():
+            frame[column] = frame[column].map(_json_cell).astype(object)
     return frame
 
 
-def load_results(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def newest_per_key(frame: pd.DataFrame, key: str, fallback: Sequence[str]) -> pd.DataFrame:
+    """One row per run: the newest row of each key (files are named by time);
+    rows of older versions, which carry no key, are told apart by `fallback`."""
+    if frame.empty:
+        return frame
+    frame = frame.sort_values("_file")
+    cols = [c for c in fallback if c in frame]
+    legacy = ("legacy:" + frame[cols].map(str).agg("|".join, axis=1)) if cols else frame["_file"]
+    keys = frame[key].map(lambda v: v if isinstance(v, str) and v else None) if key in frame else None
+    ids = [k if k is not None else old for k, old in zip(keys if keys is not None else [None] * len(frame), legacy)]
+    return frame.assign(_id=ids).drop_duplicates("_id", keep="last").drop(columns="_id").reset_index(drop=True)
+
+
+@dataclass
+class Results:
+    unlearning: pd.DataFrame
+    ft: pd.DataFrame
+    quant: pd.DataFrame
+
+
+def load_results(results_dir: str | Path) -> Results:
     results_dir = Path(results_dir)
-    unlearning, ft = read_csvs(results_dir / "unlearning"), read_csvs(results_dir / "ft")
+    unlearning = newest_per_key(read_csvs(results_dir / "unlearning"), "run_key",
+                                ["model_path", "data_seed", *SETTING, "max_samples"])
     if unlearning.empty:
         raise FileNotFoundError(f"no unlearning CSVs under {results_dir / 'unlearning'}; run pipeline.py first")
-    return unlearning, ft
+    ft = newest_per_key(read_csvs(results_dir / "ft"), "rtt_key",
+                        ["base_model", "condition", "dataset", "lr", "epochs", "skip_split", "data_seed"])
+    quant = newest_per_key(read_csvs(results_dir / "quant"), "probe_key", ["model_path", "probe", "condition"])
+    return Results(unlearning, ft, quant)
 
 
-# ---------------------------------------------------------------- per split
+# ---------------------------------------------------------------- per seed and held-out split
 
 
-def best_rtt(ft: pd.DataFrame, condition: str, base_model: str, dataset: str, skip_split: int) -> dict | None:
-    """The RTT run with the best final V accuracy among (lr, epochs) for one split."""
-    if ft.empty:
-        return None
-    rows = ft[(ft.condition == condition) & (ft.base_model == base_model) & (ft.dataset == dataset)
-              & (ft.skip_split == skip_split)]
+def _vector(correct: dict | None, name: str, epoch: int, accuracy: float) -> np.ndarray:
+    """Each question's correctness (1/0), or, for results written before it
+    was recorded, the accuracy alone (then only seeds and splits resample)."""
+    bits = (correct.get(name) or {}).get(str(epoch)) if isinstance(correct, dict) else None
+    if isinstance(bits, str) and bits:
+        return np.frombuffer(bits.encode(), dtype=np.uint8).astype(float) - ord("0")
+    return np.array([accuracy], dtype=float)
+
+
+def _column(frame: pd.DataFrame, name: str, default) -> pd.Series:
+    return frame[name] if name in frame else pd.Series(default, index=frame.index)
+
+
+def best_rtt(rows: pd.DataFrame) -> dict | None:
+    """The run with the best final V accuracy among (lr, epochs)."""
     best = None
     for _, row in rows.iterrows():
         accs = _by_epoch(row.forget_accs_local)
-        final = accs[max(accs)]
-        if best is None or final > best["final"]:
-            best = {"final": final, "accs": accs, "lr": row.lr, "epochs": row.epochs}
+        final_epoch = max(accs)
+        if best is None or accs[final_epoch] > best["final"]:
+            correct = row.get("forget_correct_local")
+            bits = correct.get(str(final_epoch)) if isinstance(correct, dict) else None
+            vector = _vector({"v": {str(final_epoch): bits}}, "v", final_epoch, accs[final_epoch])
+            best = {"final": accs[final_epoch], "accs": accs, "vector": vector}
     return best
 
 
@@ -99,59 +153,291 @@ def recovery_epoch(accs: dict[int, float], threshold: float) -> float:
     return float(reached[0]) if reached else math.nan
 
 
-def _ratio(numerator: float, denominator: float) -> float:
-    return numerator / denominator if denominator and not math.isnan(denominator) else math.nan
+@dataclass
+class Unit:
+    """One unlearned model (one seed) and one of its forget files: every
+    measure's per-question correctness on that file."""
+
+    setting: tuple
+    seed: int
+    file: str
+    split: int
+    vectors: dict[str, np.ndarray]
+    retain_before: float
+    retain_after: float
+    recovery_epoch: float
+    model_path: str
 
 
-def split_rows(unlearning: pd.DataFrame, ft: pd.DataFrame, options: Options) -> pd.DataFrame:
-    """One row per unlearned model and held-out split."""
-    out = []
-    for _, run in unlearning.iterrows():
+def _rtt_rows(ft: pd.DataFrame, run: pd.Series) -> pd.DataFrame:
+    if ft.empty:
+        return ft
+    probe = _column(ft, "probe", "rtt").fillna("rtt")
+    upstream = _column(ft, "upstream_key", "").fillna("")
+    key = run.get("run_key")
+    mine = (upstream == key) if isinstance(key, str) and key else \
+        ((ft.condition == "unlearned") & (ft.base_model == run.model_path))
+    return ft[mine].assign(probe=probe[mine])
+
+
+def _control_rows(ft: pd.DataFrame, condition: str, dataset: str, split: int, seed: int | None) -> pd.DataFrame:
+    if ft.empty:
+        return ft
+    rows = ft[(ft.condition == condition) & (ft.dataset == dataset) & (ft.skip_split == split)
+              & (_column(ft, "probe", "rtt").fillna("rtt") == "rtt")]
+    seeds = _column(rows, "seed", np.nan)
+    if seed is not None and seeds.notna().any() and (seeds == seed).any():
+        rows = rows[seeds == seed]
+    return rows
+
+
+def units_of(results: Results, options: Options) -> tuple[list[Unit], list[str]]:
+    """Per unlearned model and forget file; with the runs left out (stop rule) as printed lines."""
+    out, left_out = [], []
+    ft, quant = results.ft, results.quant
+    for _, run in results.unlearning.iterrows():
         if not isinstance(run.model_path, str) or not run.model_path:
             continue
-        forget = {f: _by_epoch(a) for f, a in run.forget_accs.items()}
-        retain = {f: _by_epoch(a) for f, a in run.retain_accs.items()}
-        retain_after = sum(a[max(a)] for a in retain.values()) / len(retain) if retain else math.nan
-        retain_before = sum(a[0] for a in retain.values()) / len(retain) if retain else math.nan
-        skips = sorted(set(ft[(ft.condition == "unlearned") & (ft.base_model == run.model_path)].skip_split)) if not ft.empty else []
-        for skip in skips:
-            val_file = run.val_files[int(skip)]
-            base, a = forget[val_file][0], forget[val_file][max(forget[val_file])]
-            b = best_rtt(ft, "unlearned", run.model_path, run.dataset, skip)
-            c = best_rtt(ft, "baseline", run.base_model, run.dataset, skip)
-            threshold = options.recovery_threshold * (1 if options.absolute_threshold else base)
-            b_acc, c_acc = b["final"], (c["final"] if c else math.nan)
-            out.append({
-                **{k: run[k] for k in SETTING}, "data_seed": run.get("data_seed", 0), "model_path": run.model_path,
-                "skip_split": int(skip), "base": base, "A": a, "B": b_acc, "C": c_acc,
-                "retain_before": retain_before, "retain_after": retain_after,
-                "recovered_fraction": _ratio(b_acc - a, base - a),
-                "relative_to_baseline_rtt": _ratio(b_acc - CHANCE, c_acc - CHANCE),
-                "recovery_epoch": recovery_epoch(b["accs"], threshold),
-            })
-    return pd.DataFrame(out)
+        seed = run.get("seed", np.nan)
+        seed = int(seed if pd.notna(seed) else run.get("data_seed", 0))
+        reached = run.get("stop_reached", np.nan)
+        if pd.notna(reached) and str(reached) == "False":
+            left_out.append(f"left out of matched comparison: {run.unlearn_type} rank {run.lora_rank} seed {seed} "
+                            f"({run.get('stop_reason')}: forget {float(run.get('stop_forget_acc', math.nan)):.3f} "
+                            f"vs target {float(run.get('stop_target', math.nan)):.3f}) {run.model_path}")
+            continue
+        setting = tuple(run[k] if pd.notna(run[k]) else None for k in SETTING)
+        retain = {f: _by_epoch(a) for f, a in (run.retain_accs or {}).items()}
+        retain_after = float(np.mean([a[max(a)] for a in retain.values()])) if retain else math.nan
+        retain_before = float(np.mean([a[0] for a in retain.values()])) if retain else math.nan
+        rtt = _rtt_rows(ft, run)
+        q = quant[_column(quant, "upstream_key", "") == run.get("run_key")] if not quant.empty else quant
+        for split, file in enumerate(run.val_files):
+            forget = _by_epoch(run.forget_accs[file])
+            final = max(forget)
+            correct = run.get("forget_correct")
+            vectors = {"base": _vector(correct, file, 0, forget[0]), "A": _vector(correct, file, final, forget[final])}
+            threshold_base = forget[0]
+            epoch_to_recover = math.nan
+            for probe, name in (("rtt", "B"), ("lora_rtt", "lora_rtt")):
+                rows = rtt[(rtt.probe == probe) & (rtt.skip_split == split)] if not rtt.empty else rtt
+                best = best_rtt(rows) if len(rows) else None
+                if best:
+                    vectors[name] = best["vector"]
+                    if name == "B":
+                        threshold = options.recovery_threshold * (1 if options.absolute_threshold else threshold_base)
+                        epoch_to_recover = recovery_epoch(best["accs"], threshold)
+            if "B" in vectors:
+                for name, condition, by_seed in (("C", "baseline", seed), ("floor", "never_taught", None)):
+                    best = best_rtt(_control_rows(ft, condition, run.dataset, split, by_seed))
+                    if best:
+                        vectors[name] = best["vector"]
+            for _, row in q.iterrows():
+                accs = row.forget_accs.get(file)
+                if accs is not None:
+                    vectors[row.probe] = _vector(row.forget_correct, file, 0, float(_by_epoch(accs)[0]))
+            out.append(Unit(setting, seed, file, split, vectors, retain_before, retain_after, epoch_to_recover,
+                            run.model_path))
+    return out, left_out
+
+
+# ---------------------------------------------------------------- the bootstrap
+
+
+@dataclass
+class Panel:
+    """The units of one (method, dataset): seeds x files, with the same
+    bootstrap draws for every setting in it (paired comparisons)."""
+
+    seeds: list[int]
+    files: list[str]
+    draws: int
+    rng_seed: int
+    question_draws: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self):
+        rng = np.random.default_rng(self.rng_seed)
+        self.seed_draw = rng.integers(0, len(self.seeds), size=(self.draws, len(self.seeds)))
+        self.file_draw = rng.integers(0, len(self.files), size=(self.draws, len(self.seeds), len(self.files)))
+        self.rng = rng
+
+    def questions(self, file: str, n: int) -> np.ndarray:
+        if (file, n) not in self.question_draws:
+            self.question_draws[(file, n)] = self.rng.integers(0, n, size=(self.draws, n))
+        return self.question_draws[(file, n)]
+
+    def replicate_means(self, units: list[Unit], measure: str) -> np.ndarray:
+        """[seeds, files, draws]: the measure's mean over resampled questions (NaN where absent)."""
+        out = np.full((len(self.seeds), len(self.files), self.draws), np.nan)
+        for unit in units:
+            vector = unit.vectors.get(measure)
+            if vector is None:
+                continue
+            s, f = self.seeds.index(unit.seed), self.files.index(unit.file)
+            out[s, f] = vector[self.questions(unit.file, len(vector))].mean(axis=1) if len(vector) > 1 else vector[0]
+        return out
+
+    def resample(self, per_unit: np.ndarray) -> np.ndarray:
+        """Average a [seeds, files, draws] array over resampled seeds and files: one value per draw."""
+        draws = np.arange(self.draws)[:, None, None]
+        picked = per_unit[self.seed_draw[:, :, None], self.file_draw, draws]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a draw may pick only units without this measure
+            return np.nanmean(picked.reshape(self.draws, -1), axis=1)
+
+
+def _ratio(num: np.ndarray, sub: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        denominator = ref - sub
+        return np.where(np.abs(denominator) > 1e-12, (num - sub) / denominator, np.nan)
+
+
+def _interval(values: np.ndarray) -> tuple[float, float]:
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return math.nan, math.nan
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def _point(units: list[Unit], measure: str) -> np.ndarray:
+    return np.array([u.vectors[measure].mean() if measure in u.vectors else np.nan for u in units])
+
+
+def _nanmean(values: np.ndarray) -> float:
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else math.nan
+
+
+def _nanstd(values: np.ndarray) -> float:
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    return float(values.std()) if len(values) else math.nan
+
+
+def binomial_below_chance_p(correct: int, n: int, p: float = CHANCE) -> float:
+    """P(X <= correct) for X ~ Binomial(n, p): small when the model avoids the right answer."""
+    return float(sum(math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(correct + 1))) if n else math.nan
+
+
+@dataclass
+class Estimates:
+    row: dict
+    replicates: dict[str, np.ndarray]
+
+
+def estimate(units: list[Unit], panel: Panel) -> Estimates:
+    """Point estimates (means over seeds and splits of per-split values) and
+    bootstrap CIs of every measure and ratio for one setting."""
+    rtt_units = [u for u in units if "B" in u.vectors] or units
+    row: dict = {"n_seeds": len({u.seed for u in units}), "n_splits": len({u.file for u in rtt_units}),
+                 "n": len(rtt_units), "n_questions": int(sum(len(u.vectors["A"]) for u in rtt_units))}
+    means = {m: panel.replicate_means(units, m) for m in MEASURES}
+    has_b = ~np.isnan(means["B"][..., :1])
+    replicates = {}
+    for m in MEASURES:
+        # A and base are averaged over the held-out splits RTT ran on, so A, B, C and the floor share units.
+        per_unit = np.where(has_b, means[m], np.nan) if m in ("base", "A") and has_b.any() else means[m]
+        points = _point(rtt_units if m in ("base", "A") else units, m)
+        replicates[m] = panel.resample(per_unit)
+        row[m] = _nanmean(points)
+        row[f"{m}_lo"], row[f"{m}_hi"] = _interval(replicates[m])
+    for name, (num, sub, ref) in RATIOS.items():
+        chance = np.full_like(means["A"], CHANCE)
+        arrays = {**means, "chance": chance}
+        per_unit = _ratio(arrays[num], arrays[sub], arrays[ref])
+        points = [(_point([u], num)[0], CHANCE if sub == "chance" else _point([u], sub)[0], _point([u], ref)[0])
+                  for u in units]
+        point_values = np.array([_ratio(np.array(n), np.array(s), np.array(r)) for n, s, r in points], dtype=float)
+        replicates[name] = panel.resample(per_unit)
+        row[name] = _nanmean(point_values)
+        row[f"{name}_std"] = _nanstd(point_values)
+        row[f"{name}_lo"], row[f"{name}_hi"] = _interval(replicates[name])
+    a_correct = np.concatenate([u.vectors["A"] for u in rtt_units])
+    exact = bool(np.all((a_correct == 0) | (a_correct == 1))) and len(a_correct) > 1
+    row["A_below_chance_p"] = binomial_below_chance_p(int(a_correct.sum()), len(a_correct)) if exact else math.nan
+    row["answer_avoided"] = bool(exact and row["A_below_chance_p"] < 0.05)
+    row["retain_before"] = _nanmean([u.retain_before for u in units])
+    row["retain_after"] = _nanmean([u.retain_after for u in units])
+    row["recovery_epoch"] = _nanmean([u.recovery_epoch for u in rtt_units])
+    return Estimates(row, replicates)
+
+
+@dataclass
+class Trend:
+    method: str
+    dataset: str
+    measure: str
+    slope: float
+    lo: float
+    hi: float
+    ranks: list[int]
+
+    def sentence(self) -> str:
+        label = self.measure.replace("_", " ")
+        verdict = ("no detectable trend (the CI includes 0)" if self.lo <= 0 <= self.hi
+                   else "it rises with rank" if self.lo > 0 else "it falls with rank")
+        return (f"trend ({self.method}, {self.dataset}, ranks {', '.join(map(str, self.ranks))}): {label} changes by "
+                f"{self.slope:+.3f} per doubling of LoRA rank (95% CI {self.lo:+.3f} to {self.hi:+.3f}): {verdict}")
+
+
+def trend(ranks: Sequence[int], points: Sequence[float], replicates: Sequence[np.ndarray]) -> tuple[float, float, float]:
+    """Least-squares slope of a measure against log2(rank), with a bootstrap CI
+    (the replicates of every rank come from the same draws)."""
+    x = np.log2(np.asarray(ranks, dtype=float))
+    x = x - x.mean()
+    slope = float((x * (np.asarray(points) - np.mean(points))).sum() / (x ** 2).sum())
+    stacked = np.vstack(replicates)  # [ranks, draws]
+    ok = ~np.isnan(stacked).any(axis=0)
+    slopes = (x[:, None] * (stacked[:, ok] - stacked[:, ok].mean(axis=0))).sum(axis=0) / (x ** 2).sum()
+    lo, hi = _interval(slopes)
+    return slope, lo, hi
 
 
 # ---------------------------------------------------------------- per setting
 
 
-def summarize(splits: pd.DataFrame, options: Options) -> pd.DataFrame:
-    """Mean and spread over held-out splits and seeds for each setting."""
-    if splits.empty:
-        return pd.DataFrame()
-    keys = [k for k in SETTING]
-    grouped = splits.fillna({"steering_coeff": -1}).groupby(keys, dropna=False)
-    table = grouped[MEASURES].mean()
-    spread = grouped[MEASURES].std(ddof=0).add_suffix("_std")
-    table = table.join(spread)
-    table["retain_before"] = grouped["retain_before"].mean()
-    table["n"] = grouped.size()
-    table = table.reset_index()
-    table["steering_coeff"] = table["steering_coeff"].where(table["steering_coeff"] >= 0)
+@dataclass
+class Analysis:
+    table: pd.DataFrame
+    trends: list[Trend]
+    left_out: list[str]
+
+
+def summarize(units: list[Unit], options: Options) -> Analysis:
+    """One row per setting, with CIs; the trend across ranks per (method, dataset)."""
+    rows, trends = [], []
+    families: dict[tuple, list[Unit]] = {}
+    for unit in units:
+        families.setdefault(unit.setting[:2], []).append(unit)
+    for (method, dataset), family in families.items():
+        panel = Panel(sorted({u.seed for u in family}), sorted({u.file for u in family}), options.bootstrap,
+                      options.seed)
+        by_setting: dict[tuple, list[Unit]] = {}
+        for unit in family:
+            by_setting.setdefault(unit.setting, []).append(unit)
+        estimates = {}
+        for setting, group in sorted(by_setting.items(), key=lambda kv: [str(v) for v in kv[0]]):
+            est = estimate(group, panel)
+            estimates[setting] = est
+            rows.append({**dict(zip(SETTING, setting)), **est.row})
+        ranks = [s[2] for s in estimates]
+        if len(ranks) >= 2 and len(set(ranks)) == len(ranks) and all(r and r > 0 for r in ranks):
+            ordered = sorted(estimates.items(), key=lambda kv: kv[0][2])
+            for measure in ("recovered_fraction", *[f"{p}_recovered" for p in PROBES]):
+                points = [e.row[measure] for _, e in ordered]
+                if any(math.isnan(p) for p in points):
+                    continue
+                slope, lo, hi = trend([s[2] for s, _ in ordered], points, [e.replicates[measure] for _, e in ordered])
+                trends.append(Trend(method, dataset, measure, slope, lo, hi, [s[2] for s, _ in ordered]))
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return Analysis(table, trends, [])
     table["forgetting"] = table["base"] - table["A"]
     table["too_little_forgetting"] = table["forgetting"] < options.min_forgetting
     table["missing_baseline"] = table["C"].isna()
-    return table.sort_values(["unlearn_type", "dataset", "lora_rank", "lr", "retain_coeff"]).reset_index(drop=True)
+    table = table.sort_values(["unlearn_type", "dataset", "lora_rank", "lr", "retain_coeff"]).reset_index(drop=True)
+    return Analysis(table, trends, [])
 
 
 @dataclass
@@ -180,15 +466,36 @@ def match_forgetting(table: pd.DataFrame, target: float, tolerance: float) -> Ma
 # ---------------------------------------------------------------- output
 
 
-TABLE_COLUMNS = ["unlearn_type", "dataset", "lora_rank", "lr", "epochs", "retain_coeff", "steering_coeff", "n",
-                 "base", "A", "B", "C", "retain_before", "retain_after", "recovered_fraction",
-                 "recovered_fraction_std", "relative_to_baseline_rtt", "relative_to_baseline_rtt_std",
-                 "recovery_epoch", "too_little_forgetting", "missing_baseline"]
+def _with_ci(table: pd.DataFrame, name: str) -> pd.Series:
+    def cell(row):
+        value = row[name]
+        if pd.isna(value):
+            return "-"
+        lo, hi = row.get(f"{name}_lo"), row.get(f"{name}_hi")
+        return f"{value:.2f} [{lo:.2f}, {hi:.2f}]" if pd.notna(lo) and pd.notna(hi) else f"{value:.2f}"
+
+    return table.apply(cell, axis=1)
 
 
 def format_table(table: pd.DataFrame) -> str:
-    shown = table[[c for c in TABLE_COLUMNS if c in table]].rename(columns={"unlearn_type": "method", "lora_rank": "rank"})
-    return shown.to_string(index=False, float_format=lambda v: f"{v:.3g}")
+    shown = pd.DataFrame({"method": table.unlearn_type, "rank": table.lora_rank, "lr": table.lr,
+                          "rc": table.retain_coeff, "seeds": table.n_seeds, "splits": table.n_splits,
+                          "base": table.base.map(lambda v: f"{v:.2f}")})
+    for name in ("A", "B", "C", "floor"):
+        shown[name] = _with_ci(table, name)
+    shown["retain"] = table.retain_after.map(lambda v: f"{v:.2f}")
+    shown["recovered (B-A)/(base-A)"] = _with_ci(table, "recovered_fraction")
+    shown["above floor"] = _with_ci(table, "recovered_above_floor")
+    for probe in PROBES:
+        if table[f"{probe}_recovered"].notna().any():
+            shown[f"{probe} recovered"] = _with_ci(table, f"{probe}_recovered")
+    flags = []
+    for _, row in table.iterrows():
+        marks = [m for m, on in (("answer avoided", row.answer_avoided), ("too little forgetting",
+                                                                          row.too_little_forgetting)) if on]
+        flags.append("; ".join(marks) or "")
+    shown["flags"] = flags
+    return shown.to_string(index=False)
 
 
 def _series(lora: pd.DataFrame):
@@ -208,8 +515,10 @@ def _setting(name: str, values: pd.Series) -> str:
     return f"per-rank {name}" if values.nunique() > 1 else f"{name}={values.iloc[0]:g}"
 
 
-def _point_label(row, show_rc: bool) -> str:
-    return f"lr {row.lr:.2g}" + (f", rc {row.retain_coeff:g}" if show_rc else "")
+def _errorbar(axis, rows: pd.DataFrame, name: str, **style) -> None:
+    lo = (rows[name] - rows[f"{name}_lo"]).clip(lower=0)
+    hi = (rows[f"{name}_hi"] - rows[name]).clip(lower=0)
+    axis.errorbar(rows.lora_rank, rows[name], yerr=[lo.fillna(0), hi.fillna(0)], capsize=3, **style)
 
 
 def plot(table: pd.DataFrame, path: Path, title: str) -> None:
@@ -218,36 +527,44 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 5))
     lora = table[table.lora_rank > 0]
     for label, group in _series(lora):
-        left.errorbar(group.lora_rank, group.recovered_fraction, yerr=group.recovered_fraction_std, marker="o",
-                      capsize=3, label=label)
-        for measure, style in (("A", "o-"), ("B", "s-"), ("C", "^--")):
-            right.plot(group.lora_rank, group[measure], style, label=f"{measure}: {label}")
-        show_rc = group.retain_coeff.nunique() > 1
-        for row in group.itertuples():
-            left.annotate(_point_label(row, show_rc), (row.lora_rank, row.recovered_fraction), textcoords="offset points",
-                          xytext=(6, -10), fontsize=7)
+        _errorbar(left, group, "recovered_fraction", marker="o", label=f"RTT: {label}")
+        if group.recovered_above_floor.notna().any():
+            _errorbar(left, group, "recovered_above_floor", marker="s", linestyle="--", label="RTT above the floor")
+        for measure, marker in (("A", "o"), ("B", "s"), ("C", "^"), ("floor", "v")):
+            if group[measure].notna().any():
+                _errorbar(middle, group, measure, marker=marker, label=measure)
+        avoided = group[group.answer_avoided]
+        middle.scatter(avoided.lora_rank, avoided.A, s=160, facecolors="none", edgecolors="red",
+                       label="A below chance (answer avoided)" if len(avoided) else None)
+        for probe, marker in zip(PROBES, ("D", "P", "X")):
+            if group[f"{probe}_recovered"].notna().any():
+                _errorbar(right, group, f"{probe}_recovered", marker=marker, label=probe)
+        _errorbar(right, group, "recovered_fraction", marker="o", linestyle=":", label="rtt (all weights)")
         flagged = group[group.too_little_forgetting]
-        left.scatter(flagged.lora_rank, flagged.recovered_fraction, s=140, facecolors="none", edgecolors="red",
+        left.scatter(flagged.lora_rank, flagged.recovered_fraction, s=140, facecolors="none", edgecolors="orange",
                      label="too little forgetting" if len(flagged) else None)
     for _, row in table[table.lora_rank == 0].iterrows():
         left.axhline(row.recovered_fraction, linestyle=":", color="gray")
         left.annotate(f"{row.unlearn_type} (full)", (1, row.recovered_fraction), fontsize=8, color="gray")
-    for axis in (left, right):
+    for axis in (left, middle, right):
         if len(lora):
             axis.set_xscale("log", base=2)
             axis.set_xlim(lora.lora_rank.min() / 1.5, lora.lora_rank.max() * 1.5)
         axis.set_xlabel("LoRA rank")
         axis.grid(alpha=0.3)
-    left.set_ylabel("recovered fraction (B - A) / (base - A)")
+        axis.legend(fontsize=7)
+    left.axhline(0, color="black", linewidth=0.8)
+    left.set_ylabel("recovered fraction (95% CI)")
     left.set_title("RTT recovery vs LoRA rank")
-    right.set_ylabel("forget accuracy on held-out splits")
-    right.set_title("A = unlearned, B = unlearned + RTT, C = RTT only")
-    right.axhline(CHANCE, color="black", linewidth=0.8, linestyle=":", label="chance")
-    left.legend(fontsize=7)
-    right.legend(fontsize=6, ncol=1)
+    middle.axhline(CHANCE, color="black", linewidth=0.8, linestyle=":")
+    middle.set_ylabel("accuracy on held-out splits (95% CI)")
+    middle.set_title("A unlearned, B +RTT, C RTT only, floor never taught")
+    right.axhline(0, color="black", linewidth=0.8)
+    right.set_ylabel("recovered fraction (95% CI)")
+    right.set_title("Probes: quantization and LoRA relearning")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -256,12 +573,15 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
 
 def analyze(results_dir: str | Path, options: Options = Options(), out_dir: str | Path | None = None,
             stream=None) -> pd.DataFrame:
-    """Print the table, write recovery_vs_rank.csv and .png, return the table."""
+    """Print the table and the trend, write recovery_vs_rank.csv and .png, return the table."""
     stream = stream or sys.stdout
-    unlearning, ft = load_results(results_dir)
-    table = summarize(split_rows(unlearning, ft, options), options)
+    units, left_out = units_of(load_results(results_dir), options)
+    for line in left_out:
+        print(line, file=stream)
+    analysis = summarize(units, options)
+    table = analysis.table
     if table.empty:
-        raise ValueError(f"no RTT results for any unlearned model under {results_dir}; run RTT (dont_ft=false) first")
+        raise ValueError(f"no results for any unlearned model under {results_dir}; run pipeline.py first")
     title = "all settings"
     if options.match_target is not None:
         matched = match_forgetting(table, options.match_target, options.match_tolerance)
@@ -277,15 +597,22 @@ def analyze(results_dir: str | Path, options: Options = Options(), out_dir: str 
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "recovery_vs_rank.csv", index=False)
     print(format_table(table), file=stream)
+    for t in analysis.trends:
+        if options.match_target is None or t.measure == "recovered_fraction":
+            print(t.sentence(), file=stream)
     flagged = table[table.too_little_forgetting]
     if len(flagged):
         print(f"flagged: {len(flagged)} row(s) forgot less than {options.min_forgetting} (base - A); their recovery "
               "measures do not mean much", file=stream)
+    avoided = table[table.answer_avoided]
+    if len(avoided):
+        print(f"flagged: {len(avoided)} row(s) answer below chance after unlearning (binomial p < 0.05): the answer "
+              "is avoided, so the information is likely still present", file=stream)
     if table.missing_baseline.any():
         print("note: no baseline RTT (C) for some rows; relative_to_baseline_rtt is empty there", file=stream)
-    if len(table):
-        plot(table, out / "recovery_vs_rank.png", title)
-    print(f"wrote {out / 'recovery_vs_rank.csv'} and {out / 'recovery_vs_rank.png'}", file=stream)
+    plot(table, out / "recovery_vs_rank.png", title)
+    print(f"wrote {out / 'recovery_vs_rank.csv'} and {out / 'recovery_vs_rank.png'} "
+          f"(95% CIs: {options.bootstrap} bootstrap draws over seeds, held-out splits and questions)", file=stream)
     return table
 
 
@@ -303,17 +630,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="compare ranks at matched forgetting: per rank, the setting with A within the "
                              "tolerance of TARGET and the least retain damage")
     parser.add_argument("--match-tolerance", type=float, default=0.05)
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws for the CIs (default 2000)")
     args = parser.parse_args(argv)
     for name in ("min_forgetting", "recovery_threshold", "match_tolerance"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed; use a value >= 0")
+    if args.bootstrap < 100:
+        parser.error(f"--bootstrap={args.bootstrap} is not allowed; use 100 or more draws")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     options = Options(args.min_forgetting, args.recovery_threshold, args.absolute_threshold, args.match_forgetting,
-                      args.match_tolerance)
+                      args.match_tolerance, args.bootstrap)
     try:
         analyze(args.results_dir, options, args.out_dir)
     except (FileNotFoundError, ValueError) as err:

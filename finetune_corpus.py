@@ -1,20 +1,14 @@
-"""RTT: fine-tune all weights on some forgotten facts (T) and measure how much
-comes back on held-out facts (V). The same routine teaches the embedded
-demo its made-up facts before unlearning."""
+"""RTT: fine-tune on some forgotten facts (T) and measure how much comes back
+on held-out facts (V). The same objective teaches the embedded demo its
+made-up facts before unlearning, and, with LoRA settings, is the attacker of
+the adapter-relearning probe (only a LoRA adapter trains)."""
 
 from __future__ import annotations
 
-import logging
-import random
 from dataclasses import dataclass
-from typing import Mapping, Sequence
-
-import torch
 
 import unlearn_corpus as uc
-from pipeline import LossType
-
-log = logging.getLogger(__name__)
+from unlearn_corpus import LossType
 
 
 @dataclass
@@ -26,72 +20,67 @@ class FinetuneResult:
     retain_accs_local: dict[int, float]
     retain_accs_calibrated_local: dict[int, float]
     save_name: str | None = None
+    forget_correct_local: dict[int, str] | None = None  # per question of V, by epoch (one V file)
+    seconds: float = 0.0
+
+    @classmethod
+    def from_stage(cls, result: uc.StageResult) -> "FinetuneResult":
+        forget, retain = result.forget, result.retain
+        correct = next(iter(forget.correct.values())) if len(forget.correct) == 1 else None
+        return cls(uc.mean_by_epoch(forget.accs), uc.mean_by_epoch(forget.calibrated), uc.mean_by_epoch(retain.accs),
+                   uc.mean_by_epoch(retain.calibrated), result.save_path, correct, result.seconds)
 
 
-def _mean_by_epoch(by_file: Mapping[str, Mapping[int, float]]) -> dict[int, float]:
-    epochs = sorted({e for accs in by_file.values() for e in accs})
-    return {e: sum(accs[e] for accs in by_file.values()) / len(by_file) for e in epochs}
+@dataclass
+class Finetune:
+    """Plain NLL on the training files (formatted by the loss type) and any
+    extra corpus files; all weights train (embeddings optional), or only a
+    LoRA adapter when the settings carry one."""
 
+    settings: uc.FinetuneSettings
+    uses: frozenset[str] = frozenset()
 
-def main(
-    train_files: Sequence[str] = (),
-    val_files: Sequence[str] = (),
-    val_retain_files: Sequence[str] = (),
-    dev_set: str = "",
-    base_model: str = "",
-    lr: float = 1e-6,
-    epochs: int = 3,
-    batch_size: int = 4,
-    val_batch_size: int = 8,
-    loss_type: LossType = LossType.QUESTION_LETTER_ANSWER,
-    extra_corpus_files: Sequence[str] = (),
-    data_root: str = "data",
-    data_seed: int = 0,
-    warmup_steps: int = 0,
-    eval_every: int = 1,
-    k_shot: int = 0,
-    optimizer: str = "lion",
-    device: Mapping | None = None,
-    max_length: int = 256,
-    train_embeddings: bool = True,
-    save_name: str | None = None,
-    name: str = "rtt",
-    project_name: str = "rtt",
-    wandb_mode: str = "disabled",
-) -> FinetuneResult:
-    """Fine-tune on `train_files` (formatted by `loss_type`; `extra_corpus_files`
-    add plain-text examples) and evaluate `val_files` and `val_retain_files`
-    before training and each `eval_every` epochs."""
-    rng = random.Random(data_seed)
-    torch.manual_seed(data_seed)
-    policy = uc.resolve_device_policy(device)
-    tokenizer = uc.load_tokenizer(base_model)
-    model = uc.load_model(base_model, policy)
-    if not train_embeddings:
-        uc.freeze_embeddings(model)
+    def prepare(self, model, stage: uc.Stage):
+        s = self.settings
+        if not s.train_embeddings:
+            uc.freeze_embeddings(model)
+        if s.lora is not None:
+            model = uc.attach_lora(model, s.lora.lora_rank, s.lora.lora_alpha, s.lora.lora_target_modules,
+                                   frozen_dtype=stage.policy.autocast_dtype)
+        self.stage = stage
+        self.examples = stage.encode(s.train_files, s.loss_type) + stage.encode(s.extra_corpus_files, LossType.CORPUS)
+        return model
 
-    pairs = uc.load_examples_from(data_root, train_files, loss_type)
-    pairs += uc.load_examples_from(data_root, extra_corpus_files, LossType.CORPUS)
-    examples = [uc.encode(tokenizer, pair, max_length) for pair in pairs]
-    run = uc.start_wandb(wandb_mode, project_name, name, {"lr": lr, "epochs": epochs, "loss_type": loss_type.name})
-    evaluator = uc.ForgetRetainEval.load(data_root, val_files, val_retain_files, dev_set=dev_set, k_shot=k_shot,
-                                         batch_size=val_batch_size, run=run, name=name)
+    def epoch_steps(self, epoch: int):
+        return uc.shuffled_batches(self.examples, self.settings.train.batch_size, self.stage.rng)
 
-    def step_loss(batch):
-        loss = uc.mean_token_nll(model, uc.collate(batch, tokenizer.pad_token_id, policy.device))
+    def loss(self, model, batch):
+        loss = uc.mean_token_nll(model, self.stage.batch(batch))
         return loss, {"train_nll": loss.item()}
 
-    uc.fit(model, uc.make_optimizer(optimizer, model, lr, policy), epochs=epochs,
-           steps_per_epoch=lambda _: uc.shuffled_batches(examples, batch_size, rng), step_loss=step_loss,
-           warmup_steps=warmup_steps, evaluate=lambda epoch: evaluator(model, tokenizer, epoch),
-           eval_every=eval_every, desc=name, on_step=run.log)
-    run.finish()
-    if save_name:
-        uc.save_checkpoint(model, tokenizer, save_name)
-    return FinetuneResult(
-        forget_accs_local=_mean_by_epoch(evaluator.forget_log.accs),
-        forget_accs_calibrated_local=_mean_by_epoch(evaluator.forget_log.calibrated),
-        retain_accs_local=_mean_by_epoch(evaluator.retain_log.accs),
-        retain_accs_calibrated_local=_mean_by_epoch(evaluator.retain_log.calibrated),
-        save_name=save_name,
-    )
+
+def finetune(settings: uc.FinetuneSettings) -> FinetuneResult:
+    return FinetuneResult.from_stage(uc.run_stage(settings.train, settings.evals, Finetune(settings), save=settings.save))
+
+
+def settings_from_keywords(keywords: dict) -> uc.FinetuneSettings:
+    """FinetuneSettings from keyword arguments; keywords not given take
+    conf/default.yaml's `ft` values."""
+    top = uc.default_config()
+    section = top["ft"]
+    evals = uc._legacy_evals(keywords)
+    save = uc.SaveSettings(keywords.pop("save_name", None), "merged")
+    loss_type = keywords.pop("loss_type", section["loss_types"][0])
+    own = uc._keywords_split(keywords, ("train_files", "extra_corpus_files", "train_embeddings"))
+    train = uc._legacy_train(keywords, section, top, "ft")
+    uc._unexpected(keywords, "main")
+    return uc.build_settings(uc.FinetuneSettings, {**section, "extra_corpus_files": ()}, "ft", train=train,
+                             evals=evals, loss_type=loss_type, lora=None, save=save,
+                             **{k: tuple(v) if k.endswith("files") else v for k, v in own.items()})
+
+
+def main(settings: uc.FinetuneSettings | None = None, /, **keywords) -> FinetuneResult:
+    """Fine-tune on `train_files` and evaluate `val_files` (V) and
+    `val_retain_files` before training and each `eval_every` epochs. Takes a
+    FinetuneSettings or keywords (``main(train_files=..., base_model=..., lr=..., epochs=...)``)."""
+    return finetune(settings if settings is not None else settings_from_keywords(dict(keywords)))

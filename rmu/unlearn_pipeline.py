@@ -5,21 +5,22 @@ forget loss = mean over forget tokens of ||h_l(x) - c u||^2
 retain loss = mean over retain tokens of ||h_l(x) - h_l^frozen(x)||^2
 total       = forget loss + retain_coeff * retain loss
 
-Only a few MLP weights at or below layer l train. Data, evaluation, loading
-and saving come from the shared toolkit in unlearn_corpus.
+Only a few MLP weights at or below layer l train. Data, evaluation, loading,
+saving and the training loop come from the shared toolkit in unlearn_corpus;
+this module holds RMU's own settings and its objective.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import random
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
 import unlearn_corpus as uc
-from pipeline import DataFormat, LossType
+from unlearn_corpus import Allowed, setting
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,28 @@ def layer_activations(model, batch: Mapping[str, torch.Tensor], layer_id: int) -
     return captured["h"]
 
 
+@dataclass(frozen=True)
+class RmuSettings:
+    """RMU's own settings: `unlearn.types_config.CUT.*` and the swept coefficient."""
+
+    steering_coeff: float = setting(uc.POSITIVE_NUMBERS)
+    layer_id: int | None = setting(Allowed("null or an integer >= 0", lambda v: v is None or uc.NON_NEGATIVE_INTS.test(v)))
+    layer_ids: tuple[int, ...] | None = setting(Allowed(
+        "null or a list of integers >= 0", lambda v: v is None or (isinstance(v, (list, tuple)) and v and all(
+            uc.NON_NEGATIVE_INTS.test(i) for i in v)), lambda v: None if v is None else tuple(v)))
+    param_names: tuple[str, ...] = setting(uc.SOME_NAMES)
+    steering_seed: int = setting(uc.NON_NEGATIVE_INTS)
+
+    def check_model(self, skeleton) -> None:
+        """Before any weights load: the layers exist and hold the parameters to train."""
+        layers = choose_layers(skeleton.config.num_hidden_layers, self.layer_id, self.layer_ids)
+        names = {n for n, _ in skeleton.named_parameters()}
+        for i in layers.layer_ids:
+            for p in self.param_names:
+                if not any(n.endswith(f"layers.{i}.{p}") for n in names):
+                    raise ValueError(f"param_names {list(self.param_names)!r}: layer {i} has no {p!r}")
+
+
 def masked_sq_distance(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over unmasked tokens of the squared L2 distance."""
     per_token = (h.float() - target.float()).pow(2).sum(-1)
@@ -90,8 +113,14 @@ def masked_sq_distance(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return (per_token * weights).sum() / weights.sum().clamp(min=1)
 
 
+def steering_vector(hidden_size: int, coeff: float, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    u = torch.rand(hidden_size, generator=generator)
+    return coeff * u / u.norm()
+
+
 @dataclass
-class RmuObjective:
+class RmuLoss:
     """The RMU loss for one forget batch and one retain batch."""
 
     model: torch.nn.Module
@@ -120,91 +149,44 @@ class RmuObjective:
         return loss, metrics
 
 
-def steering_vector(hidden_size: int, coeff: float, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    u = torch.rand(hidden_size, generator=generator)
-    return coeff * u / u.norm()
+@dataclass
+class RmuObjective:
+    """The stage runner's view of RMU: it trains chosen MLP weights against a
+    frozen copy of the model, so LoRA and frozen-layer settings do not apply."""
+
+    settings: uc.UnlearnSettings
+    uses: frozenset[str] = frozenset()
+
+    def prepare(self, model, stage: uc.Stage):
+        s, own = self.settings, self.settings.method
+        frozen = uc.load_model(s.train.model, stage.policy).eval().requires_grad_(False)
+        layers = choose_layers(model.config.num_hidden_layers, own.layer_id, own.layer_ids)
+        trained = select_trainable(model, layers.layer_ids, own.param_names)
+        log.info("RMU: steering layer %d, training %s", layers.layer_id, trained)
+        target = steering_vector(model.config.hidden_size, own.steering_coeff, own.steering_seed).to(stage.policy.device)
+        self.stage, self.data = stage, uc.ForgetRetainData.encode(s, stage)
+        self.rmu = RmuLoss(model, frozen, target, layers.layer_id, s.retain_coeff)
+        return model
+
+    def epoch_steps(self, epoch: int):
+        return self.data.epoch_steps(epoch)
+
+    def loss(self, model, step):
+        forget_batch, retain_batch = step
+        return self.rmu(self.stage.batch(forget_batch), self.stage.batch(retain_batch) if retain_batch else None)
 
 
-def main(
-    train_files: Sequence[str] = (),
-    wrong_unlearn_files: Sequence[str] = (),
-    fixed_wrong_unlearn_files: Sequence[str] = (),
-    val_files: Sequence[str] = (),
-    dev_set: str = "",
-    retain_files: Sequence[str] = (),
-    val_retain_files: Sequence[str] = (),
-    retain_dev_file: str = "",
-    base_model: str = "",
-    lr: float = 5e-5,
-    name: str = "rmu",
-    k_shot: int = 0,
-    epochs: int = 3,
-    batch_size: int = 4,
-    val_batch_size: int = 8,
-    retain_coeff: float = 100.0,
-    warmup_steps: int = 0,
-    data_seed: int = 0,
-    eval_every: int = 1,
-    save_name: str | None = None,
-    project_name: str = "unlearn",
-    freeze_layers: Sequence[Sequence[int]] = (),
-    data_format: DataFormat = DataFormat.CORPUS,
-    loss_type: LossType = LossType.CORPUS,
-    retain_loss_type: LossType | None = None,
-    max_samples: int | None = None,
-    lora_rank: int = 0,
-    lora_alpha: float | None = None,
-    lora_target_modules: Sequence[str] | None = None,
-    data_root: str = "data",
-    device: Mapping | None = None,
-    optimizer: str = "adamw",
-    max_length: int = 256,
-    wandb_mode: str = "disabled",
-    steering_coeff: float = 20.0,
-    layer_id: int | None = None,
-    layer_ids: Sequence[int] | None = None,
-    param_names: Sequence[str] = ("mlp.down_proj.weight",),
-    steering_seed: int = 0,
-) -> uc.UnlearnResult:
-    """RMU with the keyword interface of `unlearn_corpus.main` plus the
-    steering coefficient and layer choices. RMU trains chosen MLP weights, so
-    LoRA and freeze_layers settings do not apply and must be left unset."""
-    if lora_rank:
-        raise ValueError(f"lora_rank={lora_rank} is not allowed for CUT/RMU; it trains chosen MLP weights")
-    rng = random.Random(data_seed)
-    torch.manual_seed(data_seed)
-    policy = uc.resolve_device_policy(device)
-    tokenizer = uc.load_tokenizer(base_model)
-    model = uc.load_model(base_model, policy)
-    frozen = uc.load_model(base_model, policy).eval().requires_grad_(False)
-    layers = choose_layers(model.config.num_hidden_layers, layer_id, layer_ids)
-    trained = select_trainable(model, layers.layer_ids, param_names)
-    log.info("RMU: steering layer %d, training %s", layers.layer_id, trained)
-    target = steering_vector(model.config.hidden_size, steering_coeff, steering_seed).to(policy.device)
-
-    sizes = {"max_samples": max_samples, "rng": rng, "max_length": max_length}
-    forget = uc.encode_files(tokenizer, data_root, train_files, loss_type, **sizes)
-    retain = uc.encode_files(tokenizer, data_root, retain_files, retain_loss_type or loss_type, **sizes)
-    run = uc.start_wandb(wandb_mode, project_name, name, {"lr": lr, "steering_coeff": steering_coeff,
-                                                          "retain_coeff": retain_coeff, "layer_id": layers.layer_id})
-    evaluator = uc.ForgetRetainEval.load(data_root, val_files, val_retain_files, dev_set=dev_set,
-                                         retain_dev_file=retain_dev_file, k_shot=k_shot, batch_size=val_batch_size,
-                                         run=run, name=name)
-
-    objective = RmuObjective(model, frozen, target, layers.layer_id, retain_coeff)
-
-    def step_loss(pair):
-        forget_batch, retain_batch = pair
-        return objective(uc.collate(forget_batch, tokenizer.pad_token_id, policy.device),
-                         uc.collate(retain_batch, tokenizer.pad_token_id, policy.device) if retain_batch else None)
-
-    uc.fit(model, uc.make_optimizer(optimizer, model, lr, policy), epochs=epochs,
-           steps_per_epoch=lambda _: uc.unlearn_steps(forget, retain, batch_size, rng), step_loss=step_loss,
-           warmup_steps=warmup_steps, evaluate=lambda epoch: evaluator(model, tokenizer, epoch),
-           eval_every=eval_every, desc=name, on_step=run.log)
-    run.finish()
-    if save_name:
-        uc.save_checkpoint(model, tokenizer, save_name)
-    trainable, _ = uc.count_parameters(model)
-    return uc.evaluator_result(evaluator, save_name, trainable)
+def main(settings: uc.UnlearnSettings | None = None, /, **keywords) -> uc.UnlearnResult:
+    """RMU, with the same return record as `unlearn_corpus.main`. Takes an
+    UnlearnSettings whose `method` is an RmuSettings, or keywords: those of
+    `unlearn_corpus.main` plus RMU's own (steering_coeff, layer_id, layer_ids,
+    param_names, steering_seed), unset ones from conf/default.yaml."""
+    if settings is None:
+        keywords = dict(keywords)
+        section = uc.default_config()["unlearn"]["types_config"]["CUT"]
+        own = uc._keywords_split(keywords, [f.name for f in dataclasses.fields(RmuSettings)])
+        own.setdefault("steering_coeff", uc.default_config()["unlearn"]["cut_scs"][0])
+        keywords.setdefault("optimizer", section["optimizer"])
+        settings = uc.unlearn_settings_from_keywords(
+            keywords, uc.build_settings(RmuSettings, section, "unlearn.types_config.CUT", **own))
+    return uc.unlearn(settings, RmuObjective(settings))

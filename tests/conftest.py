@@ -89,5 +89,5 @@ def small_facts(tmp_path_factory) -> Path:
     import unlearn_corpus as uc
 
     root = tmp_path_factory.mktemp("facts")
-    uc.write_random_bd_dataset(root / "random_bd", uc.RandomBdSpec(num_splits=3, facts_per_split=6, seed=1))
+    uc.write_random_bd_dataset(root / "random_bd", uc.RandomBdSpec.with_defaults(num_splits=3, facts_per_split=6, seed=1))
     return root

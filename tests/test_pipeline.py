@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 import pipeline as pl
 import unlearn_corpus as uc
+from rmu import unlearn_pipeline as rmu
 from pipeline import Datasets, UnlearnType
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +26,8 @@ def config(name: str = "lora_smoketest", overrides=()):
         return compose(config_name=name, overrides=list(overrides))
 
 
-def run_cli(args, cwd, timeout=600):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run_cli(args, cwd, timeout=600, env=None):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "pipeline.py"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)
 
@@ -59,18 +60,22 @@ def test_model_path_names_the_rank():
     cfg = config(overrides=["models_dir=m", "wandb_project_name=p"])
     point = pl.GridPoint(UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN, pl.LossType.CORPUS, 1e-4, 2, 1.0, 32, None, 8)
     assert pl.unlearned_model_path(cfg, point, "/x/tiny") == \
-        "m/LORA/RANDOM_BD_SAME_RETAIN/p/rank8-scnone-tiny-rc1.0-lr0.0001-epochs2"
+        "m/LORA/RANDOM_BD_SAME_RETAIN/p/rank8-scnone-tiny-rc1.0-lr0.0001-epochs2-seed0"
+    seeded = pl.GridPoint(UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN, pl.LossType.CORPUS, 1e-4, 2, 1.0, 32, None, 8, 3)
+    assert pl.unlearned_model_path(cfg, seeded, "/x/tiny").endswith("-epochs2-seed3")
 
 
 def test_lora_routes_to_gradient_difference_with_rank(tmp_path, shared_data):
     cfg = config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}", "model_id=/x/tiny"])
     plan = pl.plan_sweep(cfg)
     run = plan.runs[0]
-    kwargs = pl.unlearn_kwargs(OmegaConf.to_container(cfg, resolve=True), run)
-    assert pl.METHODS[UnlearnType.LORA].entry is pl._unlearn_corpus_main
-    assert kwargs["unlearn_type"] == UnlearnType.GD and kwargs["lora_rank"] == 4
-    assert kwargs["save_name"] == run.model_path and kwargs["base_model"] == "/x/tiny"
-    assert pl.METHODS[UnlearnType.CUT].entry is pl._rmu_main
+    objective = pl.METHODS[UnlearnType.LORA].objective(run.settings)
+    # LoRA is the GD objective (ascent on the forget corpus) with LoRA settings of rank r.
+    assert isinstance(objective, uc.CorpusUnlearning) and objective.forget_sign == -1.0
+    assert pl.METHODS[UnlearnType.GD].objective(run.settings).forget_sign == -1.0
+    assert run.settings.lora.lora_rank == 4
+    assert run.settings.save.path == run.model_path and run.settings.train.model == "/x/tiny"
+    assert pl.METHODS[UnlearnType.CUT].objective is rmu.RmuObjective
 
 
 def test_baseline_rtt_runs_once_per_dataset_and_setting(tmp_path, shared_data):
@@ -87,7 +92,7 @@ def test_baseline_rtt_runs_once_per_dataset_and_setting(tmp_path, shared_data):
     job = plan.baseline_rtt[0]
     pl.write_result_csv(Path(tmp_path, "r", "ft"), 0, {"rtt_key": job.key, "condition": "baseline"})
     again = pl.plan_sweep(cfg)
-    assert len(again.baseline_rtt) == 3 and job.key not in {j.key for j in again.baseline_rtt}
+    assert len(again.pending_baseline_rtt) == 3 and job.key not in {j.key for j in again.pending_baseline_rtt}
 
 
 @pytest.mark.parametrize("override, message", [
@@ -134,7 +139,7 @@ def test_missing_paper_files_are_named(tmp_path):
     ("dev", '{"text": "a corpus row where questions belong"}', "random_bd/dev.jsonl:2: 'question' must be a string"),
 ])
 def test_a_malformed_data_row_is_refused_in_one_line_before_any_model_loads(name, line, message, tmp_path):
-    uc.write_random_bd_dataset(tmp_path / "data" / "random_bd", uc.RandomBdSpec(num_splits=10, facts_per_split=4))
+    uc.write_random_bd_dataset(tmp_path / "data" / "random_bd", uc.RandomBdSpec.with_defaults(num_splits=10, facts_per_split=4))
     path = tmp_path / "data" / "random_bd" / f"{name}.jsonl"
     rows = path.read_text().splitlines()
     path.write_text("\n".join([rows[0], line, *rows[2:]]) + "\n")
@@ -172,13 +177,14 @@ def test_result_csv_is_written_whole(tmp_path):
     assert json.loads(frame.forget_accs[0]) == {"f": {"0": 0.5, "1": 0.25}}
 
 
-def test_unlearning_row_carries_rank():
-    point = pl.GridPoint(UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN, pl.LossType.CORPUS, 1e-4, 2, 1.0, 32, None, 16)
-    run = pl.Run(0, point, "/base", "/m/rank16")
-    result = uc.UnlearnResult("/m/rank16", {}, {}, {}, {}, 123)
-    cfg = {"wandb_project_name": "p", "data_seed": 0, "just_eval": False}
-    row = pl.unlearning_row(run, result, cfg)
-    assert row["lora_rank"] == 16 and row["unlearn_type"] == UnlearnType.LORA and row["model_path"] == "/m/rank16"
+def test_unlearning_row_carries_rank(tmp_path, shared_data):
+    cfg = config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}/m", "model_id=/x/tiny",
+                            "unlearn.lora_ranks=[16]", "seeds=[2]"])
+    run = pl.plan_sweep(cfg).runs[0]
+    result = uc.UnlearnResult(run.model_path, {}, {}, {}, {}, 123)
+    row = pl.unlearning_row(run, result)
+    assert row["lora_rank"] == 16 and row["unlearn_type"] == UnlearnType.LORA and row["model_path"] == run.model_path
+    assert row["seed"] == 2 and row["run_key"] == run.key
 
 
 @pytest.mark.parametrize("ray_cfg, cluster, expected", [
@@ -271,12 +277,59 @@ def test_demo_config_plans_the_rank_sweep(tmp_path):
 def test_method_settings_override_the_shared_ones(tmp_path, shared_data):
     cfg = config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}", "model_id=/x/tiny",
                             "unlearn.types=[CUT]", "unlearn.cut_scs=[7]", "unlearn.optimizer=lion"])
-    run = pl.plan_sweep(cfg).runs[0]
-    kwargs = pl.unlearn_kwargs(OmegaConf.to_container(cfg, resolve=True), run)
-    assert kwargs["optimizer"] == "adamw"  # types_config.CUT.optimizer beats unlearn.optimizer
-    assert kwargs["steering_coeff"] == 7.0 and kwargs["param_names"] == ["mlp.down_proj.weight"]
-    import inspect
+    settings = pl.plan_sweep(cfg).runs[0].settings
+    assert settings.train.optimizer == "adamw"  # types_config.CUT.optimizer beats unlearn.optimizer
+    assert settings.method.steering_coeff == 7.0 and settings.method.param_names == ("mlp.down_proj.weight",)
+    assert isinstance(settings.method, rmu.RmuSettings)
 
-    from rmu import unlearn_pipeline
 
-    assert set(kwargs) <= set(inspect.signature(unlearn_pipeline.main).parameters)
+def test_a_method_added_through_the_registry_alone_runs_end_to_end(tiny_llama, shared_data, tmp_path):
+    """tests/toy_method.py adds TOY with one registry row and one objective;
+    its config block comes from the command line; nothing else knows it."""
+    block = "{loss_type: CORPUS, datasets_config: {RANDOM_BD_SAME_RETAIN: {epochs_lst: [1], lrs: [1e-3], rcs: [0.0]}}}"
+    result = run_cli(["--config-name=lora_smoketest", "plugins=[toy_method]", "unlearn.types=[TOY]",
+                      f"+unlearn.types_config.TOY={block}", f"model_id={tiny_llama}", f"data_root={shared_data}",
+                      f"models_dir={tmp_path}/models", f"results_dir={tmp_path}/evals", "ray.num_cpus=2",
+                      "ft.num_splits=1", "quant.bits=[]"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
+    [row] = [pd.read_csv(p).iloc[0] for p in (tmp_path / "evals" / "unlearning").glob("*.csv")]
+    assert row.unlearn_type == "TOY" and row.lora_rank == 0 and row.steps > 0
+    from safetensors.torch import load_file
+
+    before, after = load_file(Path(tiny_llama) / "model.safetensors"), load_file(Path(row.model_path) / "model.safetensors")
+    assert any(not __import__("torch").equal(before[k], after[k]) for k in before)  # the toy objective trained
+    ft = [pd.read_csv(p).iloc[0] for p in (tmp_path / "evals" / "ft").glob("*.csv")]
+    assert [r.unlearn_type for r in ft] == ["TOY"] and ft[0].upstream_key == row.run_key
+    source = (ROOT / "pipeline.py").read_text() + (ROOT / "unlearn_corpus.py").read_text()
+    assert "TOY" not in source and "ForgetOnlyAscent" not in source
+
+
+def test_an_unknown_method_lists_the_registry():
+    with pytest.raises(pl.ConfigError, match="unlearn.types: 'TOY2' is not allowed; use one of CUT, GD, WHP, FWF, LORA"):
+        pl.plan_sweep(config(overrides=["unlearn.types=[TOY2]", "model_id=/x/tiny"]))
+
+
+def _smoketest(tiny_llama, shared_data, root, *extra):
+    result = run_cli(["--config-name=lora_smoketest", f"model_id={tiny_llama}", f"data_root={shared_data}",
+                      f"models_dir={root}/models", f"results_dir={root}/evals", "ray.num_cpus=2", "quant.bits=[]",
+                      *extra], cwd=root)
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
+    return {stage: pd.concat([pd.read_csv(p) for p in sorted((root / "evals" / stage).glob("*.csv"))])
+            for stage in ("unlearning", "ft")}
+
+
+def test_an_adapter_format_sweep_matches_a_merged_one(tiny_llama, shared_data, tmp_path):
+    """save_format=adapter keeps only the adapter folder; RTT loads base plus
+    adapter and merges in memory; the results match a merged run's."""
+    merged = _smoketest(tiny_llama, shared_data, tmp_path / "merged")
+    adapter = _smoketest(tiny_llama, shared_data, tmp_path / "adapter", "unlearn.save_format=adapter")
+    row = adapter["unlearning"].iloc[0]
+    assert row.save_format == "adapter" and merged["unlearning"].iloc[0].save_format == "merged"
+    files = {p.name for p in Path(row.model_path).iterdir()}
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    for column in ("forget_accs", "retain_accs"):
+        assert json.loads(row[column]) == json.loads(merged["unlearning"].iloc[0][column])
+    by_split = lambda frame: {r.skip_split: json.loads(r.forget_accs_local) for r in frame.itertuples()}  # noqa: E731
+    ours, theirs = by_split(adapter["ft"]), by_split(merged["ft"])
+    assert ours.keys() == theirs.keys() and all(
+        abs(ours[s][e] - theirs[s][e]) <= 1e-6 for s in ours for e in ours[s])

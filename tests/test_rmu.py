@@ -49,7 +49,7 @@ def test_objective_trains_only_chosen_weights_and_steers_toward_target(tiny_llam
     assert trained == [f"model.layers.{i}.mlp.down_proj.weight" for i in layers.layer_ids]
     target = rmu.steering_vector(model.config.hidden_size, 20.0, seed=0)
     assert target.norm().item() == pytest.approx(20.0, rel=1e-5)
-    objective = rmu.RmuObjective(model, frozen, target, layers.layer_id, retain_coeff=1.0)
+    objective = rmu.RmuLoss(model, frozen, target, layers.layer_id, retain_coeff=1.0)
     forget, retain = _batch(byte_level_tokenizer, facts, FORGET), _batch(byte_level_tokenizer, facts, RETAIN)
     model_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     frozen_before = {n: p.detach().clone() for n, p in frozen.named_parameters()}

@@ -52,5 +52,5 @@ def test_teach_runs_once_and_is_reused(tiny_llama, tmp_path):
     assert "teaching" not in second.stderr + second.stdout
     assert (taught[0] / "model.safetensors").stat().st_mtime_ns == stamp
     rows = pd.concat([pd.read_csv(p) for p in (tmp_path / "evals" / "unlearning").glob("*.csv")])
-    assert len(rows) == 2 and set(rows.base_model) == {str(taught[0])}
+    assert len(rows) == 1 and set(rows.base_model) == {str(taught[0])}  # the rerun resumed: nothing twice
     assert not (tmp_path / "evals" / "ft").exists()  # dont_ft

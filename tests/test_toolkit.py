@@ -100,6 +100,7 @@ def test_batches_cover_every_item_once():
 # ---------------------------------------------------------------- device policy
 
 CPU_ONLY = uc.Capabilities(cuda=False, flash_attn=False, triton=False)
+CPU_BF16 = uc.Capabilities(cuda=False, flash_attn=False, triton=False, cpu_bf16=True)
 GPU_FULL = uc.Capabilities(cuda=True, flash_attn=True, triton=True)
 GPU_BARE = uc.Capabilities(cuda=True, flash_attn=False, triton=False)
 
@@ -123,7 +124,7 @@ def test_device_policy_overrides():
     ({"device": "cuda"}, CPU_ONLY, "CUDA is not available"),
     ({"attn_implementation": "flash_attention_2"}, GPU_BARE, "flash_attn"),
     ({"triton_lion": True}, CPU_ONLY, "triton"),
-    ({"dtype": "float64"}, CPU_ONLY, "device.dtype='float64' is not allowed"),
+    ({"dtype": "float64"}, CPU_ONLY, "device.dtype: 'float64' is not allowed"),
 ])
 def test_device_policy_refuses_what_the_machine_lacks(overrides, caps, message):
     with pytest.raises(ValueError, match=message):
@@ -133,7 +134,8 @@ def test_device_policy_refuses_what_the_machine_lacks(overrides, caps, message):
 def test_detected_capabilities_on_this_machine_pick_a_runnable_policy():
     policy = uc.resolve_device_policy()
     if not torch.cuda.is_available():
-        assert policy == uc.DevicePolicy("cpu", torch.float32, "sdpa", False)
+        fast_bf16 = uc.cpu_has_native_bf16() and uc.bf16_matmul_speedup() >= uc.BF16_MIN_SPEEDUP
+        assert policy == uc.DevicePolicy("cpu", torch.float32, "sdpa", False, torch.bfloat16 if fast_bf16 else None)
 
 
 def test_optimizer_sees_only_trainable_parameters(tiny_llama):
@@ -237,6 +239,119 @@ def test_checkpoint_save_is_atomic(tiny_llama, byte_level_tokenizer, tmp_path, m
 
 
 def test_forget_objectives_by_method():
-    assert uc.FORGET_OBJECTIVES[UnlearnType.GD] == uc.ForgetObjective("train_files", -1.0)
-    assert uc.FORGET_OBJECTIVES[UnlearnType.WHP].sign == 1.0
-    assert uc.FORGET_OBJECTIVES[UnlearnType.FWF].corpus == "fixed_wrong_unlearn_files"
+    import pipeline as pl
+
+    sign = lambda name: pl.METHODS[name].objective.keywords["forget_sign"]  # noqa: E731
+    assert sign(UnlearnType.GD) == -1.0 and sign(UnlearnType.LORA) == -1.0  # ascent on the true facts
+    assert sign(UnlearnType.WHP) == 1.0 and sign(UnlearnType.FWF) == 1.0  # descent on wrong answers
+    assert pl.METHODS[UnlearnType.GD].trains_on == "unlearn_files"
+    assert pl.METHODS[UnlearnType.FWF].trains_on == "fixed_wrong_unlearn_files"
+
+
+def test_the_toolkit_imports_one_way():
+    """Importing the toolkit in a fresh interpreter loads none of the stages
+    above it, nor Hydra, Ray or pandas."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, unlearn_corpus; "
+            "print(sorted(m for m in ('pipeline', 'finetune_corpus', 'rmu', 'hydra', 'ray', 'pandas') if m in sys.modules))")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    again = subprocess.run([sys.executable, "-c", "import pipeline; from pipeline import UnlearnType, LossType, DataFormat; "
+                            "import unlearn_corpus; assert pipeline.UnlearnType is unlearn_corpus.UnlearnType"],
+                           cwd=root, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- precision policy and numerics
+
+
+@pytest.mark.parametrize("caps, bf16_autocast, expected", [
+    (CPU_BF16, "auto", torch.bfloat16),  # native bf16: mixed precision
+    (CPU_ONLY, "auto", None),  # no native bf16: fp32
+    (CPU_ONLY, True, torch.bfloat16),  # forced on (emulated: slower, allowed)
+    (CPU_BF16, False, None),  # forced off
+    (GPU_FULL, "auto", None),  # CUDA keeps its policy: bf16 weights, no autocast
+])
+def test_precision_policy_branches(caps, bf16_autocast, expected):
+    policy = uc.resolve_device_policy({"bf16_autocast": bf16_autocast}, caps)
+    assert policy.autocast_dtype == expected
+    assert policy.dtype == (torch.bfloat16 if caps.cuda else torch.float32)  # weights and optimizer state
+
+
+def test_precision_policy_refuses_a_bad_value():
+    with pytest.raises(ValueError, match="device.bf16_autocast: 'sometimes' is not allowed; use auto, true or false"):
+        uc.resolve_device_policy({"bf16_autocast": "sometimes"}, CPU_BF16)
+
+
+def _gd_loss(model, batch, policy):
+    with policy.autocast():
+        return uc.mean_token_nll(model, batch)
+
+
+def test_a_step_loss_under_bf16_autocast_is_close_to_fp32(tiny_llama, byte_level_tokenizer):
+    fp32 = uc.resolve_device_policy({"device": "cpu"}, CPU_ONLY)
+    bf16 = uc.resolve_device_policy({"device": "cpu"}, CPU_BF16)
+    model = uc.load_model(str(tiny_llama), fp32)
+    tok = byte_level_tokenizer
+    batch = uc.collate([uc.encode(tok, uc.TextPair("", t), 64) for t in
+                        ("Aaron Abernathy was born in 1965.", "In 1903, Yara Zabala was born.")], tok.pad_token_id)
+    reference, mixed = _gd_loss(model, batch, fp32), _gd_loss(model, batch, bf16)
+    assert mixed.dtype == torch.float32  # the loss itself is computed in fp32
+    assert mixed.item() == pytest.approx(reference.item(), rel=0.02)
+    reference.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    mixed.backward()
+    for name, grad in grads.items():
+        other = dict(model.named_parameters())[name].grad
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), other.flatten(), dim=0).item()
+        assert cosine > 0.95, name
+
+
+def test_merged_lora_equals_the_peft_model_after_bf16_training(tiny_llama, byte_level_tokenizer, tmp_path):
+    """Under CPU autocast the frozen weights are stored in bf16; the merged
+    checkpoint must still be exactly base (fp32) + B A, in the precision it is saved in."""
+    from transformers import AutoModelForCausalLM
+
+    bf16 = uc.resolve_device_policy({"device": "cpu"}, CPU_BF16)
+    model = uc.attach_lora(uc.load_model(str(tiny_llama), bf16), rank=4, frozen_dtype=torch.bfloat16)
+    assert {layer.base_layer.weight.dtype for layer in uc.lora_layers(model)} == {torch.bfloat16}
+    optimizer = uc.make_optimizer("adamw", model, 1e-2, bf16)
+    tok = byte_level_tokenizer
+    batch = uc.collate([uc.encode(tok, uc.TextPair("", "Aaron Abernathy was born in 1965."), 64)], tok.pad_token_id)
+    for _ in range(3):
+        optimizer.zero_grad()
+        _gd_loss(model, batch, bf16).backward()
+        optimizer.step()
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    # The reference: the same adapters on the exact fp32 base, evaluated in fp32.
+    reference = uc.attach_lora(uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}, CPU_ONLY)), 4)
+    reference.load_state_dict(adapters, strict=False)
+    with torch.no_grad():
+        expected = reference(input_ids=batch["input_ids"]).logits
+    merged = uc.save_checkpoint(model, tok, tmp_path / "merged", "merged", str(tiny_llama))
+    plain = AutoModelForCausalLM.from_pretrained(merged)
+    assert {p.dtype for p in plain.parameters()} == {torch.float32}
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=batch["input_ids"]).logits, expected, atol=1e-4)
+
+
+def test_an_adapter_folder_loads_as_its_base_plus_the_adapter(tiny_llama, byte_level_tokenizer, tmp_path):
+    policy = uc.resolve_device_policy({"device": "cpu"}, CPU_ONLY)
+    model = uc.attach_lora(uc.load_model(str(tiny_llama), policy), rank=4)
+    batch = _train_steps(model, byte_level_tokenizer)
+    with torch.no_grad():
+        expected = model(input_ids=batch["input_ids"]).logits
+    folder = uc.save_checkpoint(model, byte_level_tokenizer, tmp_path / "adapter", "adapter", str(tiny_llama))
+    files = {p.name for p in folder.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= files and "model.safetensors" not in files
+    assert uc.adapter_base(folder) == str(tiny_llama)
+    loaded = uc.load_model(str(folder), policy)
+    assert not uc.is_peft(loaded)  # merged in memory: later stages see a plain model
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=batch["input_ids"]).logits, expected, atol=1e-5)
+    assert uc.load_tokenizer(str(folder)).vocab_size == byte_level_tokenizer.vocab_size

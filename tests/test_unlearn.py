@@ -93,7 +93,7 @@ def test_finetune_can_teach_facts(tiny_llama, facts):
 
 
 def test_random_bd_layout(tmp_path):
-    spec = uc.RandomBdSpec(num_splits=3, facts_per_split=20, seed=3, num_dev=4)
+    spec = uc.RandomBdSpec.with_defaults(num_splits=3, facts_per_split=20, seed=3, num_dev=4)
     root = uc.write_random_bd_dataset(tmp_path / "random_bd", spec)
     expected = {"dev.jsonl"} | {f"{kind}split_{i}.jsonl" for i in range(3)
                                 for kind in ("", "corpus_", "whp_corpus_", "fwf_corpus_")}
@@ -107,17 +107,17 @@ def test_random_bd_layout(tmp_path):
 
 
 def test_random_bd_is_deterministic(tmp_path):
-    spec = uc.RandomBdSpec(num_splits=2, facts_per_split=10, seed=5)
+    spec = uc.RandomBdSpec.with_defaults(num_splits=2, facts_per_split=10, seed=5)
     a = uc.write_random_bd_dataset(tmp_path / "a", spec)
     b = uc.write_random_bd_dataset(tmp_path / "b", spec)
-    c = uc.write_random_bd_dataset(tmp_path / "c", uc.RandomBdSpec(num_splits=2, facts_per_split=10, seed=6))
+    c = uc.write_random_bd_dataset(tmp_path / "c", uc.RandomBdSpec.with_defaults(num_splits=2, facts_per_split=10, seed=6))
     for path in sorted(a.iterdir()):
         assert path.read_bytes() == (b / path.name).read_bytes()
     assert (a / "split_0.jsonl").read_bytes() != (c / "split_0.jsonl").read_bytes()
 
 
 def test_random_bd_facts_are_well_formed(tmp_path):
-    root = uc.write_random_bd_dataset(tmp_path / "rb", uc.RandomBdSpec(num_splits=4, facts_per_split=100, seed=0))
+    root = uc.write_random_bd_dataset(tmp_path / "rb", uc.RandomBdSpec.with_defaults(num_splits=4, facts_per_split=100, seed=0))
     rows = [r for i in range(4) for r in uc.read_jsonl(root / f"split_{i}.jsonl")]
     names = [r["question"] for r in rows]
     assert len(set(names)) == len(names)
@@ -132,7 +132,7 @@ def test_random_bd_facts_are_well_formed(tmp_path):
 
 
 def test_whp_and_fwf_years_are_wrong_and_fwf_is_fixed(tmp_path):
-    root = uc.write_random_bd_dataset(tmp_path / "rb", uc.RandomBdSpec(num_splits=2, facts_per_split=30, seed=2))
+    root = uc.write_random_bd_dataset(tmp_path / "rb", uc.RandomBdSpec.with_defaults(num_splits=2, facts_per_split=30, seed=2))
     for i in range(2):
         truth = {r["question"]: r["choices"][r["answer"]] for r in uc.read_jsonl(root / f"split_{i}.jsonl")}
         fwf_years: dict[str, set] = {}

@@ -1,0 +1,251 @@
+"""The fast CPU path, measured: `make bench` (not part of the test run).
+
+Every figure is a ratio against a baseline measured in the same run, each the
+median of interleaved repetitions (the machines are noisy), on the embedded
+model with one thread (a Ray task with one CPU):
+
+  ratio full_step_bf16_vs_fp32     full-parameter GD step, bf16 autocast / fp32
+  ratio lora_step_bf16_vs_fp32     LoRA r=8 step, bf16 autocast / fp32
+  ratio lora_vs_full_step_fp32     LoRA r=8 step / full-parameter step, fp32
+  ratio lora_vs_full_step_bf16     the same under bf16 autocast
+  ratio eval_speedup_vs_paper      the paper's MCQ evaluation time / ours (same questions)
+  ratio lora_vs_full_peak_rss      peak RSS of LoRA unlearning / full-parameter GD, each in its own process
+  ratio adapter_vs_merged_bytes    adapter folder / merged checkpoint at r=8
+  bytes NAME VALUE                 the sizes behind the last two
+
+A step is the pipeline's own (`unlearn_corpus.Training.step`): 4 forget + 4
+retain MCQ rows, gradient difference, Lion. `--reps` sets the repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import unlearn_corpus as uc  # noqa: E402
+from unlearn_corpus import LossType  # noqa: E402
+
+FORGET = [f"random_bd/split_{i}" for i in range(5)]
+RETAIN = [f"random_bd/split_{i}" for i in range(5, 10)]
+
+
+def facts(root: Path) -> Path:
+    if not (root / "random_bd").exists():
+        uc.write_random_bd_dataset(root / "random_bd", uc.RandomBdSpec.with_defaults(facts_per_split=16))
+    return root
+
+
+def settings(model: str, data_root: Path, *, lora_rank: int | None, autocast: bool, save: str | None = None,
+             epochs: int = 1) -> uc.UnlearnSettings:
+    """The demo's unlearning settings (MCQ form, batch 4 + 4, Lion) for one configuration."""
+    config = uc.default_config()
+    device = {**config["device"], "device": "cpu", "bf16_autocast": autocast}
+    train = uc.train_settings(config["unlearn"], {**config, "progress": "off"}, "unlearn", model=model, lr=1e-3,
+                              epochs=epochs, seed=0, label="bench", device=device, batch_size=4, warmup_steps=0,
+                              data_root=str(data_root))
+    lora = uc.build_settings(uc.LoraSettings, config["unlearn"], "unlearn", lora_rank=lora_rank) if lora_rank else None
+    return uc.build_settings(
+        uc.UnlearnSettings, config["unlearn"], "unlearn", train=train,
+        evals=uc.EvalFiles(tuple(FORGET), tuple(RETAIN), "random_bd/dev", "random_bd/dev"), forget_files=tuple(FORGET),
+        retain_files=tuple(RETAIN), loss_type=LossType.LETTER_ANSWER, retain_loss_type=LossType.LETTER_ANSWER,
+        retain_coeff=2.0, max_samples=None, lora=lora, stop=uc.build_settings(uc.StopRule, config["unlearn"], "unlearn"),
+        save=uc.SaveSettings(save, "merged"), method=None)
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    return statistics.median(numerator) / statistics.median(denominator)
+
+
+# ---------------------------------------------------------------- steps
+
+
+def step_times(model: str, data_root: Path, reps: int) -> dict[str, list[float]]:
+    configs = {"full_fp32": (None, False), "full_bf16": (None, True), "lora_fp32": (8, False), "lora_bf16": (8, True)}
+    trainings = {}
+    for name, (rank, autocast) in configs.items():
+        s = settings(model, data_root, lora_rank=rank, autocast=autocast)
+        trainings[name] = uc.Training.setup(s.train, uc.GRADIENT_DIFFERENCE(s))
+    batches = trainings["full_fp32"].objective.epoch_steps(1)
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for rep in range(reps + 1):  # the first round warms up
+        for name, training in trainings.items():
+            item = batches[rep % len(batches)]
+            start = time.perf_counter()
+            training.step(item)
+            if rep:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def paper_letter_logits(model, tokenizer, rows, batch_size: int = 8) -> torch.Tensor:
+    """The paper's way: fp32, full logits at every position, batch 8, in file
+    order, prompts tokenised at every evaluation."""
+    letters = uc.answer_letter_token_ids(tokenizer)
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        encoded = [uc.Encoded(ids := tokenizer(uc.mcq_prompt(r)).input_ids, ids) for r in chunk]
+        batch = uc.collate(encoded, tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        last = batch["attention_mask"].sum(1) - 1
+        out.append(logits[torch.arange(len(chunk)), last][:, letters].float())
+    return torch.cat(out)
+
+
+def eval_times(model_path: str, data_root: Path, reps: int) -> tuple[list[float], list[float], int, int]:
+    policy = uc.resolve_device_policy({"device": "cpu"})  # this machine's policy (bf16 only where it is faster)
+    tokenizer, model = uc.load_tokenizer(model_path), uc.load_model(model_path, policy).eval()
+    rows = [r for name in FORGET for r in uc.load_mcq(uc.data_file(data_root, name))][:80]
+    evaluator = uc.Evaluator.build(tokenizer, uc.EvalFiles(tuple(FORGET), (), "", ""), str(data_root), 0, 16, policy)
+    ours_files = evaluator.forget
+    ours, paper = [], []
+    agree = total = 0
+    for rep in range(reps + 1):
+        start = time.perf_counter()
+        mine = torch.cat([uc.letter_logits(model, f.prompts, evaluator.letter_ids, evaluator.pad_token_id, 16,
+                                           policy.autocast) for f in ours_files])[: len(rows)]
+        middle = time.perf_counter()
+        theirs = paper_letter_logits(model, tokenizer, rows)
+        end = time.perf_counter()
+        if rep:
+            ours.append(middle - start)
+            paper.append(end - middle)
+        agree, total = int((mine.argmax(1) == theirs.argmax(1)).sum()), len(rows)
+    return ours, paper, agree, total
+
+
+# ---------------------------------------------------------------- memory and bytes
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (VmHWM: unlike getrusage's
+    maxrss, it does not carry over the parent's peak through fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss_child(kind: str, model: str, data_root: Path, out: Path) -> None:
+    """In its own process: one unlearning stage as the pipeline runs it (load,
+    evaluate, 4 steps of 4 + 4 rows, evaluate, save merged) under this machine's policy."""
+    torch.set_num_threads(1)
+    policy = uc.resolve_device_policy({"device": "cpu"})
+    s = settings(model, data_root, lora_rank=8 if kind == "lora" else None, autocast=policy.autocast_dtype is not None,
+                 save=str(out))
+    s = replace(s, max_samples=16, evals=uc.EvalFiles((FORGET[0],), (RETAIN[0],), "", ""))
+    uc.unlearn(s)
+    print(json.dumps({"peak_rss": peak_rss_bytes()}))
+
+
+def peak_rss(kind: str, model: str, data_root: Path) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = subprocess.run([sys.executable, __file__, "--child", kind, "--model", model, "--data", str(data_root),
+                                 "--out", str(Path(tmp) / "model")], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss"]
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def checkpoint_bytes(model: str) -> tuple[int, int]:
+    policy = uc.resolve_device_policy({"device": "cpu", "bf16_autocast": False})
+    tokenizer = uc.load_tokenizer(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in ("adapter", "merged"):
+            peft_model = uc.attach_lora(uc.load_model(model, policy), 8)
+            uc.save_checkpoint(peft_model, tokenizer, Path(tmp) / fmt, fmt, model)
+        return folder_bytes(Path(tmp) / "adapter"), folder_bytes(Path(tmp) / "merged")
+
+
+# ---------------------------------------------------------------- report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--parts", default="steps,eval,memory,bytes", help="comma-separated: steps,eval,memory,bytes")
+    parser.add_argument("--models-dir", default=str(ROOT / "models"))
+    parser.add_argument("--data", default=str(ROOT / "data" / "bench"))
+    parser.add_argument("--child", choices=["full", "lora"])
+    parser.add_argument("--model")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    if args.child:
+        peak_rss_child(args.child, args.model, Path(args.data), Path(args.out))
+        return 0
+    if args.reps < 5:
+        parser.error(f"--reps={args.reps} is not allowed; use 5 or more")
+    torch.set_num_threads(1)
+    model = uc.resolve_model_path("smollm2-135m", args.models_dir)
+    data_root = facts(Path(args.data))
+    parts = set(args.parts.split(","))
+    print(f"# torch {torch.__version__}, one thread, {args.reps} interleaved repetitions; CPU native bf16: "
+          f"{uc.cpu_has_native_bf16()}, bf16/fp32 matmul speed {uc.bf16_matmul_speedup(1):.2f}x, "
+          f"policy: {'bf16 autocast' if uc.resolve_device_policy({'device': 'cpu'}).autocast_dtype else 'fp32'}")
+    if "steps" in parts:
+        report_steps(model, data_root, args.reps)
+    if "eval" in parts:
+        report_eval(model, data_root, args.reps)
+    if "memory" in parts:
+        report_memory(model, data_root, args.reps)
+    if "bytes" in parts:
+        report_bytes(model)
+    return 0
+
+
+def report_steps(model: str, data_root: Path, reps: int) -> None:
+    times = step_times(model, data_root, reps)
+    for name, values in times.items():
+        print(f"# step {name}: median {statistics.median(values):.3f} s")
+    print(f"ratio full_step_bf16_vs_fp32 {median_ratio(times['full_bf16'], times['full_fp32']):.3f}")
+    print(f"ratio lora_step_bf16_vs_fp32 {median_ratio(times['lora_bf16'], times['lora_fp32']):.3f}")
+    print(f"ratio lora_vs_full_step_fp32 {median_ratio(times['lora_fp32'], times['full_fp32']):.3f}")
+    print(f"ratio lora_vs_full_step_bf16 {median_ratio(times['lora_bf16'], times['full_bf16']):.3f}")
+
+
+def report_eval(model: str, data_root: Path, reps: int) -> None:
+    ours, paper, agree, total = eval_times(model, data_root, reps)
+    print(f"# evaluation of {total} questions: ours {statistics.median(ours):.2f} s, the paper's way "
+          f"{statistics.median(paper):.2f} s; same answer on {agree} of {total}")
+    print(f"ratio eval_speedup_vs_paper {median_ratio(paper, ours):.2f}")
+
+
+def report_memory(model: str, data_root: Path, reps: int) -> None:
+    rss: dict[str, list[int]] = {"full": [], "lora": []}
+    for _ in range(reps):
+        for kind in rss:
+            rss[kind].append(peak_rss(kind, model, data_root))
+    full_rss, lora_rss = statistics.median(rss["full"]), statistics.median(rss["lora"])
+    print(f"bytes peak_rss_full_gd {full_rss:.0f}")
+    print(f"bytes peak_rss_lora {lora_rss:.0f}")
+    print(f"ratio lora_vs_full_peak_rss {lora_rss / full_rss:.3f}")
+
+
+def report_bytes(model: str) -> None:
+    adapter, merged = checkpoint_bytes(model)
+    print(f"bytes adapter_checkpoint {adapter}")
+    print(f"bytes merged_checkpoint {merged}")
+    print(f"ratio adapter_vs_merged_bytes {adapter / merged:.4f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
