@@ -1034,7 +1034,20 @@ def perform(job, progress: str, plugins: Sequence[str] = ()) -> JobReport:
     """Every Ray task: one job, which writes its own row."""
     configure_logging(progress)
     import_plugins(plugins)
+    use_assigned_cpus()
     return job.perform()
+
+
+def use_assigned_cpus() -> None:
+    """Torch threads = the CPUs Ray gave this task. Ray sets the thread count
+    when it starts a worker, but workers are reused: one that taught with 2
+    CPUs would otherwise run a 1-CPU sweep task with 2 threads, and
+    oversubscribe the machine."""
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        torch.set_num_threads(max(1, int(cpus)))
 
 
 def import_plugins(modules: Sequence[str]) -> None:

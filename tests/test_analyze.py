@@ -142,3 +142,120 @@ def test_plot_lines_join_per_rank_settings_and_split_repeated_ranks():
     lines = list(ar._series(grid))
     assert [label for label, _ in lines] == ["LORA D epochs=5 lr=0.001 rc=2", "LORA D epochs=5 lr=0.002 rc=2"]
     assert all(list(rows.lora_rank) == [1, 4] for _, rows in lines)
+
+
+# ---------------------------------------------------------------- uncertainty, floor, probes
+
+
+def bits(correct: int, n: int) -> str:
+    return "1" * correct + "0" * (n - correct)
+
+
+def seeded_run(results, index, seed, rank, files, *, base, a, b, c=None, floor=None, n=20, stop_reached=None,
+               quant4=None, lora_rtt=None):
+    """A hand-made run: per file, base/A/B (and C, floor, probes) correct counts out of n."""
+    key = f"key-r{rank}-s{seed}"
+    model = f"/m/r{rank}-s{seed}"
+    pl.write_result_csv(results / "unlearning", index, {
+        "model_path": model, "dataset": "D", "unlearn_type": "LORA", "lora_rank": rank, "lr": 1e-3, "epochs": 5,
+        "retain_coeff": 2.0, "steering_coeff": None, "max_samples": 100, "seed": seed, "data_seed": seed,
+        "forget_accs": {f: {0: base / n, 5: a / n} for f in files},
+        "forget_correct": {f: {0: bits(base, n), 5: bits(a, n)} for f in files},
+        "retain_accs": {"r": {0: 1.0, 5: 0.9}}, "val_files": files, "run_key": key,
+        "stop_reached": stop_reached, "stop_reason": None if stop_reached is None else ("target" if stop_reached else "epochs"),
+        "stop_target": 0.3, "stop_forget_acc": a / n})
+    for split, f in enumerate(files):
+        for probe, value in (("rtt", b), ("lora_rtt", lora_rtt)):
+            if value is None:
+                continue
+            pl.write_result_csv(results / "ft", index * 100 + split + (50 if probe == "lora_rtt" else 0), {
+                "base_model": model, "condition": "unlearned", "dataset": "D", "lr": 1e-4, "epochs": 2,
+                "skip_split": split, "val_files": [f], "forget_accs_local": {0: a / n, 2: value / n},
+                "forget_correct_local": {0: bits(a, n), 2: bits(value, n)}, "probe": probe, "seed": seed,
+                "upstream_key": key, "rtt_key": f"{key}-{probe}-{split}"})
+        for condition, value in (("baseline", c), ("never_taught", floor)):
+            if value is not None:
+                pl.write_result_csv(results / "ft", 9000 + index * 10 + split, {
+                    "base_model": "/taught", "condition": condition, "dataset": "D", "lr": 1e-4, "epochs": 2,
+                    "skip_split": split, "val_files": [f], "forget_accs_local": {0: 1.0, 2: value / n},
+                    "forget_correct_local": {0: bits(n, n), 2: bits(value, n)}, "probe": "rtt", "seed": seed,
+                    "rtt_key": f"{condition}-{seed}-{split}"})
+    if quant4 is not None:
+        pl.write_result_csv(results / "quant", index, {
+            "model_path": model, "condition": "unlearned", "dataset": "D", "probe": "quant4", "bits": 4,
+            "forget_accs": {f: {0: quant4 / n} for f in files}, "forget_correct": {f: {0: bits(quant4, n)} for f in files},
+            "upstream_key": key, "probe_key": f"{key}-q4"})
+
+
+def test_identical_seeds_and_uniform_answers_give_a_zero_width_ci(tmp_path):
+    files = ["s0", "s1"]
+    for seed in (0, 1, 2):
+        seeded_run(tmp_path, seed, seed, 4, files, base=20, a=0, b=20, c=20, floor=0)
+    row = ar.analyze(tmp_path, ar.Options(bootstrap=500), stream=open("/dev/null", "w")).iloc[0]
+    assert row.n_seeds == 3 and row.n_splits == 2
+    assert row.recovered_fraction == 1.0 and row.recovered_fraction_lo == row.recovered_fraction_hi == 1.0
+    assert row.A_lo == row.A_hi == 0.0 and row.recovered_above_floor_lo == row.recovered_above_floor_hi == 1.0
+
+
+def test_a_binomial_case_lands_within_tolerance(tmp_path):
+    n, correct = 200, 60  # one seed, one held-out split: A = 0.3
+    seeded_run(tmp_path, 0, 0, 4, ["s0"], base=n, a=correct, b=correct, n=n)
+    row = ar.analyze(tmp_path, ar.Options(bootstrap=4000), stream=open("/dev/null", "w")).iloc[0]
+    half_width = 1.96 * (0.3 * 0.7 / n) ** 0.5
+    assert row.A == pytest.approx(0.3)
+    assert row.A_lo == pytest.approx(0.3 - half_width, abs=0.015) and row.A_hi == pytest.approx(0.3 + half_width, abs=0.015)
+
+
+def test_seeds_widen_the_ci_when_they_disagree(tmp_path):
+    for seed, b in ((0, 10), (1, 18), (2, 4)):
+        seeded_run(tmp_path, seed, seed, 4, ["s0", "s1"], base=20, a=4, b=b)
+    row = ar.analyze(tmp_path, ar.Options(bootstrap=1000), stream=open("/dev/null", "w")).iloc[0]
+    assert row.recovered_fraction == pytest.approx(((10 - 4) + (18 - 4) + (4 - 4)) / 3 / 16)
+    assert row.recovered_fraction_hi - row.recovered_fraction_lo > 0.3
+
+
+def test_below_chance_is_flagged_as_answer_avoided(tmp_path, capsys):
+    seeded_run(tmp_path, 0, 0, 2, ["s0", "s1"], base=100, a=8, b=50, n=100)  # 0.08 of 200 questions
+    seeded_run(tmp_path, 1, 0, 8, ["s0", "s1"], base=100, a=25, b=50, n=100)  # at chance
+    table = ar.analyze(tmp_path, ar.Options(bootstrap=200))
+    avoided = dict(zip(table.lora_rank, table.answer_avoided))
+    assert avoided == {2: True, 8: False}
+    assert table.set_index("lora_rank").A_below_chance_p[2] < 1e-6
+    out = capsys.readouterr().out
+    assert "answer below chance" in out and "answer avoided" in out
+    assert list(pd.read_csv(tmp_path / "recovery_vs_rank.csv").answer_avoided) == [True, False]
+
+
+def test_the_floor_and_probes_give_their_recovered_fractions(tmp_path):
+    seeded_run(tmp_path, 0, 0, 4, ["s0", "s1"], base=20, a=4, b=12, c=20, floor=6, quant4=10, lora_rtt=8)
+    row = ar.analyze(tmp_path, ar.Options(bootstrap=200), stream=open("/dev/null", "w")).iloc[0]
+    assert row.floor == pytest.approx(0.3) and row.C == pytest.approx(1.0)
+    assert row.recovered_fraction == pytest.approx((12 - 4) / (20 - 4))
+    assert row.recovered_above_floor == pytest.approx((12 - 6) / (20 - 6))
+    assert row.quant4_recovered == pytest.approx((10 - 4) / (20 - 4))
+    assert row.lora_rtt_recovered == pytest.approx((8 - 4) / (20 - 4))
+    assert pd.isna(row.quant8_recovered)
+
+
+def test_runs_that_missed_the_stop_target_are_left_out_with_a_line(tmp_path, capsys):
+    seeded_run(tmp_path, 0, 0, 4, ["s0"], base=20, a=6, b=12, stop_reached=True)
+    seeded_run(tmp_path, 1, 1, 4, ["s0"], base=20, a=15, b=18, stop_reached=False)
+    row = ar.analyze(tmp_path, ar.Options(bootstrap=200)).iloc[0]
+    assert row.n_seeds == 1 and row.A == pytest.approx(0.3)
+    assert "left out of matched comparison: LORA rank 4 seed 1" in capsys.readouterr().out
+
+
+def test_the_trend_across_ranks_is_a_slope_per_doubling(tmp_path, capsys):
+    for i, (rank, b) in enumerate(((1, 8), (4, 12), (16, 16))):  # +0.25 per 2 doublings
+        for seed in (0, 1):
+            seeded_run(tmp_path, i * 10 + seed, seed, rank, ["s0", "s1"], base=20, a=4, b=b)
+    ar.analyze(tmp_path, ar.Options(bootstrap=500))
+    out = capsys.readouterr().out
+    assert "recovered fraction changes by +0.125 per doubling of LoRA rank" in out
+
+
+def test_rows_are_counted_once_per_key(tmp_path):
+    seeded_run(tmp_path, 0, 0, 4, ["s0"], base=20, a=4, b=12)
+    seeded_run(tmp_path, 1, 0, 4, ["s0"], base=20, a=4, b=16)  # the same keys, written later: it wins
+    row = ar.analyze(tmp_path, ar.Options(bootstrap=200), stream=open("/dev/null", "w")).iloc[0]
+    assert row.n == 1 and row.B == pytest.approx(0.8)

