@@ -1,5 +1,6 @@
 # make demo : the CPU LoRA rank-sweep demo on the embedded model (sets itself up)
 # make test : the test suite (sets itself up)
+# make bench: the CPU speed and memory figures, as ratios against a baseline of the same run
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test analyze clean
+.PHONY: setup demo test bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +26,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) tests/benchmarks/bench_cpu.py
 
 clean:
 	rm -rf evals models/LORA models/CUT

@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import os
+import socket
 import sys
 import time
 import traceback
@@ -40,6 +41,9 @@ from unlearn_corpus import (POSITIVE_INTS, POSITIVE_NUMBERS, ConfigError, DataFo
                             LossType, UnlearnType)
 
 log = logging.getLogger("pipeline")
+# Run as a script this module is __main__; plugins `import pipeline` to add
+# their registry rows, and must reach this module rather than a second copy.
+sys.modules.setdefault("pipeline", sys.modules[__name__])
 
 
 # --------------------------------------------------------------------------
@@ -840,7 +844,7 @@ def plan_sweep(cfg: DictConfig | Mapping) -> Plan:
     if teach:
         ensure_dataset(c, teach.dataset)
     plan = Plan(base_model, teach.model_path if teach else base_model, teach)
-    recorded = {} if c["rerun"] else recorded_keys(c["results_dir"])
+    recorded = recorded_keys(c["results_dir"])  # with rerun=true too: the new rows replace these
     if c["only_ft"]:
         plan.given_rtt = only_ft_jobs(planner)
     else:
@@ -886,10 +890,10 @@ def mark_finished(plan: Plan, recorded: Mapping[str, Mapping[str, list[str]]], r
         model_ok = not run.model_needed or marker_key(run.model_path) == run.key
         if have_row and (model_ok or not probes_pending):
             plan.finished.add(run.key)
-        plan.runs[i] = replace(run, replaces=tuple(rows["unlearn"].get(run.key, ())))
+        plan.runs[i] = replace(run, replaces=tuple(rows["unlearn"].get(run.key, ())),
+                               rtt=_with_earlier_rows(run.rtt, rows), quant=_with_earlier_rows(run.quant, rows))
     for job_list in (plan.baseline_rtt, plan.floor_rtt, plan.given_rtt, plan.reference_quant):
-        for i, job in enumerate(job_list):
-            job_list[i] = replace(job, replaces=tuple(rows[job.stage].get(job.key, ())))
+        job_list[:] = _with_earlier_rows(job_list, rows)
     for run in plan.runs:
         for job in (*run.rtt, *run.quant):
             if job.key in rows[job.stage]:
@@ -899,6 +903,11 @@ def mark_finished(plan: Plan, recorded: Mapping[str, Mapping[str, list[str]]], r
             plan.finished.add(job.key)
     if rerun:
         plan.finished.clear()
+
+
+def _with_earlier_rows(jobs, rows) -> tuple:
+    """The jobs, each knowing the rows an earlier run with its key left (its own row replaces them)."""
+    return tuple(replace(job, replaces=tuple(rows[job.stage].get(job.key, ()))) for job in jobs)
 
 
 def only_ft_jobs(planner: Planner) -> list[RttJob]:
@@ -1070,12 +1079,26 @@ def start_ray(ray_cfg: Mapping, progress: str) -> None:
     if not address:
         ray.init(address="local", num_cpus=ray_cfg.get("num_cpus"), **quiet)
         return
+    check_reachable(address)
     project = str(Path(__file__).resolve().parent)
     try:
         ray.init(address=address, runtime_env={"working_dir": project,
                                                "excludes": [".venv", ".git", "models", "data", "evals"]}, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ConfigError(f"ray.address: {address!r} cannot be reached ({str(err).splitlines()[0][:160]})") from None
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Ray retries an unreachable head for minutes; a plain TCP connect says
+    in seconds whether there is anything to join ("auto" is left to Ray)."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"ray.address: {address!r} cannot be reached ({err}); use host:port of a running "
+                          "Ray head, or null for a local instance") from None
 
 
 # --------------------------------------------------------------------------
@@ -1104,8 +1127,6 @@ def _job_model(job) -> str:
 def describe_error(err: BaseException) -> tuple[str, str, str]:
     """(type, last line, full text) of a task's error, unwrapped from Ray's."""
     cause = getattr(err, "cause", None) or err
-    if isinstance(err, ray.exceptions.RayTaskError) and getattr(err, "cause", None) is None:
-        cause = err
     text = str(cause).strip() or type(cause).__name__
     lines = [line for line in text.splitlines() if line.strip()]
     return type(cause).__name__, (lines[-1] if lines else "").strip()[:300], str(err)
@@ -1144,13 +1165,11 @@ class Sweep:
             job = refs.pop(done[0])
             try:
                 report = ray.get(done[0])
-            except (ray.exceptions.RayError, Exception) as err:  # noqa: BLE001 - one failure stays one failure
-                self.record_failure(job, err)
-                for dependent in waiting.pop(job.key, []):
-                    self.not_run.append((dependent, job))
-                bar.update(job, f"FAILED {self.failed[-1].error_type}: {self.failed[-1].error}",
-                           1 + len(self.not_run) - bar.counted_not_run)
-                bar.counted_not_run = len(self.not_run)
+            except Exception as err:  # noqa: BLE001 - one failure stays one failure
+                failure = self.record_failure(job, err)
+                blocked = waiting.pop(job.key, [])
+                self.not_run += [(dependent, job) for dependent in blocked]
+                bar.update(job, f"FAILED {failure.error_type}: {failure.error}", 1 + len(blocked))
                 continue
             self.finished.append((job, report))
             bar.update(job, report.summary)
@@ -1161,7 +1180,8 @@ class Sweep:
     def submit(self, job):
         return perform.options(**self.options(), name=job.label[:40]).remote(job, self.progress, self.cfg["plugins"])
 
-    def record_failure(self, job, err: BaseException) -> None:
+    def record_failure(self, job, err: BaseException) -> Failure:
+        """Keep the failure (failures.csv and its full traceback beside the results)."""
         error_type, line, detail = describe_error(err)
         failure = Failure(job, error_type, line, detail)
         self.failed.append(failure)
@@ -1173,6 +1193,7 @@ class Sweep:
         os.replace(tmp, directory / "failures.csv")
         (directory / "failures").mkdir(exist_ok=True)
         (directory / "failures" / f"{job.stage}-{job.key}.txt").write_text(detail)
+        return failure
 
     def summary(self) -> str:
         skipped = len(self.plan.jobs()) - len(self.plan.pending())
@@ -1193,7 +1214,7 @@ class SweepProgress:
     workers' bars by Ray's tqdm) or one plain line per finished job."""
 
     def __init__(self, mode: str, total: int, skipped: int):
-        self.mode, self.total, self.done, self.counted_not_run = mode, total, 0, 0
+        self.mode, self.total, self.done = mode, total, 0
         self.started = time.monotonic()
         self.bar = None
         if skipped:

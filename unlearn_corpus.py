@@ -256,6 +256,9 @@ class LoraSettings:
     lora_rank: int = setting(POSITIVE_INTS)
     lora_alpha: float | None = setting(POSITIVE_OR_NULL)  # null = 2 * rank
     lora_target_modules: tuple[str, ...] = setting(SOME_NAMES)
+    # Rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023) instead of alpha/r:
+    # with a fixed alpha the update's size then hardly depends on r, so one lr serves every rank.
+    use_rslora: bool = setting(BOOLEAN)
 
 
 @dataclass(frozen=True)
@@ -1107,7 +1110,8 @@ def load_model(path: str, policy: DevicePolicy):
     if base is not None:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(load_model(base, policy), path).merge_and_unload()
+        merged = PeftModel.from_pretrained(load_model(base, policy), path).merge_and_unload()
+        return merged.requires_grad_(True)  # PEFT froze the base; a loaded checkpoint trains like any other
     model = AutoModelForCausalLM.from_pretrained(path, dtype=policy.dtype, attn_implementation=policy.attn_implementation)
     return model.to(policy.device)
 
@@ -1239,7 +1243,7 @@ def linear_module_names(model) -> list[str]:
 
 
 def attach_lora(model, rank: int, alpha: float | None = None, target_modules: Sequence[str] | None = None,
-                frozen_dtype: torch.dtype | None = None):
+                frozen_dtype: torch.dtype | None = None, use_rslora: bool = False):
     """Wrap `model` with LoRA adapters (fp32); only adapter weights train.
 
     With `frozen_dtype` (bf16 under CPU autocast) the frozen weights of the
@@ -1253,7 +1257,7 @@ def attach_lora(model, rank: int, alpha: float | None = None, target_modules: Se
     if not set(targets) & set(names):
         raise ValueError(f"LoRA targets {targets} match no module of this model; its linear modules are {names}")
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
-                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM", use_rslora=use_rslora)
     peft_model = get_peft_model(model, config)
     if frozen_dtype is not None:
         for layer in lora_layers(peft_model):
@@ -1526,15 +1530,19 @@ class StopChecker:
         """Stop at the first check at or below the forget target; a retain
         accuracy below the floor stops (and flags) the run first."""
         rule = self.rule
-        if first:  # the evaluation before training already scored the files
-            forget, retain = self.evaluator.forget_log.mean_at(0), self.evaluator.retain_log.mean_at(0)
-        else:
-            forget, retain = self.evaluator.quick_means(model, rule.stop_retain_floor is not None)
+        forget, retain = self.means(model, first)
         if rule.stop_retain_floor is not None and retain < rule.stop_retain_floor:
             return StopOutcome(step, epoch, "retain_floor", forget, retain)
         if rule.stop_at_forget_acc is not None and forget <= rule.stop_at_forget_acc:
             return StopOutcome(step, epoch, "target", forget, retain)
         return None
+
+    def means(self, model, first: bool) -> tuple[float, float]:
+        """Mean forget and retain accuracy now (at step 0 the evaluation before
+        training has already scored the files)."""
+        if first:
+            return self.evaluator.forget_log.mean_at(0), self.evaluator.retain_log.mean_at(0)
+        return self.evaluator.quick_means(model, self.rule.stop_retain_floor is not None)
 
 
 def start_wandb(mode: str, project: str, name: str, config: Mapping):
@@ -1625,7 +1633,7 @@ class CorpusUnlearning:
         freeze_layer_ranges(model, s.freeze_layers)
         if s.lora is not None:
             model = attach_lora(model, s.lora.lora_rank, s.lora.lora_alpha, s.lora.lora_target_modules,
-                                frozen_dtype=stage.policy.autocast_dtype)
+                                frozen_dtype=stage.policy.autocast_dtype, use_rslora=s.lora.use_rslora)
         self.stage, self.data = stage, ForgetRetainData.encode(s, stage)
         return model
 
@@ -1674,7 +1682,7 @@ def unlearn_settings_from_keywords(keywords: dict, method_settings: Any = None) 
     if DataFormat[str(keywords.pop("data_format", DataFormat.CORPUS))] == DataFormat.TF:
         raise ValueError("data_format TF is not supported; use CORPUS or MCQ")
     lora_rank = keywords.pop("lora_rank", 0)
-    lora = _keywords_split(keywords, ("lora_alpha", "lora_target_modules"))
+    lora = _keywords_split(keywords, ("lora_alpha", "lora_target_modules", "use_rslora"))
     method_key = UnlearnType.LORA if lora_rank else unlearn_type
     loss_type = keywords.pop("loss_type", section["types_config"].get(method_key, {}).get("loss_type", "CORPUS"))
     retain_loss = keywords.pop("retain_loss_type", None) or section["retain_loss_type"] or loss_type

@@ -261,15 +261,28 @@ def test_by_rank_is_refused_for_methods_without_ranks():
 
 
 def test_demo_config_plans_the_rank_sweep(tmp_path):
+    """The demo matches forgetting with the stop rule (one lr for every rank,
+    no per-rank tuning), runs every rank at every seed, and plans the controls
+    once: baseline C per seed, the never-taught floor once."""
     cfg = config("demo_cpu", [f"data_root={tmp_path}/data", f"models_dir={tmp_path}/models",
                               f"results_dir={tmp_path}/evals"])
     plan = pl.plan_sweep(cfg)
-    assert [run.point.lora_rank for run in plan.runs] == [1, 2, 4, 8, 16, 32]
-    assert [run.point.retain_coeff for run in plan.runs] == [5.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    ranks, seeds, splits = list(cfg.unlearn.lora_ranks), list(cfg.seeds), cfg.ft.num_splits
+    assert len(seeds) >= 3 and len(ranks) >= 3
+    assert sorted((run.point.lora_rank, run.point.seed) for run in plan.runs) == sorted(
+        (r, s) for r in ranks for s in seeds)
+    assert len({run.model_path for run in plan.runs}) == len(plan.runs)  # a folder per rank and seed
+    assert len({run.point.lr for run in plan.runs}) == 1 and len({run.point.retain_coeff for run in plan.runs}) == 1
+    assert "by_rank" not in cfg.unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN
+    stop = plan.runs[0].settings.stop
+    assert stop.active and 0 < stop.stop_at_forget_acc < 1
+    assert all(run.settings.save.save_format == "adapter" for run in plan.runs)
     assert plan.teach is not None and plan.unlearn_from == plan.teach.model_path
     assert plan.base_model == str(tmp_path / "models" / "base" / "SmolLM2-135M-Instruct")
     assert cfg.preflight.min_forget_acc == 0.9
-    assert len(plan.baseline_rtt) == cfg.ft.num_splits and all(len(r.rtt) == cfg.ft.num_splits for r in plan.runs)
+    assert all(len(run.rtt) == splits and {j.seed for j in run.rtt} == {run.point.seed} for run in plan.runs)
+    assert len(plan.baseline_rtt) == splits * len(seeds)
+    assert len(plan.floor_rtt) == splits and all(j.base_model == plan.base_model for j in plan.floor_rtt)
     assert (tmp_path / "data" / "random_bd" / "split_9.jsonl").is_file()
     assert not (tmp_path / "models").exists()  # planning loads and writes no model
 
@@ -310,6 +323,7 @@ def test_an_unknown_method_lists_the_registry():
 
 
 def _smoketest(tiny_llama, shared_data, root, *extra):
+    root.mkdir(parents=True, exist_ok=True)
     result = run_cli(["--config-name=lora_smoketest", f"model_id={tiny_llama}", f"data_root={shared_data}",
                       f"models_dir={root}/models", f"results_dir={root}/evals", "ray.num_cpus=2", "quant.bits=[]",
                       *extra], cwd=root)
@@ -333,3 +347,17 @@ def test_an_adapter_format_sweep_matches_a_merged_one(tiny_llama, shared_data, t
     ours, theirs = by_split(adapter["ft"]), by_split(merged["ft"])
     assert ours.keys() == theirs.keys() and all(
         abs(ours[s][e] - theirs[s][e]) <= 1e-6 for s in ours for e in ours[s])
+
+
+def test_the_adapter_relearning_probe_writes_its_rows(tiny_llama, shared_data, tmp_path):
+    """ft.lora_rtt: RTT whose attacker trains a LoRA adapter, same held-out
+    splits, its rows marked probe=lora_rtt beside the full RTT's."""
+    frames = _smoketest(tiny_llama, shared_data, tmp_path, "ft.num_splits=1", "ft.lora_rtt.enabled=true",
+                        "ft.lora_rtt.lora_rank=2", "ft.lora_rtt.epochs_lst=[1]")
+    ft = frames["ft"][frames["ft"].condition == "unlearned"]
+    assert sorted(ft.probe) == ["lora_rtt", "rtt"]
+    attacker = ft[ft.probe == "lora_rtt"].iloc[0]
+    assert attacker.skip_split == 0 and attacker.epochs == 1
+    [by_epoch] = json.loads(attacker.forget_accs_local).values()
+    assert set(by_epoch) == {"0", "1"}  # before the attack and after its epoch
+    assert attacker.rtt_key != ft[ft.probe == "rtt"].iloc[0].rtt_key

@@ -217,6 +217,13 @@ def test_lora_alpha_defaults_to_twice_the_rank(tiny_llama):
     assert set(config.target_modules) == set(uc.DEFAULT_LORA_TARGETS)
 
 
+@pytest.mark.parametrize("use_rslora, expected", [(False, 16 / 16), (True, 16 / 4)])
+def test_rank_stabilised_scaling_divides_alpha_by_the_root_of_the_rank(tiny_llama, use_rslora, expected):
+    model = uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}))
+    peft_model = uc.attach_lora(model, rank=16, alpha=16, use_rslora=use_rslora)
+    assert {layer.scaling["default"] for layer in uc.lora_layers(peft_model)} == {expected}
+
+
 def test_lora_without_target_modules_names_what_the_model_has(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -352,6 +359,7 @@ def test_an_adapter_folder_loads_as_its_base_plus_the_adapter(tiny_llama, byte_l
     assert uc.adapter_base(folder) == str(tiny_llama)
     loaded = uc.load_model(str(folder), policy)
     assert not uc.is_peft(loaded)  # merged in memory: later stages see a plain model
+    assert all(p.requires_grad for p in loaded.parameters())  # and can train it (RTT), like a plain checkpoint
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=batch["input_ids"]).logits, expected, atol=1e-5)
     assert uc.load_tokenizer(str(folder)).vocab_size == byte_level_tokenizer.vocab_size

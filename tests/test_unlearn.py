@@ -191,26 +191,34 @@ def test_missing_embedded_package_says_how_to_install(tmp_path, monkeypatch):
 
 
 def _scripted_checks(monkeypatch, forget_values, retain_values=None):
-    """Force the stop rule's checks to see these mean accuracies, in order."""
+    """Force the stop rule's checks (the first one at step 0) to see these
+    mean accuracies, in order."""
     calls = iter(range(10_000))
 
-    def quick_means(self, model, with_retain):
+    def means(self, model, first):
         i = next(calls)
         forget = forget_values[min(i, len(forget_values) - 1)]
         retain = retain_values[min(i, len(retain_values) - 1)] if retain_values else float("nan")
         return forget, retain
 
-    monkeypatch.setattr(uc.Evaluator, "quick_means", quick_means)
+    monkeypatch.setattr(uc.StopChecker, "means", means)
 
 
 def test_the_stop_rule_stops_at_the_first_check_at_or_below_the_target(tiny_llama, facts, tmp_path, monkeypatch):
-    _scripted_checks(monkeypatch, [0.9, 0.5, 0.3, 0.1])
+    _scripted_checks(monkeypatch, [0.9, 0.9, 0.5, 0.3, 0.1])
     result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.GD, epochs=3, stop_at_forget_acc=0.3,
                       stop_check_every=2)
-    # Checks at steps 2, 4, 6 see 0.9, 0.5, 0.3: the third is at the target.
+    # Checks at steps 0, 2, 4, 6 see 0.9, 0.9, 0.5, 0.3: the fourth is at the target.
     assert result.stop.reason == "target" and result.stop.reached and result.stop.step == 6 and result.steps == 6
     assert result.stop.epoch == 1 and result.stop.forget_acc == 0.3
     assert set(next(iter(result.forget_accs.values()))) == {0, 1}  # evaluated before and where it stopped
+
+
+def test_a_model_already_at_the_target_takes_no_step(tiny_llama, facts, tmp_path, monkeypatch):
+    _scripted_checks(monkeypatch, [0.2])
+    result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.GD, epochs=2, stop_at_forget_acc=0.3,
+                      stop_check_every=2)
+    assert result.stop.reason == "target" and result.stop.step == 0 and result.steps == 0
 
 
 def test_a_run_that_never_reaches_the_target_is_kept_and_flagged(tiny_llama, facts, tmp_path, monkeypatch):
@@ -223,7 +231,7 @@ def test_a_run_that_never_reaches_the_target_is_kept_and_flagged(tiny_llama, fac
 
 
 def test_a_retain_floor_stops_the_run_first_and_flags_it(tiny_llama, facts, tmp_path, monkeypatch):
-    _scripted_checks(monkeypatch, [0.9, 0.6, 0.2], retain_values=[0.95, 0.7, 0.4])
+    _scripted_checks(monkeypatch, [0.9, 0.9, 0.6, 0.2], retain_values=[0.95, 0.95, 0.7, 0.4])
     result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.GD, epochs=2, stop_at_forget_acc=0.3,
                       stop_check_every=3, stop_retain_floor=0.8)
     assert result.stop.reason == "retain_floor" and not result.stop.reached and result.stop.step == 6

@@ -1,0 +1,185 @@
+"""Sweeps that survive: one failure stays one failure, a rerun finishes only
+what is missing, a stale Ray cluster is ignored, every bad input is refused
+in one line before any model loads, and progress stays readable in a log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import pipeline as pl
+from test_pipeline import ROOT, assert_refused_before_any_model_loads, config, run_cli
+
+SMALL_DATA = ["random_bd.facts_per_split=4", "random_bd.num_dev=2"]
+
+
+def sweep_args(tiny, root, *extra) -> list[str]:
+    return ["--config-name=lora_smoketest", f"model_id={tiny}", f"data_root={root}/data", f"models_dir={root}/models",
+            f"results_dir={root}/evals", "ray.num_cpus=2", "quant.bits=[]", *SMALL_DATA, *extra]
+
+
+def rows(root: Path, stage: str) -> pd.DataFrame:
+    paths = sorted((root / "evals" / stage).glob("*.csv"))
+    return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True) if paths else pd.DataFrame()
+
+
+def planned(tiny, root, *extra) -> pl.Plan:
+    return pl.plan_sweep(config(overrides=sweep_args(tiny, root, *extra)[1:]))
+
+
+def test_one_failing_run_stays_one_failure_and_a_rerun_finishes_only_what_is_missing(tiny_llama, tmp_path):
+    args = sweep_args(tiny_llama, tmp_path, "unlearn.lora_ranks=[1,2,4]", "ft.num_splits=1")
+    rank2 = planned(tiny_llama, tmp_path, "unlearn.lora_ranks=[1,2,4]", "ft.num_splits=1").runs[1]
+    assert rank2.point.lora_rank == 2
+    blocker = Path(rank2.model_path)  # a file where rank 2's checkpoint folder goes: saving it fails
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a folder")
+
+    first = run_cli(args, cwd=tmp_path)
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert "sweep: 4 finished, 0 skipped (finished earlier), 1 failed, 1 not run (their unlearning failed)" in first.stdout
+    assert f"failed: LORA r2 s0 unlearn ({rank2.model_path}): " in first.stdout
+    failures = pd.read_csv(tmp_path / "evals" / "failures.csv")
+    assert list(failures.stage) == ["unlearn"] and list(failures.run_key) == [rank2.key]
+    assert sorted(rows(tmp_path, "unlearning").lora_rank) == [1, 4]
+    assert sorted(rows(tmp_path, "ft").lora_rank) == [1, 4]  # the others' RTT ran
+
+    blocker.unlink()
+    second = run_cli(args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "4 job(s) finished earlier, skipped; 2 to run" in second.stdout
+    assert "sweep: 2 finished, 4 skipped" in second.stdout
+    unlearning, ft = rows(tmp_path, "unlearning"), rows(tmp_path, "ft")
+    assert sorted(unlearning.lora_rank) == [1, 2, 4] and sorted(ft.lora_rank) == [1, 2, 4]
+    assert unlearning.run_key.is_unique and ft.rtt_key.is_unique
+
+    started = time.monotonic()
+    third = run_cli(args, cwd=tmp_path)
+    assert third.returncode == 0 and "all 6 job(s) finished earlier; nothing to run" in third.stdout
+    assert time.monotonic() - started < 30  # no Ray, no model: planning only
+
+    stamps = {p.name for p in (tmp_path / "evals" / "unlearning").glob("*.csv")}
+    forced = run_cli([*args, "rerun=true"], cwd=tmp_path)
+    assert forced.returncode == 0 and "sweep: 6 finished, 0 skipped" in forced.stdout
+    assert len(rows(tmp_path, "unlearning")) == 3 and len(rows(tmp_path, "ft")) == 3  # replaced, not added
+    assert not stamps & {p.name for p in (tmp_path / "evals" / "unlearning").glob("*.csv")}
+
+
+def test_a_driver_killed_mid_sweep_and_rerun_leaves_no_duplicate_or_torn_rows(tiny_llama, tmp_path):
+    args = sweep_args(tiny_llama, tmp_path, "unlearn.lora_ranks=[1,2,4,8]", "ft.num_splits=2", "baseline_rtt=true")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    driver = subprocess.Popen([sys.executable, str(ROOT / "pipeline.py"), *args], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "evals" / "unlearning").glob("*.csv")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and every process it started
+    driver.wait()
+    done_before = len(list((tmp_path / "evals").rglob("*.csv")))
+    assert 1 <= done_before < 4 + 8 + 2, "the kill came too late to test anything"
+
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    unlearning, ft = rows(tmp_path, "unlearning"), rows(tmp_path, "ft")
+    assert sorted(unlearning.lora_rank) == [1, 2, 4, 8] and unlearning.run_key.is_unique
+    assert len(ft) == 4 * 2 + 2 and ft.rtt_key.is_unique  # 2 held-out splits per rank, and the baseline
+    assert all(json.loads(v) for v in ft.forget_accs_local)  # whole rows, every one
+    assert not list((tmp_path / "evals").rglob("*.tmp-*"))
+
+
+def test_a_local_run_ignores_a_stale_ray_cluster_on_the_machine(tiny_llama, tmp_path):
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:6399")  # a `ray start --head` that died
+    result = run_cli(sweep_args(tiny_llama, tmp_path, "dont_ft=true"), cwd=tmp_path,
+                     env={"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": "127.0.0.1:6399"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(rows(tmp_path, "unlearning")) == 1
+
+
+def test_progress_in_a_log_is_a_few_plain_lines_per_job(tiny_llama, tmp_path):
+    result = run_cli(sweep_args(tiny_llama, tmp_path, "unlearn.lora_ranks=[1,2]", "ft.num_splits=2",
+                                "quant.bits=[4]"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = 2 + 2 * 2 + 2 + 1  # unlearning, RTT, quantization of each model and of the reference
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len([line for line in lines if line.startswith("[")]) == jobs  # one line per finished job
+    assert len(lines) <= jobs + 12, "\n".join(lines)
+    assert not any("pid=" in line or "repeated" in line or "Token authentication" in line for line in lines)
+
+
+# ---------------------------------------------------------------- every bad input, refused in one line
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory, byte_level_tokenizer) -> Path:
+    """A causal LM of another architecture: its projections are Conv1D, not Linear."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("gpt2") / "tiny-gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(byte_level_tokenizer),
+                               n_positions=256)).save_pretrained(path)
+    byte_level_tokenizer.save_pretrained(path)
+    return path
+
+
+BAD_INPUTS = [
+    # empty sweep lists
+    ("unlearn.lora_ranks=[]", "unlearn.lora_ranks: [] is not allowed; give at least one value"),
+    ("seeds=[]", "seeds: [] is not allowed; give at least one value"),
+    ("datasets=[]", "datasets: [] is not allowed"),
+    ("unlearn.types=[]", "unlearn.types: [] is not allowed"),
+    ("unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN.lrs=[]",
+     "RANDOM_BD_SAME_RETAIN.lrs: [] is not allowed; give at least one value"),
+    ("ft.lrs=[]", "ft.lrs: [] is not allowed"),
+    # numbers outside their range
+    ("unlearn.lora_alpha=-1", "unlearn.lora_alpha: -1 is not allowed; use null or a positive number"),
+    ("unlearn.warmup_steps=-1", "unlearn.warmup_steps: -1 is not allowed; use integers >= 0"),
+    ("unlearn.eval_every=0", "unlearn.eval_every: 0 is not allowed; use positive integers"),
+    ("random_bd.facts_per_split=0", "random_bd.facts_per_split: 0 is not allowed; use positive integers"),
+    ("unlearn.stop_at_forget_acc=1.5", "unlearn.stop_at_forget_acc: 1.5 is not allowed; use null or a number in [0, 1]"),
+    ("unlearn.stop_check_every=0", "unlearn.stop_check_every: 0 is not allowed; use positive integers"),
+    ("unlearn.stop_retain_floor=-0.1", "unlearn.stop_retain_floor: -0.1 is not allowed"),
+    ("seeds=[-1]", "seeds: -1 is not allowed; use integers >= 0"),
+    ("ray.max_retries=-2", "ray.max_retries: -2 is not allowed"),
+    # the model, its architecture, what a method cannot use
+    ("model_id=/no/such/model", "model_id: '/no/such/model' is not allowed; use an embedded alias"),
+    ("unlearn.lora_target_modules=[foo_proj]",
+     "unlearn.lora_target_modules: ['foo_proj'] is not allowed; this llama model's linear modules are"),
+    ("GPT2", "is not allowed; this gpt2 model's linear modules are ['lm_head']"),
+    ("unlearn.types=[CUT] unlearn.freeze_layers=[[0,1]]", "unlearn.freeze_layers: [[0, 1]] is not allowed with CUT"),
+    ("unlearn.freeze_layers=[[0,9]]", "unlearn.freeze_layers: [[0, 9]] is not allowed; the model has 3 decoder layers"),
+    # folders that cannot be written, a cluster that cannot be reached
+    ("RESULTS_UNDER_A_FILE", "is a file, not a folder"),
+    ("ray.address=127.0.0.1:9", "ray.address: '127.0.0.1:9' cannot be reached"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_INPUTS, ids=[o.split("=")[0] for o, _ in BAD_INPUTS])
+def test_every_bad_input_is_refused_in_one_line_before_any_model_loads(override, message, tiny_llama, gpt2_folder,
+                                                                        tmp_path):
+    extra = override.split()
+    if override == "GPT2":
+        extra = [f"model_id={gpt2_folder}"]
+    if override == "RESULTS_UNDER_A_FILE":
+        (tmp_path / "a-file").write_text("")
+        extra = [f"results_dir={tmp_path}/a-file/evals"]
+    model = [a for a in extra if a.startswith("model_id=")] or [f"model_id={tiny_llama}"]
+    rest = [a for a in extra if not a.startswith("model_id=") and not a.startswith("results_dir=")]
+    results = [a for a in extra if a.startswith("results_dir=")] or [f"results_dir={tmp_path}/evals"]
+    result = run_cli(["--config-name=lora_smoketest", *model, *SMALL_DATA, *rest, *results,
+                      f"models_dir={tmp_path}/models", f"data_root={tmp_path}/data"], cwd=tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:] + result.stdout[-1000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-2000:]
+    assert sum(line.startswith("error:") for line in lines) == 1
+    assert not (tmp_path / "models").exists() and not (tmp_path / "evals").exists()
