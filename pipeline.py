@@ -19,6 +19,7 @@ import datetime
 import functools
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -462,7 +463,8 @@ class QuantJob:
         forget, retain = evaluator(model, 0)
         if self.results_dir:
             write_row(Path(self.results_dir) / "quant", self.index, quant_row(self, evaluator), self.replaces)
-        return JobReport(self.key, f"forget {forget:.2f}, retain {retain:.2f}", forget)
+        scored = f"forget {forget:.2f}" + ("" if math.isnan(retain) else f", retain {retain:.2f}")
+        return JobReport(self.key, scored, forget)
 
 
 @dataclass(frozen=True)
@@ -1303,6 +1305,12 @@ def check_before_loading(cfg: Mapping, plan: Plan) -> None:
         raise ConfigError(f"model_id: {model_id!r} is not allowed; use an embedded alias "
                           f"({', '.join(uc.EMBEDDED_MODELS)}), a folder with config.json, or a Hugging Face hub id "
                           "already in the local cache")
+    for weights in sorted(Path(model_id).glob("*.safetensors")) if is_model_folder(model_id) else ():
+        try:
+            uc.check_safetensors_file(weights)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"model_id: {model_id!r} is not allowed; its weights file {weights.name} is damaged "
+                              f"({err})") from None
     try:
         config = uc.model_config(model_id, cfg["models_dir"])
         skeleton = uc.model_skeleton(config)

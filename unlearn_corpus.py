@@ -1137,6 +1137,28 @@ def save_checkpoint(model, tokenizer, path: str | os.PathLike, save_format: str 
     return Path(path)
 
 
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """Raise ValueError when a safetensors file is damaged (a header that does
+    not parse, or tensors that reach past the end of the file), reading only
+    its header: a truncated download fails here, not in a worker mid-sweep."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{size} bytes, shorter than a header")
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            raise ValueError(f"header of {length} bytes in a file of {size}")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            raise ValueError("its header is not valid JSON") from None
+    end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    if 8 + length + end > size:
+        raise ValueError(f"tensors need {8 + length + end} bytes, the file has {size}")
+
+
 def checkpoint_tensor_reader(path: str | os.PathLike) -> Callable[[str], torch.Tensor]:
     """Read single tensors of a safetensors checkpoint (one file or shards)."""
     from safetensors import safe_open

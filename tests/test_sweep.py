@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,6 +157,7 @@ BAD_INPUTS = [
     ("unlearn.lora_target_modules=[foo_proj]",
      "unlearn.lora_target_modules: ['foo_proj'] is not allowed; this llama model's linear modules are"),
     ("GPT2", "is not allowed; this gpt2 model's linear modules are ['lm_head']"),
+    ("CORRUPT_WEIGHTS", "is not allowed; its weights file model.safetensors is damaged (tensors need"),
     ("unlearn.types=[CUT] unlearn.freeze_layers=[[0,1]]", "unlearn.freeze_layers: [[0, 1]] is not allowed with CUT"),
     ("unlearn.freeze_layers=[[0,9]]", "unlearn.freeze_layers: [[0, 9]] is not allowed; the model has 3 decoder layers"),
     # folders that cannot be written, a cluster that cannot be reached
@@ -170,6 +172,12 @@ def test_every_bad_input_is_refused_in_one_line_before_any_model_loads(override,
     extra = override.split()
     if override == "GPT2":
         extra = [f"model_id={gpt2_folder}"]
+    if override == "CORRUPT_WEIGHTS":  # a download cut short
+        damaged = tmp_path / "damaged-llama"
+        shutil.copytree(tiny_llama, damaged)
+        weights = damaged / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        extra = [f"model_id={damaged}"]
     if override == "RESULTS_UNDER_A_FILE":
         (tmp_path / "a-file").write_text("")
         extra = [f"results_dir={tmp_path}/a-file/evals"]
