@@ -56,6 +56,7 @@ RATIOS = {
 @dataclass(frozen=True)
 class Options:
     min_forgetting: float = 0.1  # base - A below this: too little forgetting to mean anything
+    min_retain_kept: float = 0.8  # retain after / before below this: unlearning was not selective
     recovery_threshold: float = 0.9  # relative to base accuracy, unless absolute
     absolute_threshold: bool = False
     match_target: float | None = None
@@ -435,6 +436,7 @@ def summarize(units: list[Unit], options: Options) -> Analysis:
         return Analysis(table, trends, [])
     table["forgetting"] = table["base"] - table["A"]
     table["too_little_forgetting"] = table["forgetting"] < options.min_forgetting
+    table["retain_damaged"] = table["retain_after"] < options.min_retain_kept * table["retain_before"]
     table["missing_baseline"] = table["C"].isna()
     table = table.sort_values(["unlearn_type", "dataset", "lora_rank", "lr", "retain_coeff"]).reset_index(drop=True)
     return Analysis(table, trends, [])
@@ -491,8 +493,9 @@ def format_table(table: pd.DataFrame) -> str:
             shown[f"{probe} recovered"] = _with_ci(table, f"{probe}_recovered")
     flags = []
     for _, row in table.iterrows():
-        marks = [m for m, on in (("answer avoided", row.answer_avoided), ("too little forgetting",
-                                                                          row.too_little_forgetting)) if on]
+        marks = [m for m, on in (("answer avoided", row.answer_avoided),
+                                 ("too little forgetting", row.too_little_forgetting),
+                                 ("retain damaged", row.retain_damaged)) if on]
         flags.append("; ".join(marks) or "")
     shown["flags"] = flags
     return shown.to_string(index=False)
@@ -604,6 +607,11 @@ def analyze(results_dir: str | Path, options: Options = Options(), out_dir: str 
     if len(flagged):
         print(f"flagged: {len(flagged)} row(s) forgot less than {options.min_forgetting} (base - A); their recovery "
               "measures do not mean much", file=stream)
+    damaged = table[table.retain_damaged]
+    if len(damaged):
+        print(f"flagged: {len(damaged)} row(s) kept less than {options.min_retain_kept:g} of their retain accuracy "
+              "(retain damaged): unlearning was not selective there, so forgetting and recovery are not about the "
+              "forget facts alone", file=stream)
     avoided = table[table.answer_avoided]
     if len(avoided):
         print(f"flagged: {len(avoided)} row(s) answer below chance after unlearning (binomial p < 0.05): the answer "
@@ -622,6 +630,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", default=None, help="where to write the CSV and PNG (default: results dir)")
     parser.add_argument("--min-forgetting", type=float, default=0.1,
                         help="flag rows whose base - A is below this (default 0.1)")
+    parser.add_argument("--min-retain-kept", type=float, default=0.8,
+                        help="flag rows whose retain accuracy after unlearning is below this fraction of before "
+                             "(default 0.8)")
     parser.add_argument("--recovery-threshold", type=float, default=0.9,
                         help="recovery_epoch threshold: a fraction of base accuracy (default 0.9)")
     parser.add_argument("--absolute-threshold", action="store_true",
@@ -632,7 +643,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--match-tolerance", type=float, default=0.05)
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws for the CIs (default 2000)")
     args = parser.parse_args(argv)
-    for name in ("min_forgetting", "recovery_threshold", "match_tolerance"):
+    for name in ("min_forgetting", "min_retain_kept", "recovery_threshold", "match_tolerance"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed; use a value >= 0")
     if args.bootstrap < 100:
@@ -642,8 +653,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    options = Options(args.min_forgetting, args.recovery_threshold, args.absolute_threshold, args.match_forgetting,
-                      args.match_tolerance, args.bootstrap)
+    options = Options(min_forgetting=args.min_forgetting, min_retain_kept=args.min_retain_kept,
+                      recovery_threshold=args.recovery_threshold, absolute_threshold=args.absolute_threshold,
+                      match_target=args.match_forgetting, match_tolerance=args.match_tolerance,
+                      bootstrap=args.bootstrap)
     try:
         analyze(args.results_dir, options, args.out_dir)
     except (FileNotFoundError, ValueError) as err:

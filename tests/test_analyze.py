@@ -152,7 +152,7 @@ def bits(correct: int, n: int) -> str:
 
 
 def seeded_run(results, index, seed, rank, files, *, base, a, b, c=None, floor=None, n=20, stop_reached=None,
-               quant4=None, lora_rtt=None):
+               quant4=None, lora_rtt=None, retain_after=0.9):
     """A hand-made run: per file, base/A/B (and C, floor, probes) correct counts out of n."""
     key = f"key-r{rank}-s{seed}"
     model = f"/m/r{rank}-s{seed}"
@@ -161,7 +161,7 @@ def seeded_run(results, index, seed, rank, files, *, base, a, b, c=None, floor=N
         "retain_coeff": 2.0, "steering_coeff": None, "max_samples": 100, "seed": seed, "data_seed": seed,
         "forget_accs": {f: {0: base / n, 5: a / n} for f in files},
         "forget_correct": {f: {0: bits(base, n), 5: bits(a, n)} for f in files},
-        "retain_accs": {"r": {0: 1.0, 5: 0.9}}, "val_files": files, "run_key": key,
+        "retain_accs": {"r": {0: 1.0, 5: retain_after}}, "val_files": files, "run_key": key,
         "stop_reached": stop_reached, "stop_reason": None if stop_reached is None else ("target" if stop_reached else "epochs"),
         "stop_target": 0.3, "stop_forget_acc": a / n})
     for split, f in enumerate(files):
@@ -259,3 +259,13 @@ def test_rows_are_counted_once_per_key(tmp_path):
     seeded_run(tmp_path, 1, 0, 4, ["s0"], base=20, a=4, b=16)  # the same keys, written later: it wins
     row = ar.analyze(tmp_path, ar.Options(bootstrap=200), stream=open("/dev/null", "w")).iloc[0]
     assert row.n == 1 and row.B == pytest.approx(0.8)
+
+
+def test_unlearning_that_damaged_retain_is_flagged(tmp_path, capsys):
+    seeded_run(tmp_path, 0, 0, 1, ["s0"], base=20, a=5, b=10, retain_after=0.9)
+    seeded_run(tmp_path, 1, 0, 8, ["s0"], base=20, a=5, b=10, retain_after=0.3)
+    table = ar.analyze(tmp_path, ar.Options(bootstrap=200))
+    assert list(table.sort_values("lora_rank").retain_damaged) == [False, True]
+    out = capsys.readouterr().out
+    assert "flagged: 1 row(s) kept less than 0.8 of their retain accuracy (retain damaged)" in out
+    assert "retain damaged" in ar.format_table(table)
