@@ -358,6 +358,30 @@ def test_the_adapter_relearning_probe_writes_its_rows(tiny_llama, shared_data, t
     assert sorted(ft.probe) == ["lora_rtt", "rtt"]
     attacker = ft[ft.probe == "lora_rtt"].iloc[0]
     assert attacker.skip_split == 0 and attacker.epochs == 1
-    [by_epoch] = json.loads(attacker.forget_accs_local).values()
-    assert set(by_epoch) == {"0", "1"}  # before the attack and after its epoch
+    assert set(json.loads(attacker.forget_accs_local)) == {"0", "1"}  # before the attack and after its epoch
     assert attacker.rtt_key != ft[ft.probe == "rtt"].iloc[0].rtt_key
+
+
+def test_the_never_taught_floor_is_planned_once_per_dataset_and_rtt_setting(tmp_path):
+    cfg = config("demo_cpu", [f"data_root={tmp_path}/data", f"models_dir={tmp_path}/models",
+                              f"results_dir={tmp_path}/evals", "unlearn.lora_ranks=[1,4]", "seeds=[0,1]",
+                              "ft.lrs=[1e-4,3e-4]"])
+    plan = pl.plan_sweep(cfg)
+    splits = range(cfg.ft.num_splits)
+    assert len(plan.runs) == 4
+    # Once per RTT setting (lr x held-out split), not per rank or seed; from the model before teaching.
+    assert sorted((j.lr, j.skip_split) for j in plan.floor_rtt) == sorted((lr, s) for lr in (1e-4, 3e-4) for s in splits)
+    assert {j.condition for j in plan.floor_rtt} == {"never_taught"} and {j.seed for j in plan.floor_rtt} == {0}
+    assert len(plan.baseline_rtt) == 2 * 2 * len(splits)  # C: per seed as well
+
+
+def test_two_seeds_give_two_model_folders_and_analysis_counts_both(tiny_llama, shared_data, tmp_path):
+    import analyze_recovery as ar
+
+    frames = _smoketest(tiny_llama, shared_data, tmp_path, "seeds=[0,1]", "ft.num_splits=1")
+    unlearning = frames["unlearning"]
+    assert sorted(unlearning.seed) == [0, 1] and unlearning.model_path.nunique() == 2
+    assert all(Path(p).is_dir() and p.endswith(f"seed{s}") for p, s in zip(unlearning.model_path, unlearning.seed))
+    assert sorted(frames["ft"][frames["ft"].condition == "unlearned"].seed) == [0, 1]
+    table = ar.analyze(tmp_path / "evals", ar.Options(bootstrap=200))
+    assert list(table.n_seeds) == [2] and list(table.n) == [2]
