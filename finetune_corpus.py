@@ -45,8 +45,7 @@ class Finetune:
         if not s.train_embeddings:
             uc.freeze_embeddings(model)
         if s.lora is not None:
-            model = uc.attach_lora(model, s.lora.lora_rank, s.lora.lora_alpha, s.lora.lora_target_modules,
-                                   frozen_dtype=stage.policy.autocast_dtype, use_rslora=s.lora.use_rslora)
+            model = s.lora.attach(model, stage.policy.autocast_dtype)
         self.stage = stage
         self.examples = stage.encode(s.train_files, s.loss_type) + stage.encode(s.extra_corpus_files, LossType.CORPUS)
         return model

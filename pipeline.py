@@ -1308,7 +1308,7 @@ def check_before_loading(cfg: Mapping, plan: Plan) -> None:
     for weights in sorted(Path(model_id).glob("*.safetensors")) if is_model_folder(model_id) else ():
         try:
             uc.check_safetensors_file(weights)
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError) as err:
             raise ConfigError(f"model_id: {model_id!r} is not allowed; its weights file {weights.name} is damaged "
                               f"({err})") from None
     try:

@@ -260,6 +260,11 @@ class LoraSettings:
     # with a fixed alpha the update's size then hardly depends on r, so one lr serves every rank.
     use_rslora: bool = setting(BOOLEAN)
 
+    def attach(self, model, frozen_dtype: torch.dtype | None = None):
+        """`model` wrapped with these adapters (see attach_lora)."""
+        return attach_lora(model, self.lora_rank, self.lora_alpha, self.lora_target_modules, frozen_dtype,
+                           self.use_rslora)
+
 
 @dataclass(frozen=True)
 class StopRule:
@@ -1138,25 +1143,17 @@ def save_checkpoint(model, tokenizer, path: str | os.PathLike, save_format: str 
 
 
 def check_safetensors_file(path: str | os.PathLike) -> None:
-    """Raise ValueError when a safetensors file is damaged (a header that does
-    not parse, or tensors that reach past the end of the file), reading only
-    its header: a truncated download fails here, not in a worker mid-sweep."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{size} bytes, shorter than a header")
-        length = int.from_bytes(head, "little")
-        if length > size - 8:
-            raise ValueError(f"header of {length} bytes in a file of {size}")
-        try:
-            header = json.loads(handle.read(length))
-        except ValueError:
-            raise ValueError("its header is not valid JSON") from None
-    end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
-    if 8 + length + end > size:
-        raise ValueError(f"tensors need {8 + length + end} bytes, the file has {size}")
+    """Raise ValueError when a safetensors file is damaged: opening it reads
+    only the header, and safetensors checks that the header parses and that
+    the tensors cover the file. A truncated download fails here, not in a
+    worker mid-sweep."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except SafetensorError as err:
+        raise ValueError(str(err)) from None
 
 
 def checkpoint_tensor_reader(path: str | os.PathLike) -> Callable[[str], torch.Tensor]:
@@ -1654,8 +1651,7 @@ class CorpusUnlearning:
         s = self.settings
         freeze_layer_ranges(model, s.freeze_layers)
         if s.lora is not None:
-            model = attach_lora(model, s.lora.lora_rank, s.lora.lora_alpha, s.lora.lora_target_modules,
-                                frozen_dtype=stage.policy.autocast_dtype, use_rslora=s.lora.use_rslora)
+            model = s.lora.attach(model, stage.policy.autocast_dtype)
         self.stage, self.data = stage, ForgetRetainData.encode(s, stage)
         return model
 

@@ -157,7 +157,7 @@ BAD_INPUTS = [
     ("unlearn.lora_target_modules=[foo_proj]",
      "unlearn.lora_target_modules: ['foo_proj'] is not allowed; this llama model's linear modules are"),
     ("GPT2", "is not allowed; this gpt2 model's linear modules are ['lm_head']"),
-    ("CORRUPT_WEIGHTS", "is not allowed; its weights file model.safetensors is damaged (tensors need"),
+    ("CORRUPT_WEIGHTS", "is not allowed; its weights file model.safetensors is damaged (Error while deserializing header: incomplete metadata"),
     ("unlearn.types=[CUT] unlearn.freeze_layers=[[0,1]]", "unlearn.freeze_layers: [[0, 1]] is not allowed with CUT"),
     ("unlearn.freeze_layers=[[0,9]]", "unlearn.freeze_layers: [[0, 9]] is not allowed; the model has 3 decoder layers"),
     # folders that cannot be written, a cluster that cannot be reached
