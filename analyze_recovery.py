@@ -17,7 +17,9 @@ unlearned model and held-out split V, takes these accuracies on V:
   {probe}_recovered        = (probe - A) / (base - A)
 
 Rows are one unlearning setting (method, dataset, rank, lr, epochs, retain
-and steering coefficients), averaged over seeds and held-out splits. 95%
+and steering coefficients), averaged over seeds and held-out splits; a ratio
+is taken of those means (not averaged over per-split ratios, whose
+denominators rest on a few questions each). 95%
 confidence intervals come from a bootstrap that resamples seeds, held-out
 splits and questions within each file (the same draws for every measure and
 every rank, so differences and the trend across ranks are paired). A run that
@@ -343,16 +345,20 @@ def estimate(units: list[Unit], panel: Panel) -> Estimates:
         replicates[m] = panel.resample(per_unit)
         row[m] = _nanmean(points)
         row[f"{m}_lo"], row[f"{m}_hi"] = _interval(replicates[m])
+    arrays = {**means, "chance": np.full_like(means["A"], CHANCE)}
     for name, (num, sub, ref) in RATIOS.items():
-        chance = np.full_like(means["A"], CHANCE)
-        arrays = {**means, "chance": chance}
-        per_unit = _ratio(arrays[num], arrays[sub], arrays[ref])
-        points = [(_point([u], num)[0], CHANCE if sub == "chance" else _point([u], sub)[0], _point([u], ref)[0])
-                  for u in units]
-        point_values = np.array([_ratio(np.array(n), np.array(s), np.array(r)) for n, s, r in points], dtype=float)
-        replicates[name] = panel.resample(per_unit)
-        row[name] = _nanmean(point_values)
-        row[f"{name}_std"] = _nanstd(point_values)
+        # A ratio of means, not a mean of per-split ratios: one split's base - A
+        # rests on a few questions and can be near 0, which gives the
+        # per-split ratio a heavy tail. Only units with all three terms count.
+        present = ~(np.isnan(arrays[num]) | np.isnan(arrays[sub]) | np.isnan(arrays[ref]))
+        terms = [panel.resample(np.where(present, arrays[k], np.nan)) for k in (num, sub, ref)]
+        replicates[name] = _ratio(*terms)
+        both = [u for u in units if all(k == "chance" or k in u.vectors for k in (num, sub, ref))]
+        mean_of = {k: CHANCE if k == "chance" else _nanmean(_point(both, k)) for k in (num, sub, ref)}
+        row[name] = float(_ratio(*(np.array(mean_of[k]) for k in (num, sub, ref))))
+        per_unit = [_ratio(*(np.array(CHANCE if k == "chance" else u.vectors[k].mean()) for k in (num, sub, ref)))
+                    for u in both]
+        row[f"{name}_std"] = _nanstd(np.array(per_unit, dtype=float))  # spread of per-split ratios, for reading
         row[f"{name}_lo"], row[f"{name}_hi"] = _interval(replicates[name])
     a_correct = np.concatenate([u.vectors["A"] for u in rtt_units])
     exact = bool(np.all((a_correct == 0) | (a_correct == 1))) and len(a_correct) > 1

@@ -64,13 +64,26 @@ def test_formulas_on_known_values(results):
     assert lora.C == pytest.approx((0.8 + 0.85) / 2)
     assert lora.recovered_fraction == pytest.approx((0.3 / 0.6 + 0.5 / 0.6) / 2)
     assert lora.recovered_fraction_std == pytest.approx(abs(0.3 / 0.6 - 0.5 / 0.6) / 2)
-    assert lora.relative_to_baseline_rtt == pytest.approx((0.35 / 0.55 + 0.45 / 0.6) / 2)
+    # A ratio of the means over splits: (mean B - chance) / (mean C - chance).
+    assert lora.relative_to_baseline_rtt == pytest.approx((0.65 - 0.25) / (0.825 - 0.25))
     assert lora.retain_after == pytest.approx(0.8) and lora.retain_before == pytest.approx(0.9)
     # 0.9 x base: split 0 never reaches 0.81 (NaN), split 1 reaches 0.72 at epoch 1.
     assert lora.recovery_epoch == pytest.approx(1.0)
     assert not lora.too_little_forgetting and not lora.missing_baseline
     written = pd.read_csv(results / "recovery_vs_rank.csv")
     assert len(written) == 2 and (results / "recovery_vs_rank.png").stat().st_size > 10_000
+
+
+def test_a_split_that_barely_forgot_does_not_dominate_the_recovered_fraction(tmp_path):
+    # Split 0 forgot 0.6 and RTT brought none of it back; split 1 forgot 0.05
+    # and RTT brought that back. A mean of per-split ratios says 0.5; the
+    # ratio of means says how much of the forgetting came back: 0.05 / 0.65.
+    unlearning(tmp_path, 0, "/m/rank4", "LORA", 4, {VAL[0]: (0.9, 0.3), VAL[1]: (0.9, 0.85)})
+    rtt(tmp_path, 0, "/m/rank4", "unlearned", 0, {0: 0.3, 1: 0.3})
+    rtt(tmp_path, 1, "/m/rank4", "unlearned", 1, {0: 0.85, 1: 0.9})
+    lora = ar.analyze(tmp_path, ar.Options(bootstrap=200), stream=open("/dev/null", "w")).iloc[0]
+    assert lora.recovered_fraction == pytest.approx((0.6 - 0.575) / (0.9 - 0.575))
+    assert lora.recovered_fraction_std == pytest.approx(0.5)  # the per-split ratios 0 and 1, for reading
 
 
 def test_absolute_recovery_threshold(results):
