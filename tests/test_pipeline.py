@@ -276,6 +276,7 @@ def test_demo_config_plans_the_rank_sweep(tmp_path):
     assert "by_rank" not in cfg.unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN
     stop = plan.runs[0].settings.stop
     assert stop.active and 0 < stop.stop_at_forget_acc < 1
+    assert stop.stop_retain_floor is not None  # a run that breaks retain first is stopped and flagged
     assert all(run.settings.save.save_format == "adapter" for run in plan.runs)
     assert plan.teach is not None and plan.unlearn_from == plan.teach.model_path
     assert plan.base_model == str(tmp_path / "models" / "base" / "SmolLM2-135M-Instruct")
