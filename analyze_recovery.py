@@ -555,6 +555,9 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
         flagged = group[group.too_little_forgetting]
         left.scatter(flagged.lora_rank, flagged.recovered_fraction, s=140, facecolors="none", edgecolors="orange",
                      label="too little forgetting" if len(flagged) else None)
+        damaged = group[group.retain_damaged]
+        left.scatter(damaged.lora_rank, damaged.recovered_fraction, s=220, marker="s", facecolors="none",
+                     edgecolors="purple", label="retain damaged (not selective)" if len(damaged) else None)
     for _, row in table[table.lora_rank == 0].iterrows():
         left.axhline(row.recovered_fraction, linestyle=":", color="gray")
         left.annotate(f"{row.unlearn_type} (full)", (1, row.recovered_fraction), fontsize=8, color="gray")
