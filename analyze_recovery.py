@@ -353,12 +353,12 @@ def estimate(units: list[Unit], panel: Panel) -> Estimates:
         present = ~(np.isnan(arrays[num]) | np.isnan(arrays[sub]) | np.isnan(arrays[ref]))
         terms = [panel.resample(np.where(present, arrays[k], np.nan)) for k in (num, sub, ref)]
         replicates[name] = _ratio(*terms)
-        both = [u for u in units if all(k == "chance" or k in u.vectors for k in (num, sub, ref))]
-        mean_of = {k: CHANCE if k == "chance" else _nanmean(_point(both, k)) for k in (num, sub, ref)}
-        row[name] = float(_ratio(*(np.array(mean_of[k]) for k in (num, sub, ref))))
-        per_unit = [_ratio(*(np.array(CHANCE if k == "chance" else u.vectors[k].mean()) for k in (num, sub, ref)))
-                    for u in both]
-        row[f"{name}_std"] = _nanstd(np.array(per_unit, dtype=float))  # spread of per-split ratios, for reading
+        # [units, (num, sub, ref)]: the point is the ratio of the column means
+        values = np.array([[CHANCE if k == "chance" else u.vectors[k].mean() for k in (num, sub, ref)]
+                           for u in units if all(k == "chance" or k in u.vectors for k in (num, sub, ref))],
+                          dtype=float).reshape(-1, 3)
+        row[name] = float(_ratio(*values.mean(axis=0))) if len(values) else math.nan
+        row[f"{name}_std"] = _nanstd(_ratio(*values.T))  # spread of per-split ratios, for reading
         row[f"{name}_lo"], row[f"{name}_hi"] = _interval(replicates[name])
     a_correct = np.concatenate([u.vectors["A"] for u in rtt_units])
     exact = bool(np.all((a_correct == 0) | (a_correct == 1))) and len(a_correct) > 1
