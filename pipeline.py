@@ -348,6 +348,7 @@ class JobReport:
     key: str
     summary: str
     value: float = float("nan")
+    flagged: bool = False  # an unlearning run the stop rule flagged (not matched)
 
 
 def _last_epoch(by_epoch: Mapping) -> Any:
@@ -387,7 +388,7 @@ class Run:
         forget = uc.mean_by_epoch(result.forget_accs)
         stop = f", stopped at step {result.stop.step} ({result.stop.reason})" if result.stop else ""
         return JobReport(self.key, f"forget {forget.get(0, float('nan')):.2f} -> {_last_epoch(forget):.2f}{stop}",
-                         _last_epoch(forget))
+                         _last_epoch(forget), flagged=bool(result.stop and not result.stop.reached))
 
 
 @dataclass(frozen=True)
@@ -538,6 +539,19 @@ def write_row(directory: Path, index: int, row: Mapping[str, Any], replaces: Seq
     return path
 
 
+FLAGGED_STOPS = ("retain_floor", "epochs")  # stop_reason of runs the stop rule did not match
+
+
+def flagged_run_keys(results_dir: str | os.PathLike) -> set[str]:
+    """Run keys whose recorded row says the stop rule flagged the run."""
+    keys: set[str] = set()
+    for path in sorted(Path(results_dir, "unlearning").glob("*.csv")):
+        frame = pd.read_csv(path, usecols=lambda c: c in ("run_key", "stop_reason"))
+        if "stop_reason" in frame:
+            keys.update(frame.loc[frame["stop_reason"].isin(FLAGGED_STOPS), "run_key"].dropna().astype(str))
+    return keys
+
+
 def recorded_keys(results_dir: str | os.PathLike) -> dict[str, dict[str, list[str]]]:
     """{stage folder: {key: [csv paths]}} of the rows already written."""
     found: dict[str, dict[str, list[str]]] = {}
@@ -622,6 +636,8 @@ class Plan:
     given_rtt: list[RttJob] = field(default_factory=list)  # only_ft
     reference_quant: list[QuantJob] = field(default_factory=list)  # the pre-unlearning model, quantized
     finished: set[str] = field(default_factory=set)  # keys of jobs with a row (and model) already
+    flagged: set[str] = field(default_factory=set)  # keys of finished runs the stop rule flagged
+    probe_flagged: bool = True  # probe_flagged_runs: false holds back the probes of flagged runs
 
     def rtt_count(self) -> int:
         return sum(len(r.rtt) for r in self.runs) + len(self.baseline_rtt) + len(self.floor_rtt) + len(self.given_rtt)
@@ -634,7 +650,14 @@ class Plan:
         return out + self.baseline_rtt + self.floor_rtt + self.given_rtt + self.reference_quant
 
     def pending(self) -> list:
-        return [job for job in self.jobs() if job.key not in self.finished]
+        return [job for job in self.jobs() if job.key not in self.finished and not self.held_back(job)]
+
+    def held_back(self, job) -> bool:
+        """A probe of a run flagged earlier, with probe_flagged_runs=false."""
+        return not self.probe_flagged and getattr(job, "upstream", "") in self.flagged
+
+    def held_back_jobs(self) -> list:
+        return [job for job in self.jobs() if job.key not in self.finished and self.held_back(job)]
 
     @property
     def pending_baseline_rtt(self) -> list[RttJob]:
@@ -852,6 +875,8 @@ def plan_sweep(cfg: DictConfig | Mapping) -> Plan:
     else:
         add_runs(planner, plan, points, datasets)
     mark_finished(plan, recorded, c["rerun"])
+    plan.flagged = flagged_run_keys(c["results_dir"]) & plan.finished
+    plan.probe_flagged = c["probe_flagged_runs"]
     return plan
 
 
@@ -950,7 +975,7 @@ def validate_settings(cfg: Mapping) -> None:
     if cfg["teach"]["cpus"] is not None:
         uc.POSITIVE_NUMBERS.check(cfg["teach"]["cpus"], "teach.cpus")
     uc.build_settings(uc.RandomBdSpec, cfg["random_bd"], "random_bd").check_capacity()
-    for flag in ("just_eval", "dont_ft", "only_ft", "baseline_rtt", "never_taught_rtt", "rerun"):
+    for flag in ("just_eval", "dont_ft", "only_ft", "baseline_rtt", "never_taught_rtt", "probe_flagged_runs", "rerun"):
         uc.BOOLEAN.check(cfg[flag], flag)
     uc.one_of(*uc.WANDB_MODES).check(cfg["wandb_mode"], "wandb_mode")
     uc.resolve_device_policy(cfg["device"])
@@ -1146,6 +1171,7 @@ class Sweep:
     finished: list = field(default_factory=list)
     failed: list[Failure] = field(default_factory=list)
     not_run: list = field(default_factory=list)
+    skipped_flagged: list = field(default_factory=list)  # probes of flagged runs (probe_flagged_runs=false)
 
     def options(self) -> dict:
         return {**self.resources.options(), "max_retries": self.cfg["ray"]["max_retries"], "retry_exceptions": False}
@@ -1155,13 +1181,14 @@ class Sweep:
         waiting: dict[str, list] = {}
         refs: dict = {}
         run_keys = {run.key for run in self.plan.runs}
+        self.skipped_flagged = self.plan.held_back_jobs()
         for job in pending:
             upstream = getattr(job, "upstream", "")
             if upstream in run_keys and upstream not in self.plan.finished:
                 waiting.setdefault(upstream, []).append(job)
             else:
                 refs[self.submit(job)] = job
-        bar = SweepProgress(self.progress, len(pending), len(self.plan.jobs()) - len(pending))
+        bar = SweepProgress(self.progress, len(pending), len(self.plan.jobs()) - len(pending) - len(self.skipped_flagged))
         while refs:
             done, _ = ray.wait(list(refs), num_returns=1)
             job = refs.pop(done[0])
@@ -1174,8 +1201,14 @@ class Sweep:
                 bar.update(job, f"FAILED {failure.error_type}: {failure.error}", 1 + len(blocked))
                 continue
             self.finished.append((job, report))
+            dependents = waiting.pop(job.key, [])
+            if not self.plan.probe_flagged and report.flagged and dependents:
+                self.skipped_flagged += dependents
+                bar.update(job, f"{report.summary}; flagged, so its {len(dependents)} probe(s) are skipped "
+                                "(probe_flagged_runs=false)", 1 + len(dependents))
+                continue
             bar.update(job, report.summary)
-            for dependent in waiting.pop(job.key, []):
+            for dependent in dependents:
                 refs[self.submit(dependent)] = dependent
         bar.close()
 
@@ -1198,10 +1231,12 @@ class Sweep:
         return failure
 
     def summary(self) -> str:
-        skipped = len(self.plan.jobs()) - len(self.plan.pending())
+        skipped = len(self.plan.jobs()) - len(self.plan.pending()) - len(self.plan.held_back_jobs())
         lines = [f"sweep: {len(self.finished)} finished, {skipped} skipped (finished earlier), "
                  f"{len(self.failed)} failed" + (f", {len(self.not_run)} not run (their unlearning failed)"
-                                                  if self.not_run else "")]
+                                                  if self.not_run else "")
+                 + (f", {len(self.skipped_flagged)} not run (probes of flagged runs; probe_flagged_runs=false)"
+                    if self.skipped_flagged else "")]
         for failure in self.failed:
             lines.append(f"  failed: {failure.job.label} ({_job_model(failure.job)}): "
                          f"{failure.error_type}: {failure.error}")
@@ -1274,8 +1309,11 @@ def execute(cfg: DictConfig | Mapping) -> Sweep | None:
     progress = resolve_progress(c["progress"])
     check_before_loading(c, plan)
     if not plan.pending():
-        print(f"sweep: all {len(plan.jobs())} job(s) finished earlier; nothing to run "
-              f"(rerun=true runs them again). results: {c['results_dir']}", flush=True)
+        held = len(plan.held_back_jobs())
+        print(f"sweep: all {len(plan.jobs()) - held} job(s) finished earlier; nothing to run "
+              f"(rerun=true runs them again)"
+              + (f"; {held} probe(s) of flagged runs held back (probe_flagged_runs=false)" if held else "")
+              + f". results: {c['results_dir']}", flush=True)
         return None
     start_ray(c["ray"], progress)
     resources = task_resources(c["ray"], ray.cluster_resources())

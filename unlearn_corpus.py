@@ -883,6 +883,9 @@ class Evaluator:
     autocast: Callable[[], contextlib.AbstractContextManager]
     forget_log: AccuracyLog = field(default_factory=AccuracyLog)
     retain_log: AccuracyLog = field(default_factory=AccuracyLog)
+    # The stop rule's last check: (step, forget scores, retain scores or None).
+    # An evaluation at that same step records them instead of scoring again.
+    last_check: tuple[int, dict[str, McqScore], dict[str, McqScore] | None] | None = None
 
     @classmethod
     def build(cls, tokenizer, evals: EvalFiles, data_root: str, k_shot: int, batch_size: int,
@@ -904,19 +907,26 @@ class Evaluator:
         finally:
             model.train(was_training)
 
-    def __call__(self, model, epoch: int) -> tuple[float, float]:
-        """Score every file at `epoch`; returns the mean forget and retain accuracy."""
-        for log_, files in ((self.forget_log, self.forget), (self.retain_log, self.retain)):
-            for name, score in self.score(model, files).items():
+    def __call__(self, model, epoch: int, step: int | None = None) -> tuple[float, float]:
+        """Score every file at `epoch` (reusing the stop rule's check when it
+        scored the model at this same `step`); returns the mean forget and
+        retain accuracy."""
+        checked = self.last_check if self.last_check and step is not None and self.last_check[0] == step else None
+        forget = checked[1] if checked else self.score(model, self.forget)
+        retain = checked[2] if checked and checked[2] is not None else self.score(model, self.retain)
+        for log_, scores in ((self.forget_log, forget), (self.retain_log, retain)):
+            for name, score in scores.items():
                 log_.record(name, epoch, score)
         return self.forget_log.mean_at(epoch), self.retain_log.mean_at(epoch)
 
-    def quick_means(self, model, with_retain: bool) -> tuple[float, float]:
-        """Mean forget (and retain) accuracy now, without recording it (the stop rule's check)."""
-        forget = list(self.score(model, self.forget).values())
-        retain = list(self.score(model, self.retain).values()) if with_retain else []
+    def quick_means(self, model, with_retain: bool, step: int) -> tuple[float, float]:
+        """Mean forget (and retain) accuracy at optimizer step `step` (the stop
+        rule's check), kept but not recorded: an evaluation at the same step uses it."""
+        forget = self.score(model, self.forget)
+        retain = self.score(model, self.retain) if with_retain else None
+        self.last_check = (step, forget, retain)
         mean = lambda scores: sum(s.acc for s in scores) / len(scores) if scores else float("nan")  # noqa: E731
-        return mean(forget), mean(retain)
+        return mean(list(forget.values())), mean(list((retain or {}).values()))
 
 
 # --------------------------------------------------------------------------
@@ -1502,12 +1512,13 @@ def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
     checker = StopChecker(stop, evaluator) if stop is not None and stop.active else None
 
     def evaluate(epoch: int) -> None:
-        forget_acc, retain_acc = evaluator(model, epoch)
+        forget_acc, retain_acc = evaluator(model, epoch, step)
         run.log({"epoch": epoch, "forget_acc": forget_acc, "retain_acc": retain_acc})
         progress.note(f"epoch {epoch}: forget {forget_acc:.3f}, retain {retain_acc:.3f}")
 
+    step = 0
     evaluate(0)
-    step, outcome = 0, checker.check(model, 0, 0, first=True) if checker else None
+    outcome = checker.check(model, 0, 0, first=True) if checker else None
     model.train()
     for epoch in range(1, train.epochs + 1):
         if outcome is not None:
@@ -1549,19 +1560,19 @@ class StopChecker:
         """Stop at the first check at or below the forget target; a retain
         accuracy below the floor stops (and flags) the run first."""
         rule = self.rule
-        forget, retain = self.means(model, first)
+        forget, retain = self.means(model, step, first)
         if rule.stop_retain_floor is not None and retain < rule.stop_retain_floor:
             return StopOutcome(step, epoch, "retain_floor", forget, retain)
         if rule.stop_at_forget_acc is not None and forget <= rule.stop_at_forget_acc:
             return StopOutcome(step, epoch, "target", forget, retain)
         return None
 
-    def means(self, model, first: bool) -> tuple[float, float]:
+    def means(self, model, step: int, first: bool) -> tuple[float, float]:
         """Mean forget and retain accuracy now (at step 0 the evaluation before
         training has already scored the files)."""
         if first:
             return self.evaluator.forget_log.mean_at(0), self.evaluator.retain_log.mean_at(0)
-        return self.evaluator.quick_means(model, self.rule.stop_retain_floor is not None)
+        return self.evaluator.quick_means(model, self.rule.stop_retain_floor is not None, step)
 
 
 def start_wandb(mode: str, project: str, name: str, config: Mapping):

@@ -97,6 +97,28 @@ def test_a_driver_killed_mid_sweep_and_rerun_leaves_no_duplicate_or_torn_rows(ti
     assert not list((tmp_path / "evals").rglob("*.tmp-*"))
 
 
+def test_probes_of_flagged_runs_can_be_held_back_and_run_later(tiny_llama, tmp_path):
+    """A retain floor of 1.0 flags every run at its first check: with
+    probe_flagged_runs=false their RTT is not run, a rerun says so without
+    starting anything, and switching it on runs just those probes."""
+    args = sweep_args(tiny_llama, tmp_path, "unlearn.lora_ranks=[1,2]", "ft.num_splits=1",
+                      "unlearn.stop_at_forget_acc=0.0", "unlearn.stop_retain_floor=1.0")
+    first = run_cli([*args, "probe_flagged_runs=false"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert list(rows(tmp_path, "unlearning").stop_reason) == ["retain_floor"] * 2
+    assert rows(tmp_path, "ft").empty
+    assert "sweep: 2 finished, 0 skipped (finished earlier), 0 failed, 2 not run (probes of flagged runs" in first.stdout
+
+    again = run_cli([*args, "probe_flagged_runs=false"], cwd=tmp_path)
+    assert again.returncode == 0 and "all 2 job(s) finished earlier; nothing to run" in again.stdout
+    assert "2 probe(s) of flagged runs held back (probe_flagged_runs=false)" in again.stdout
+
+    probed = run_cli([*args, "probe_flagged_runs=true"], cwd=tmp_path)
+    assert probed.returncode == 0, probed.stderr[-3000:]
+    assert "sweep: 2 finished, 2 skipped (finished earlier)" in probed.stdout
+    assert sorted(rows(tmp_path, "ft").lora_rank) == [1, 2] and len(rows(tmp_path, "unlearning")) == 2
+
+
 def test_a_local_run_ignores_a_stale_ray_cluster_on_the_machine(tiny_llama, tmp_path):
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit
     (ray_tmp / "ray").mkdir()
@@ -152,6 +174,7 @@ BAD_INPUTS = [
     ("unlearn.stop_retain_floor=-0.1", "unlearn.stop_retain_floor: -0.1 is not allowed"),
     ("seeds=[-1]", "seeds: -1 is not allowed; use integers >= 0"),
     ("ray.max_retries=-2", "ray.max_retries: -2 is not allowed"),
+    ("probe_flagged_runs=maybe", "probe_flagged_runs: 'maybe' is not allowed; use true or false"),
     # the model, its architecture, what a method cannot use
     ("model_id=/no/such/model", "model_id: '/no/such/model' is not allowed; use an embedded alias"),
     ("unlearn.lora_target_modules=[foo_proj]",

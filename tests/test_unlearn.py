@@ -195,7 +195,7 @@ def _scripted_checks(monkeypatch, forget_values, retain_values=None):
     mean accuracies, in order."""
     calls = iter(range(10_000))
 
-    def means(self, model, first):
+    def means(self, model, step, first):
         i = next(calls)
         forget = forget_values[min(i, len(forget_values) - 1)]
         retain = retain_values[min(i, len(retain_values) - 1)] if retain_values else float("nan")
@@ -212,6 +212,34 @@ def test_the_stop_rule_stops_at_the_first_check_at_or_below_the_target(tiny_llam
     assert result.stop.reason == "target" and result.stop.reached and result.stop.step == 6 and result.steps == 6
     assert result.stop.epoch == 1 and result.stop.forget_acc == 0.3
     assert set(next(iter(result.forget_accs.values()))) == {0, 1}  # evaluated before and where it stopped
+
+
+def test_where_the_run_stops_the_checks_scores_are_recorded_not_scored_again(tiny_llama, facts, tmp_path,
+                                                                            monkeypatch):
+    """The check at the stopping step has just scored the forget files: the
+    final evaluation records those scores and scores only what the check did
+    not (retain, with no retain floor)."""
+    scored = []
+    real_score, real_means = uc.Evaluator.score, uc.StopChecker.means
+
+    def score(self, model, files):
+        scored.append(tuple(f.name for f in files))
+        return real_score(self, model, files)
+
+    def means(self, model, step, first):
+        forget, retain = real_means(self, model, step, first)
+        return (0.9 if first else 0.0), retain  # the first check after step 0 stops the run
+
+    monkeypatch.setattr(uc.Evaluator, "score", score)
+    monkeypatch.setattr(uc.StopChecker, "means", means)
+    result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.GD, epochs=2, stop_at_forget_acc=0.3,
+                      stop_check_every=2)
+    assert result.stop.step == 2
+    forget, retain = tuple(VAL), tuple(VAL_RETAIN)
+    # before training: forget and retain; the check at step 2: forget; the stop: retain only
+    assert scored == [forget, retain, forget, retain]
+    assert set(next(iter(result.forget_accs.values()))) == {0, 1}
+    assert set(next(iter(result.retain_accs.values()))) == {0, 1}
 
 
 def test_a_model_already_at_the_target_takes_no_step(tiny_llama, facts, tmp_path, monkeypatch):
