@@ -80,8 +80,15 @@ def _by_epoch(mapping: dict) -> dict[int, float]:
     return {int(k): float(v) for k, v in mapping.items()}
 
 
+def read_csv_keeping_keys(path: Path) -> pd.DataFrame:
+    """A results CSV with its `*_key` columns as text: a key such as
+    "07270824e702" would otherwise be read as a number (here, inf)."""
+    keys = [c for c in pd.read_csv(path, nrows=0).columns if c.endswith("_key")]
+    return pd.read_csv(path, dtype=dict.fromkeys(keys, str))
+
+
 def read_csvs(directory: Path) -> pd.DataFrame:
-    frames = [pd.read_csv(p).assign(_file=p.name) for p in sorted(directory.glob("*.csv"))]
+    frames = [read_csv_keeping_keys(p).assign(_file=p.name) for p in sorted(directory.glob("*.csv"))]
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     for column in frame.columns:
         if frame[column].map(lambda v: isinstance(v, str) and v[:1] in "{[").any():

@@ -546,7 +546,7 @@ def flagged_run_keys(results_dir: str | os.PathLike) -> set[str]:
     """Run keys whose recorded row says the stop rule flagged the run."""
     keys: set[str] = set()
     for path in sorted(Path(results_dir, "unlearning").glob("*.csv")):
-        frame = pd.read_csv(path, usecols=lambda c: c in ("run_key", "stop_reason"))
+        frame = pd.read_csv(path, usecols=lambda c: c in ("run_key", "stop_reason"), dtype=str)
         if "stop_reason" in frame:
             keys.update(frame.loc[frame["stop_reason"].isin(FLAGGED_STOPS), "run_key"].dropna().astype(str))
     return keys
@@ -558,7 +558,8 @@ def recorded_keys(results_dir: str | os.PathLike) -> dict[str, dict[str, list[st
     for folder, column in KEY_COLUMNS.items():
         keys: dict[str, list[str]] = {}
         for path in sorted(Path(results_dir, folder).glob("*.csv")):
-            frame = pd.read_csv(path, usecols=lambda c: c == column)
+            # as text: a key such as "07270824e702" would otherwise be read as a number
+            frame = pd.read_csv(path, usecols=lambda c: c == column, dtype=str)
             for key in frame.get(column, pd.Series(dtype=str)).dropna().astype(str):
                 keys.setdefault(key, []).append(str(path))
         found[folder] = keys

@@ -165,9 +165,9 @@ def bits(correct: int, n: int) -> str:
 
 
 def seeded_run(results, index, seed, rank, files, *, base, a, b, c=None, floor=None, n=20, stop_reached=None,
-               quant4=None, lora_rtt=None, retain_after=0.9):
+               quant4=None, lora_rtt=None, retain_after=0.9, key=None):
     """A hand-made run: per file, base/A/B (and C, floor, probes) correct counts out of n."""
-    key = f"key-r{rank}-s{seed}"
+    key = key or f"key-r{rank}-s{seed}"
     model = f"/m/r{rank}-s{seed}"
     pl.write_result_csv(results / "unlearning", index, {
         "model_path": model, "dataset": "D", "unlearn_type": "LORA", "lora_rank": rank, "lr": 1e-3, "epochs": 5,
@@ -282,3 +282,16 @@ def test_unlearning_that_damaged_retain_is_flagged(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "flagged: 1 row(s) kept less than 0.8 of their retain accuracy (retain damaged)" in out
     assert "retain damaged" in ar.format_table(table)
+
+
+def test_keys_that_look_like_numbers_stay_keys(tmp_path):
+    """Keys are hex digests: "07270824e702" reads as a float (inf) and
+    "000000000012" as 12 unless the key columns are read as text."""
+    seeded_run(tmp_path, 0, 0, 4, ["s0"], base=20, a=4, b=12, key="07270824e702", quant4=4)
+    seeded_run(tmp_path, 1, 0, 4, ["s0"], base=20, a=4, b=16, key="07270824e702", quant4=8)  # rewritten: it wins
+    seeded_run(tmp_path, 2, 1, 4, ["s0"], base=20, a=4, b=8, key="000000000012", quant4=4)
+    results = ar.load_results(tmp_path)
+    assert sorted(results.unlearning.run_key) == ["000000000012", "07270824e702"]
+    assert set(results.quant.upstream_key) == {"000000000012", "07270824e702"}
+    row = ar.analyze(tmp_path, ar.Options(bootstrap=200), stream=open("/dev/null", "w")).iloc[0]
+    assert row.n_seeds == 2 and row.B == pytest.approx((16 + 8) / 40) and row.quant4 == pytest.approx((8 + 4) / 40)

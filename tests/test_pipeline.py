@@ -177,6 +177,18 @@ def test_result_csv_is_written_whole(tmp_path):
     assert json.loads(frame.forget_accs[0]) == {"f": {"0": 0.5, "1": 0.25}}
 
 
+def test_recorded_keys_that_look_like_numbers_are_found_as_written(tmp_path):
+    """A key such as "07270824e702" must not be read as a number, or its job
+    would look unfinished and run again on every rerun."""
+    keys = ["07270824e702", "000000000012", "abc123def456"]
+    for i, key in enumerate(keys):
+        pl.write_result_csv(tmp_path / "unlearning", i, {"run_key": key, "stop_reason": "retain_floor"})
+        pl.write_result_csv(tmp_path / "quant", i, {"probe_key": key, "upstream_key": key})
+    recorded = pl.recorded_keys(tmp_path)
+    assert sorted(recorded["unlearning"]) == sorted(keys) and sorted(recorded["quant"]) == sorted(keys)
+    assert pl.flagged_run_keys(tmp_path) == set(keys)
+
+
 def test_unlearning_row_carries_rank(tmp_path, shared_data):
     cfg = config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}/m", "model_id=/x/tiny",
                             "unlearn.lora_ranks=[16]", "seeds=[2]"])
