@@ -539,31 +539,29 @@ def write_row(directory: Path, index: int, row: Mapping[str, Any], replaces: Seq
     return path
 
 
-FLAGGED_STOPS = ("retain_floor", "epochs")  # stop_reason of runs the stop rule did not match
+@dataclass
+class Recorded:
+    """The rows already written, {stage folder: {key: [csv paths]}}, and the
+    runs among them that the stop rule flagged (stopped short of its target)."""
+
+    keys: dict[str, dict[str, list[str]]]
+    flagged: set[str]
 
 
-def flagged_run_keys(results_dir: str | os.PathLike) -> set[str]:
-    """Run keys whose recorded row says the stop rule flagged the run."""
-    keys: set[str] = set()
-    for path in sorted(Path(results_dir, "unlearning").glob("*.csv")):
-        frame = pd.read_csv(path, usecols=lambda c: c in ("run_key", "stop_reason"), dtype=str)
-        if "stop_reason" in frame:
-            keys.update(frame.loc[frame["stop_reason"].isin(FLAGGED_STOPS), "run_key"].dropna().astype(str))
-    return keys
-
-
-def recorded_keys(results_dir: str | os.PathLike) -> dict[str, dict[str, list[str]]]:
-    """{stage folder: {key: [csv paths]}} of the rows already written."""
-    found: dict[str, dict[str, list[str]]] = {}
+def recorded_rows(results_dir: str | os.PathLike) -> Recorded:
+    recorded = Recorded({}, set())
     for folder, column in KEY_COLUMNS.items():
-        keys: dict[str, list[str]] = {}
+        keys = recorded.keys[folder] = {}
         for path in sorted(Path(results_dir, folder).glob("*.csv")):
             # as text: a key such as "07270824e702" would otherwise be read as a number
-            frame = pd.read_csv(path, usecols=lambda c: c == column, dtype=str)
-            for key in frame.get(column, pd.Series(dtype=str)).dropna().astype(str):
-                keys.setdefault(key, []).append(str(path))
-        found[folder] = keys
-    return found
+            frame = pd.read_csv(path, usecols=lambda c: c in (column, "stop_reason"), dtype=str)
+            reasons = frame.get("stop_reason", pd.Series(None, index=frame.index, dtype=str))
+            for key, reason in zip(frame.get(column, pd.Series(dtype=str)), reasons):
+                if isinstance(key, str):
+                    keys.setdefault(key, []).append(str(path))
+                    if isinstance(reason, str) and reason != uc.StopOutcome.TARGET:
+                        recorded.flagged.add(key)
+    return recorded
 
 
 def _stop_columns(run: Run, result: uc.UnlearnResult) -> dict:
@@ -637,8 +635,8 @@ class Plan:
     given_rtt: list[RttJob] = field(default_factory=list)  # only_ft
     reference_quant: list[QuantJob] = field(default_factory=list)  # the pre-unlearning model, quantized
     finished: set[str] = field(default_factory=set)  # keys of jobs with a row (and model) already
-    flagged: set[str] = field(default_factory=set)  # keys of finished runs the stop rule flagged
-    probe_flagged: bool = True  # probe_flagged_runs: false holds back the probes of flagged runs
+    # finished runs the stop rule flagged, whose probes wait (probe_flagged_runs=false)
+    held_back_runs: set[str] = field(default_factory=set)
 
     def rtt_count(self) -> int:
         return sum(len(r.rtt) for r in self.runs) + len(self.baseline_rtt) + len(self.floor_rtt) + len(self.given_rtt)
@@ -655,7 +653,7 @@ class Plan:
 
     def held_back(self, job) -> bool:
         """A probe of a run flagged earlier, with probe_flagged_runs=false."""
-        return not self.probe_flagged and getattr(job, "upstream", "") in self.flagged
+        return getattr(job, "upstream", "") in self.held_back_runs
 
     def held_back_jobs(self) -> list:
         return [job for job in self.jobs() if job.key not in self.finished and self.held_back(job)]
@@ -870,14 +868,14 @@ def plan_sweep(cfg: DictConfig | Mapping) -> Plan:
     if teach:
         ensure_dataset(c, teach.dataset)
     plan = Plan(base_model, teach.model_path if teach else base_model, teach)
-    recorded = recorded_keys(c["results_dir"])  # with rerun=true too: the new rows replace these
+    recorded = recorded_rows(c["results_dir"])  # with rerun=true too: the new rows replace these
     if c["only_ft"]:
         plan.given_rtt = only_ft_jobs(planner)
     else:
         add_runs(planner, plan, points, datasets)
-    mark_finished(plan, recorded, c["rerun"])
-    plan.flagged = flagged_run_keys(c["results_dir"]) & plan.finished
-    plan.probe_flagged = c["probe_flagged_runs"]
+    mark_finished(plan, recorded.keys, c["rerun"])
+    if not c["probe_flagged_runs"]:
+        plan.held_back_runs = recorded.flagged & plan.finished
     return plan
 
 
@@ -1203,7 +1201,7 @@ class Sweep:
                 continue
             self.finished.append((job, report))
             dependents = waiting.pop(job.key, [])
-            if not self.plan.probe_flagged and report.flagged and dependents:
+            if not self.cfg["probe_flagged_runs"] and report.flagged and dependents:
                 self.skipped_flagged += dependents
                 bar.update(job, f"{report.summary}; flagged, so its {len(dependents)} probe(s) are skipped "
                                 "(probe_flagged_runs=false)", 1 + len(dependents))

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, fields
 from enum import Enum, auto
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -1406,9 +1406,11 @@ class StopOutcome:
     forget_acc: float
     retain_acc: float
 
+    TARGET: ClassVar[str] = "target"  # the one reason that is not a flag
+
     @property
     def reached(self) -> bool:
-        return self.reason == "target"
+        return self.reason == self.TARGET
 
 
 @dataclass
@@ -1564,7 +1566,7 @@ class StopChecker:
         if rule.stop_retain_floor is not None and retain < rule.stop_retain_floor:
             return StopOutcome(step, epoch, "retain_floor", forget, retain)
         if rule.stop_at_forget_acc is not None and forget <= rule.stop_at_forget_acc:
-            return StopOutcome(step, epoch, "target", forget, retain)
+            return StopOutcome(step, epoch, StopOutcome.TARGET, forget, retain)
         return None
 
     def means(self, model, step: int, first: bool) -> tuple[float, float]:

@@ -184,9 +184,9 @@ def test_recorded_keys_that_look_like_numbers_are_found_as_written(tmp_path):
     for i, key in enumerate(keys):
         pl.write_result_csv(tmp_path / "unlearning", i, {"run_key": key, "stop_reason": "retain_floor"})
         pl.write_result_csv(tmp_path / "quant", i, {"probe_key": key, "upstream_key": key})
-    recorded = pl.recorded_keys(tmp_path)
-    assert sorted(recorded["unlearning"]) == sorted(keys) and sorted(recorded["quant"]) == sorted(keys)
-    assert pl.flagged_run_keys(tmp_path) == set(keys)
+    recorded = pl.recorded_rows(tmp_path)
+    assert sorted(recorded.keys["unlearning"]) == sorted(keys) and sorted(recorded.keys["quant"]) == sorted(keys)
+    assert recorded.flagged == set(keys)
 
 
 def test_unlearning_row_carries_rank(tmp_path, shared_data):
