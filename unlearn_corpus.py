@@ -991,7 +991,8 @@ class Capabilities:
     @classmethod
     def detect(cls) -> "Capabilities":
         cuda = torch.cuda.is_available()
-        fast_bf16 = not cuda and cpu_has_native_bf16() and bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
+        # Measured on GPU machines too: device.device=cpu there (a CPU benchmark, say) still gets the CPU's policy.
+        fast_bf16 = cpu_has_native_bf16() and bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
         return cls(cuda=cuda, flash_attn=cuda and importable("flash_attn"), triton=cuda and importable("triton"),
                    cpu_bf16=fast_bf16)
 

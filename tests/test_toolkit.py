@@ -131,6 +131,20 @@ def test_device_policy_refuses_what_the_machine_lacks(overrides, caps, message):
         uc.resolve_device_policy(overrides, caps)
 
 
+def test_a_gpu_machine_forced_to_cpu_gets_the_cpus_own_precision(monkeypatch):
+    """The CPU's bf16 is detected whether or not CUDA is there: a CPU run on a
+    GPU machine (device.device=cpu) uses autocast where that CPU is fast at bf16."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(uc, "importable", lambda module: False)
+    monkeypatch.setattr(uc, "cpu_has_native_bf16", lambda: True)
+    for speedup, autocast in ((2.0, torch.bfloat16), (0.5, None)):
+        monkeypatch.setattr(uc, "bf16_matmul_speedup", lambda threads=None, s=speedup: s)
+        caps = uc.Capabilities.detect()
+        assert caps == uc.Capabilities(cuda=True, flash_attn=False, triton=False, cpu_bf16=autocast is not None)
+        assert uc.resolve_device_policy({}, caps) == uc.DevicePolicy("cuda", torch.bfloat16, "sdpa", False)
+        assert uc.resolve_device_policy({"device": "cpu"}, caps).autocast_dtype == autocast
+
+
 def test_detected_capabilities_on_this_machine_pick_a_runnable_policy():
     policy = uc.resolve_device_policy()
     if not torch.cuda.is_available():

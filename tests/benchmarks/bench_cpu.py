@@ -185,8 +185,8 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", default="steps,eval,memory,bytes", help="comma-separated: steps,eval,memory,bytes")
     parser.add_argument("--models-dir", default=str(ROOT / "models"))
     parser.add_argument("--data", default=str(ROOT / "data" / "bench"))
+    parser.add_argument("--model", help="a local checkpoint folder (default: the embedded model)")
     parser.add_argument("--child", choices=["full", "lora"])
-    parser.add_argument("--model")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if args.child:
@@ -195,10 +195,10 @@ def main(argv=None) -> int:
     if args.reps < 5:
         parser.error(f"--reps={args.reps} is not allowed; use 5 or more")
     torch.set_num_threads(1)
-    model = uc.resolve_model_path("smollm2-135m", args.models_dir)
+    model = args.model or uc.resolve_model_path("smollm2-135m", args.models_dir)
     data_root = facts(Path(args.data))
     parts = set(args.parts.split(","))
-    print(f"# torch {torch.__version__}, one thread, {args.reps} interleaved repetitions; CPU native bf16: "
+    print(f"# {model}; torch {torch.__version__}, one thread, {args.reps} interleaved repetitions; CPU native bf16: "
           f"{uc.cpu_has_native_bf16()}, bf16/fp32 matmul speed {uc.bf16_matmul_speedup(1):.2f}x, "
           f"policy: {'bf16 autocast' if uc.resolve_device_policy({'device': 'cpu'}).autocast_dtype else 'fp32'}")
     if "steps" in parts:
