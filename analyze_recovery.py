@@ -590,17 +590,26 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def nothing_to_compare(results_dir: str | Path, results: Results, left_out: Sequence[str]) -> str:
+    """Why the table is empty, in the terms of what the results directory holds."""
+    if left_out and len(left_out) == len(results.unlearning):
+        return (f"all {len(left_out)} unlearned run(s) under {results_dir} were left out of the matched comparison "
+                "(stop rule flags, listed above): no run reached the forget target with retain above the floor")
+    return f"no results for any unlearned model under {results_dir}; run pipeline.py first"
+
+
 def analyze(results_dir: str | Path, options: Options = Options(), out_dir: str | Path | None = None,
             stream=None) -> pd.DataFrame:
     """Print the table and the trend, write recovery_vs_rank.csv and .png, return the table."""
     stream = stream or sys.stdout
-    units, left_out = units_of(load_results(results_dir), options)
+    results = load_results(results_dir)
+    units, left_out = units_of(results, options)
     for line in left_out:
         print(line, file=stream)
     analysis = summarize(units, options)
     table = analysis.table
     if table.empty:
-        raise ValueError(f"no results for any unlearned model under {results_dir}; run pipeline.py first")
+        raise ValueError(nothing_to_compare(results_dir, results, left_out))
     title = "all settings"
     if options.match_target is not None:
         matched = match_forgetting(table, options.match_target, options.match_tolerance)

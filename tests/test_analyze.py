@@ -258,6 +258,15 @@ def test_runs_that_missed_the_stop_target_are_left_out_with_a_line(tmp_path, cap
     assert "left out of matched comparison: LORA rank 4 seed 1" in capsys.readouterr().out
 
 
+def test_a_table_emptied_by_the_stop_rule_says_so(tmp_path, capsys):
+    """Every run flagged by the stop rule: the error says so, not 'run pipeline.py first'."""
+    seeded_run(tmp_path, 0, 0, 4, ["s0"], base=20, a=15, b=18, stop_reached=False)
+    seeded_run(tmp_path, 1, 1, 4, ["s0"], base=20, a=14, b=18, stop_reached=False)
+    assert ar.main(["--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "all 2 unlearned run(s) under" in err and "run pipeline.py first" not in err
+
+
 def test_the_trend_across_ranks_is_a_slope_per_doubling(tmp_path, capsys):
     for i, (rank, b) in enumerate(((1, 8), (4, 12), (16, 16))):  # +0.25 per 2 doublings
         for seed in (0, 1):
