@@ -200,12 +200,18 @@ def test_unlearning_row_carries_rank(tmp_path, shared_data):
 
 
 @pytest.mark.parametrize("ray_cfg, cluster, expected", [
-    ({"cpus_per_task": 1, "gpus_per_task": "auto"}, {"CPU": 2}, pl.Resources(1, 0)),
-    ({"cpus_per_task": 2, "gpus_per_task": "auto"}, {"CPU": 8, "GPU": 4}, pl.Resources(2, 1)),
-    ({"cpus_per_task": 1, "gpus_per_task": 0}, {"CPU": 8, "GPU": 4}, pl.Resources(1, 0)),
+    ({"cpus_per_task": 1, "gpus_per_task": "auto"}, {"CPU": 2}, pl.Resources(1, 0, 2)),
+    ({"cpus_per_task": 2, "gpus_per_task": "auto"}, {"CPU": 8, "GPU": 4}, pl.Resources(2, 1, 4)),
+    ({"cpus_per_task": 1, "gpus_per_task": 0}, {"CPU": 8, "GPU": 4}, pl.Resources(1, 0, 8)),
+    ({"cpus_per_task": 2, "gpus_per_task": 0.25}, {"CPU": 16, "GPU": 1}, pl.Resources(2, 0.25, 4)),  # GPU-bound
+    ({"cpus_per_task": 3, "gpus_per_task": 0}, {"CPU": 2.5}, None),  # more than the cluster: refused
 ])
 def test_task_resources(ray_cfg, cluster, expected):
-    assert pl.task_resources(ray_cfg, cluster) == expected
+    if expected is None:
+        with pytest.raises(pl.ConfigError, match="ray.cpus_per_task: 3 is more than the 2.5 CPU"):
+            pl.task_resources(ray_cfg, cluster)
+    else:
+        assert pl.task_resources(ray_cfg, cluster) == expected
 
 
 def test_task_never_asks_for_a_missing_gpu():

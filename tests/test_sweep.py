@@ -140,6 +140,20 @@ def test_progress_in_a_log_is_a_few_plain_lines_per_job(tiny_llama, tmp_path):
     assert not any("pid=" in line or "repeated" in line or "Token authentication" in line for line in lines)
 
 
+def test_a_finished_runs_probes_go_ahead_of_the_next_run_but_not_of_the_last(tiny_llama, tmp_path):
+    """One task at a time: each run's RTT follows it, so whole rows arrive
+    early rather than every RTT after the last unlearning run; the last run
+    (the longest job left) goes ahead of the probes waiting then."""
+    result = run_cli(sweep_args(tiny_llama, tmp_path, "ray.num_cpus=1", "unlearn.lora_ranks=[1,2,4,8,16]",
+                                "ft.num_splits=1", "progress=lines"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = [line.split("] ", 1)[1].split(":")[0] for line in result.stdout.splitlines() if line.startswith("[")]
+    order = [label.split()[1] + (" unlearn" if "unlearn" in label else " rtt") for label in done]
+    # ranks 8 and 16 are the last two rounds (one task at a time): they start before the probes waiting then
+    assert order == ["r1 unlearn", "r1 rtt", "r2 unlearn", "r2 rtt", "r4 unlearn", "r8 unlearn", "r16 unlearn",
+                     "r4 rtt", "r8 rtt", "r16 rtt"], done
+
+
 # ---------------------------------------------------------------- every bad input, refused in one line
 
 
