@@ -29,6 +29,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -78,14 +79,23 @@ def step_times(model: str, data_root: Path, reps: int) -> dict[str, list[float]]
     for name, (rank, autocast) in configs.items():
         s = settings(model, data_root, lora_rank=rank, autocast=autocast)
         trainings[name] = uc.Training.setup(s.train, uc.GRADIENT_DIFFERENCE(s))
-    batches = trainings["full_fp32"].objective.epoch_steps(1)
-    times: dict[str, list[float]] = {name: [] for name in configs}
-    for rep in range(reps + 1):  # the first round warms up
+    return interleaved_step_times(trainings, reps)
+
+
+def interleaved_step_times(trainings: dict[str, uc.Training], reps: int, warmup: int = 1,
+                           sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Seconds per step of each training, one step of each in turn per round
+    (so drift hits all alike); the first `warmup` rounds are not kept.
+    `sync` waits for queued device work (CUDA) before each clock reading."""
+    batches = next(iter(trainings.values())).objective.epoch_steps(1)
+    times: dict[str, list[float]] = {name: [] for name in trainings}
+    for rep in range(reps + warmup):
         for name, training in trainings.items():
-            item = batches[rep % len(batches)]
+            sync()
             start = time.perf_counter()
-            training.step(item)
-            if rep:
+            training.step(batches[rep % len(batches)])
+            sync()
+            if rep >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
 

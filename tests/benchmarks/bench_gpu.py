@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,21 +35,6 @@ def training(model: str, data_root: Path, rank: int | None, triton: bool, device
     return uc.Training.setup(train, uc.GRADIENT_DIFFERENCE(replace(s, train=train)))
 
 
-def step_times(trainings: dict[str, uc.Training], reps: int, warmup: int = 3) -> dict[str, list[float]]:
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    batches = next(iter(trainings.values())).objective.epoch_steps(1)
-    times: dict[str, list[float]] = {name: [] for name in trainings}
-    for rep in range(reps + warmup):
-        for name, t in trainings.items():
-            sync()
-            start = time.perf_counter()
-            t.step(batches[rep % len(batches)])
-            sync()
-            if rep >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a local checkpoint folder (default: the embedded model)")
@@ -69,7 +53,8 @@ def main(argv=None) -> int:
     policy = trainings["full_triton"].stage.policy
     print(f"# {model}; torch {torch.__version__}, {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}; "
           f"policy {policy.dtype}, {policy.attn_implementation}; {args.reps} interleaved repetitions")
-    times = step_times(trainings, args.reps)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    times = bench_cpu.interleaved_step_times(trainings, args.reps, warmup=3, sync=sync)
     for name, values in times.items():
         print(f"# step {name}: median {1000 * statistics.median(values):.1f} ms")
     print(f"ratio lora_vs_full_step_bf16 {bench_cpu.median_ratio(times['lora8_triton'], times['full_triton']):.3f}")
