@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(PY) analyze_recovery.py --results-dir evals/demo_cpu
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_cpu.py

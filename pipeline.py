@@ -555,7 +555,11 @@ def recorded_rows(results_dir: str | os.PathLike) -> Recorded:
         keys = recorded.keys[folder] = {}
         for path in sorted(Path(results_dir, folder).glob("*.csv")):
             # as text: a key such as "07270824e702" would otherwise be read as a number
-            frame = pd.read_csv(path, usecols=lambda c: c in (column, "stop_reason"), dtype=str)
+            try:
+                frame = pd.read_csv(path, usecols=lambda c: c in (column, "stop_reason"), dtype=str)
+            except (UnicodeDecodeError, ValueError) as err:  # pandas' parser errors are ValueErrors
+                raise ConfigError(f"results_dir: {path} cannot be read as a results row ({type(err).__name__}: "
+                                  f"{first_line(err)}); move it out of {Path(results_dir, folder)}") from None
             reasons = frame.get("stop_reason", pd.Series(None, index=frame.index, dtype=str))
             for key, reason in zip(frame.get(column, pd.Series(dtype=str)), reasons):
                 if isinstance(key, str):
@@ -563,6 +567,17 @@ def recorded_rows(results_dir: str | os.PathLike) -> Recorded:
                     if isinstance(reason, str) and reason != uc.StopOutcome.TARGET:
                         recorded.flagged.add(key)
     return recorded
+
+
+def drop_superseded_rows(results_dir: str | os.PathLike) -> int:
+    """Keep the newest row of each key. A driver killed mid-sweep leaves Ray
+    workers that can still write a row for a few seconds, after a quick rerun
+    has planned that job again; that rerun then writes a second row."""
+    superseded = [old for keys in recorded_rows(results_dir).keys.values() for paths in keys.values()
+                  for old in sorted(paths)[:-1]]  # file names start with their time
+    for path in superseded:
+        Path(path).unlink(missing_ok=True)
+    return len(superseded)
 
 
 def _stop_columns(run: Run, result: uc.UnlearnResult) -> dict:
@@ -963,7 +978,9 @@ def validate_settings(cfg: Mapping) -> None:
     """Checks that need no model or data: modes, sizes, device, Ray, wandb."""
     if cfg["just_eval"] and cfg["only_ft"]:
         raise ConfigError("just_eval and only_ft cannot both be set")
-    uc.NON_NEGATIVE_INTS.check(cfg["ft"]["num_splits"], "ft.num_splits")
+    rtt_on = not (cfg["dont_ft"] or cfg["just_eval"])
+    if uc.NON_NEGATIVE_INTS.check(cfg["ft"]["num_splits"], "ft.num_splits") == 0 and rtt_on:
+        raise ConfigError("ft.num_splits: 0 is not allowed; use a positive integer (to run no RTT, set dont_ft=true)")
     uc.NON_NEGATIVE_INTS.each(cfg["seeds"], "seeds")
     if len(set(cfg["seeds"])) != len(cfg["seeds"]):
         raise ConfigError(f"seeds: {cfg['seeds']!r} is not allowed; give each seed once")
@@ -1092,8 +1109,13 @@ def import_plugins(modules: Sequence[str]) -> None:
     """Modules that add methods to METHODS (one registry row and an objective each)."""
     import importlib
 
-    for module in modules:
-        importlib.import_module(module)
+    for module in uc.NAMES.check(modules or [], "plugins"):
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # noqa: BLE001 - whatever the module raises, the setting is at fault
+            raise ConfigError(f"plugins: {module!r} cannot be imported ({type(err).__name__}: {first_line(err)}); "
+                              "name a module on the Python path (PYTHONPATH) that adds rows to pipeline.METHODS") \
+                from None
 
 
 def start_ray(ray_cfg: Mapping, progress: str) -> None:
@@ -1108,7 +1130,6 @@ def start_ray(ray_cfg: Mapping, progress: str) -> None:
     if not address:
         ray.init(address="local", num_cpus=ray_cfg.get("num_cpus"), **quiet)
         return
-    check_reachable(address)
     project = str(Path(__file__).resolve().parent)
     try:
         ray.init(address=address, runtime_env={"working_dir": project,
@@ -1350,6 +1371,8 @@ def execute(cfg: DictConfig | Mapping) -> Sweep | None:
               + (f"; {held} probe(s) of flagged runs held back (probe_flagged_runs=false)" if held else "")
               + f". results: {c['results_dir']}", flush=True)
         return None
+    if c["ray"]["address"]:
+        check_reachable(c["ray"]["address"])  # refused in seconds, even where this process already runs Ray
     start_ray(c["ray"], progress)
     resources = task_resources(c["ray"], ray.cluster_resources())
     uc.resolve_model_path(c["model_id"], c["models_dir"])
@@ -1366,6 +1389,7 @@ def execute(cfg: DictConfig | Mapping) -> Sweep | None:
           f"{sum(len(r.quant) for r in plan.runs) + len(plan.reference_quant)} quantization probe(s); "
           f"{len(plan.pending())} job(s) to run", flush=True)
     sweep.run()
+    drop_superseded_rows(c["results_dir"])
     return sweep
 
 
@@ -1476,31 +1500,46 @@ def check_folders(cfg: Mapping, datasets: Iterable[Datasets]) -> None:
         check_writable(cfg["data_root"], "data_root")
 
 
-@hydra.main(version_base=None, config_path=str(Path(__file__).resolve().parent / "conf"), config_name="default")
-def run_pipeline(cfg: DictConfig) -> None:
+def drive(cfg: DictConfig | Mapping) -> int:
+    """The whole command on a composed config: 0 when every job finished, 1
+    when one failed, 2 when the input was refused (one `error:` line on
+    stderr, before any model loads). Ray is shut down only if this call
+    started it (tests share one instance across sweeps)."""
     c = plain(cfg)
     progress = resolve_progress(c.get("progress", "auto")) if c.get("progress") in uc.PROGRESS_MODES else "lines"
     configure_logging(progress)
+    ray_was_up = ray.is_initialized()
+
+    def stop_ray() -> None:
+        # Before the error line: workers' forwarded output must not land after it.
+        if not ray_was_up:
+            ray.shutdown()
+
     try:
         sweep = execute(c)
     except (ConfigError, uc.DataValidationError) as err:
-        # Stop Ray first: its workers' forwarded output must not land after the error line.
-        ray.shutdown()
+        stop_ray()
         sys.stdout.flush()
         print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        return 2
     except ray.exceptions.RayError as err:
         error_type, line, _ = describe_error(err)
-        ray.shutdown()
+        stop_ray()
         print(f"error: {error_type}: {line}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        return 1
     if sweep is None:
-        return
+        return 0
     summary = sweep.summary()
-    ray.shutdown()
+    stop_ray()
     print(summary, flush=True)
-    if sweep.failed:
-        sys.exit(1)
+    return 1 if sweep.failed else 0
+
+
+@hydra.main(version_base=None, config_path=str(Path(__file__).resolve().parent / "conf"), config_name="default")
+def run_pipeline(cfg: DictConfig) -> None:
+    code = drive(cfg)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -393,15 +393,20 @@ def missing_files(data_root: str | os.PathLike, names: Iterable[str]) -> list[st
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_no = Path(path).read_bytes()[: err.start].count(b"\n") + 1
+        raise DataValidationError(f"{path}:{line_no}: not valid UTF-8 (byte {err.object[err.start]:#04x}); "
+                                  "save the file as UTF-8") from None
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataValidationError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataValidationError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
     return rows
 
 
@@ -967,7 +972,10 @@ def bf16_matmul_speedup(threads: int | None = None) -> float:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:
-        x, w = torch.randn(256, 576), torch.randn(1536, 576)
+        # Its own generator: the global one is seeded for the run, and the first
+        # measurement in a process would otherwise shift that run's LoRA init.
+        generator = torch.Generator().manual_seed(0)
+        x, w = torch.randn(256, 576, generator=generator), torch.randn(1536, 576, generator=generator)
         xb, wb = x.bfloat16(), w.bfloat16()
         fp32 = min(timeit.repeat(lambda: x @ w.t(), number=3, repeat=3))
         bf16 = min(timeit.repeat(lambda: xb @ wb.t(), number=3, repeat=3))
@@ -1481,10 +1489,12 @@ class Training:
 
     @classmethod
     def setup(cls, train: TrainSettings, objective: Objective) -> "Training":
-        rng = seed_everything(train.seed)
         policy = resolve_device_policy(train.device)
-        stage = Stage(train, policy, load_tokenizer(train.model), rng)
-        model = objective.prepare(load_model(train.model, policy), stage)
+        tokenizer, model = load_tokenizer(train.model), load_model(train.model, policy)
+        # Seeded after loading: an adapter folder's load draws from the generator (a plain
+        # checkpoint's does not), and a LoRA attacker's init must not depend on the format.
+        stage = Stage(train, policy, tokenizer, seed_everything(train.seed))
+        model = objective.prepare(model, stage)
         optimizer = make_optimizer(train.optimizer, model, train.lr, policy)
         return cls(stage, model, objective, optimizer, warmup_then_constant(optimizer, train.warmup_steps))
 

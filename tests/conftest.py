@@ -1,16 +1,118 @@
-"""Shared fixtures: tiny tokenizers and a tiny randomly initialised Llama, built
-here so no test needs the network or the embedded model."""
+"""Shared fixtures and helpers: tiny tokenizers and a tiny randomly
+initialised Llama (built here, so no test needs the network or the embedded
+model), one Ray instance for the whole session, and the ways tests run the
+pipeline: in this process through the CLI's own entry (`run_sweep`), or as a
+real `python pipeline.py` process where the process boundary is what is
+tested (`run_cli`)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
+# Ray workers (and pipeline subprocesses) find the project and the test plugins through this.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
+SMALL_DATA = ["random_bd.facts_per_split=4", "random_bd.num_dev=2"]
+
+
+# ---------------------------------------------------------------- running the pipeline
+
+
+def config(name: str = "lora_smoketest", overrides=()):
+    """A config composed as the CLI composes it (Hydra's compose API)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+@dataclass
+class Finished:
+    """What a pipeline command returned, in or out of this process."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _split_args(args) -> tuple[str, list[str]]:
+    names = [a.split("=", 1)[1] for a in args if a.startswith("--config-name=")]
+    return (names[-1] if names else "default"), [a for a in args if not a.startswith("--config-name=")]
+
+
+def run_sweep(args) -> Finished:
+    """`python pipeline.py ARGS` in this process: the same config composition
+    and the same entry (`pipeline.drive`), on the session's Ray instance when
+    one is up. Registry rows a plugin adds are removed afterwards."""
+    import pipeline as pl
+
+    name, overrides = _split_args(args)
+    cfg = config(name, overrides)
+    methods = dict(pl.METHODS)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = pl.drive(cfg)
+    finally:
+        pl.METHODS.clear()
+        pl.METHODS.update(methods)
+    return Finished(code, out.getvalue(), err.getvalue())
+
+
+def run_cli(args, cwd, timeout=600, env=None) -> Finished:
+    """A real `python pipeline.py` process (its own Ray instance)."""
+    result = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), *args], cwd=cwd, capture_output=True,
+                            text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return Finished(result.returncode, result.stdout, result.stderr)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance (2 CPUs) for every in-process sweep of the session."""
+    import ray
+
+    import pipeline as pl
+
+    pl.configure_logging("lines")
+    pl.start_ray({"address": None, "num_cpus": 2}, "lines")
+    yield
+    ray.shutdown()
+
+
+def assert_refused(result: Finished, message: str, root: Path) -> None:
+    """Exit status 2, `message` on the one and last `error:` line, and no
+    model or results folder written under `root`."""
+    assert result.returncode == 2, result.stderr[-2000:] + result.stdout[-1000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-2000:]
+    assert sum(line.startswith("error:") for line in lines) == 1
+    assert not (root / "models").exists() and not (root / "evals").exists()
+
+
+def smoketest_args(model, root: Path, *extra, data_root=None) -> list[str]:
+    """The LoRA smoketest on a tiny model, everything written under `root`."""
+    return ["--config-name=lora_smoketest", f"model_id={model}", f"data_root={data_root or root / 'data'}",
+            f"models_dir={root}/models", f"results_dir={root}/evals", "ray.num_cpus=2", "quant.bits=[]",
+            *([] if data_root else SMALL_DATA), *extra]
+
+
+def rows(root: Path, stage: str):
+    """Every row a sweep under `root` wrote for one stage folder."""
+    import pandas as pd
+
+    paths = sorted((root / "evals" / stage).glob("*.csv"))
+    return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True) if paths else pd.DataFrame()
 
 
 def _training_text() -> list[str]:
@@ -90,4 +192,52 @@ def small_facts(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("facts")
     uc.write_random_bd_dataset(root / "random_bd", uc.RandomBdSpec.with_defaults(num_splits=3, facts_per_split=6, seed=1))
+    return root
+
+
+# ---------------------------------------------------------------- sweeps shared by several tests
+
+# 32 made-up facts a split: enough questions that the adapter and merged
+# formats' accuracies, compared to 1e-6, would show a difference.
+LORA_SWEEP = ["baseline_rtt=true", "seeds=[0,1]", "ft.lora_rtt.enabled=true", "ft.lora_rtt.lora_rank=2",
+              "ft.lora_rtt.epochs_lst=[1]", "random_bd.facts_per_split=32"]
+TOY_BLOCK = "{loss_type: CORPUS, datasets_config: {RANDOM_BD_SAME_RETAIN: {epochs_lst: [1], lrs: [1e-3], rcs: [0.0]}}}"
+CUT_GRID = "unlearn.types_config.CUT.datasets_config.RANDOM_BD_SAME_RETAIN"
+
+
+def sweep_frames(root: Path) -> dict:
+    return {stage: rows(root, stage) for stage in ("unlearning", "ft")}
+
+
+@pytest.fixture(scope="session")
+def merged_sweep(tiny_llama, tmp_path_factory) -> Path:
+    """The LoRA smoketest as a real command (exit status, no outputs/ folder):
+    rank 4 at seeds 0 and 1, merged checkpoints, RTT on 2 held-out splits, the
+    adapter-relearning probe and baseline RTT (C) per seed, on made-up facts
+    (the CUT and TOY sweep reads the paper's files)."""
+    root = tmp_path_factory.mktemp("merged-sweep")
+    result = run_cli(smoketest_args(tiny_llama, root, *LORA_SWEEP), cwd=root)
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
+    return root
+
+
+@pytest.fixture(scope="session")
+def adapter_sweep(tiny_llama, tmp_path_factory, ray_session) -> Path:
+    """The same sweep with save_format=adapter, in this process."""
+    root = tmp_path_factory.mktemp("adapter-sweep")
+    result = run_sweep(smoketest_args(tiny_llama, root, *LORA_SWEEP, "unlearn.save_format=adapter"))
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
+    return root
+
+
+@pytest.fixture(scope="session")
+def methods_sweep(tiny_llama, shared_data, tmp_path_factory, ray_session) -> Path:
+    """CUT (the RMU objective) and TOY, a method that tests/toy_method.py adds
+    through the registry alone (its config block from the command line)."""
+    root = tmp_path_factory.mktemp("methods-sweep")
+    result = run_sweep(smoketest_args(
+        tiny_llama, root, "plugins=[toy_method]", "unlearn.types=[CUT,TOY]", f"+unlearn.types_config.TOY={TOY_BLOCK}",
+        "unlearn.cut_scs=[5]", f"{CUT_GRID}.epochs_lst=[1]", f"{CUT_GRID}.lrs=[1e-3]", f"{CUT_GRID}.rcs.add=[10]",
+        "ft.num_splits=1", data_root=shared_data))
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
     return root

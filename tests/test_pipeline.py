@@ -3,33 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 import pipeline as pl
 import unlearn_corpus as uc
+from conftest import ROOT, assert_refused, config, run_cli, run_sweep, sweep_frames
 from rmu import unlearn_pipeline as rmu
 from pipeline import Datasets, UnlearnType
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def config(name: str = "lora_smoketest", overrides=()):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return compose(config_name=name, overrides=list(overrides))
-
-
-def run_cli(args, cwd, timeout=600, env=None):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "pipeline.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=env)
 
 
 def test_get_log_range():
@@ -95,34 +78,50 @@ def test_baseline_rtt_runs_once_per_dataset_and_setting(tmp_path, shared_data):
     assert len(again.pending_baseline_rtt) == 3 and job.key not in {j.key for j in again.pending_baseline_rtt}
 
 
-@pytest.mark.parametrize("override, message", [
+BAD_VALUES = [
     ("unlearn.types=[FOO]", "unlearn.types: 'FOO' is not allowed; use one of CUT, GD, WHP, FWF, LORA"),
     ("datasets=[NOPE]", "datasets: 'NOPE' is not allowed; use one of YEARS_MMLU_RETAIN"),
     ("unlearn.lora_ranks=[-4]", "unlearn.lora_ranks: -4 is not allowed; use positive integers"),
     ("unlearn.lora_ranks=[0]", "unlearn.lora_ranks: 0 is not allowed"),
     ("ft.num_splits=7", "ft.num_splits: 7 is more than the 5 val files of RANDOM_BD_SAME_RETAIN"),
+    ("ft.num_splits=0", "ft.num_splits: 0 is not allowed; use a positive integer (to run no RTT, set dont_ft=true)"),
     ("device.device=cuda", "CUDA is not available"),
     ("wandb_mode=maybe", "wandb_mode: 'maybe' is not allowed"),
     ("+unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN.by_rank={4: {lrs: [-1e-3]}}",
      "RANDOM_BD_SAME_RETAIN.by_rank.4.lrs: -0.001 is not allowed; use positive numbers"),
-])
+    ("plugins=[no_such_plugin_module]", "plugins: 'no_such_plugin_module' cannot be imported (ModuleNotFoundError: "
+                                        "No module named 'no_such_plugin_module')"),
+    ("plugins=[broken_plugin]", "plugins: 'broken_plugin' cannot be imported (RuntimeError: "
+                                "this plugin fails on import)"),
+]
+
+
+def smoketest_refusal_args(override, root: Path) -> list[str]:
+    return ["--config-name=lora_smoketest", *([override] if override else []), f"models_dir={root}/models",
+            f"data_root={root}/data", f"results_dir={root}/evals"]
+
+
+@pytest.mark.parametrize("override, message", BAD_VALUES, ids=[o.split("=")[0] + o[-8:] for o, _ in BAD_VALUES])
 def test_bad_values_are_refused_in_one_line_before_any_model_loads(override, message, tmp_path):
     if override == "device.device=cuda" and __import__("torch").cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert_refused_before_any_model_loads(override, message, tmp_path)
+    if override == "plugins=[broken_plugin]":
+        (tmp_path / "plugins").mkdir()
+        (tmp_path / "plugins" / "broken_plugin.py").write_text("raise RuntimeError('this plugin fails on import')\n")
+        __import__("sys").path.insert(0, str(tmp_path / "plugins"))
+    try:
+        assert_refused(run_sweep(smoketest_refusal_args(override, tmp_path)), message, tmp_path)
+    finally:
+        __import__("sys").modules.pop("broken_plugin", None)
 
 
-def assert_refused_before_any_model_loads(override, message, tmp_path):
-    """The smoketest with `override` (or none) exits 2 with `message` on one
-    last `error:` line and writes no model and no results."""
-    result = run_cli(["--config-name=lora_smoketest", *([override] if override else []),
-                      f"models_dir={tmp_path}/models", f"data_root={tmp_path}/data", f"results_dir={tmp_path}/evals"],
-                     cwd=tmp_path, timeout=120)
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-2000:]
-    assert sum(line.startswith("error:") for line in lines) == 1
-    assert not (tmp_path / "models").exists() and not (tmp_path / "evals").exists()
+@pytest.mark.parametrize("override, message", [BAD_VALUES[0], BAD_VALUES[-2]], ids=["unknown-method", "plugin"])
+def test_a_refusal_through_the_cli_exits_2_with_one_error_line(override, message, tmp_path):
+    """The exit-status contract of a real process (Hydra's own composition
+    included): a plugin that does not import is no Hydra traceback."""
+    result = run_cli(smoketest_refusal_args(override, tmp_path), cwd=tmp_path, timeout=120)
+    assert_refused(result, message, tmp_path)
+    assert "Traceback" not in result.stderr
 
 
 def test_missing_paper_files_are_named(tmp_path):
@@ -132,18 +131,49 @@ def test_missing_paper_files_are_named(tmp_path):
         pl.plan_sweep(cfg)
 
 
-@pytest.mark.parametrize("name, line, message", [
+MALFORMED_ROWS = [
     ("split_3", '{"question": "When?", "choices": ["1", "2", "3", "4"], "answer": 7}',
      "random_bd/split_3.jsonl:2: 'answer' must be an integer 0..3, got 7"),
     ("corpus_split_6", '{"text": "unterminated', "random_bd/corpus_split_6.jsonl:2: not valid JSON"),
     ("dev", '{"text": "a corpus row where questions belong"}', "random_bd/dev.jsonl:2: 'question' must be a string"),
-])
+    ("split_8", b'{"question": "When was Ren\xe9 born?", "choices": ["1", "2", "3", "4"], "answer": 0}',
+     "random_bd/split_8.jsonl:2: not valid UTF-8 (byte 0xe9); save the file as UTF-8"),
+]
+
+
+def write_malformed_row(root: Path, name: str, line: str | bytes) -> None:
+    uc.write_random_bd_dataset(root / "data" / "random_bd", uc.RandomBdSpec.with_defaults(num_splits=10, facts_per_split=4))
+    path = root / "data" / "random_bd" / f"{name}.jsonl"
+    rows = path.read_bytes().splitlines()
+    line = line if isinstance(line, bytes) else line.encode()
+    path.write_bytes(b"\n".join([rows[0], line, *rows[2:]]) + b"\n")
+
+
+@pytest.mark.parametrize("name, line, message", MALFORMED_ROWS, ids=[m[0] for m in MALFORMED_ROWS])
 def test_a_malformed_data_row_is_refused_in_one_line_before_any_model_loads(name, line, message, tmp_path):
-    uc.write_random_bd_dataset(tmp_path / "data" / "random_bd", uc.RandomBdSpec.with_defaults(num_splits=10, facts_per_split=4))
-    path = tmp_path / "data" / "random_bd" / f"{name}.jsonl"
-    rows = path.read_text().splitlines()
-    path.write_text("\n".join([rows[0], line, *rows[2:]]) + "\n")
-    assert_refused_before_any_model_loads(None, message, tmp_path)
+    write_malformed_row(tmp_path, name, line)
+    assert_refused(run_sweep(smoketest_refusal_args(None, tmp_path)), message, tmp_path)
+
+
+def test_a_data_file_that_is_not_utf8_is_refused_through_the_cli(tmp_path):
+    name, line, message = MALFORMED_ROWS[-1]
+    write_malformed_row(tmp_path, name, line)
+    result = run_cli(smoketest_refusal_args(None, tmp_path), cwd=tmp_path, timeout=120)
+    assert_refused(result, message, tmp_path)
+    assert "Traceback" not in result.stderr
+
+
+def test_a_results_file_that_cannot_be_read_is_refused_in_one_line(tmp_path):
+    """A file in a results folder that is no results row (not UTF-8, say) is
+    named, not a pandas traceback; nothing else is written."""
+    bad = tmp_path / "evals" / "ft" / "2026-01-01--num0.csv"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"rtt_key,condition\n\xff\xfe,baseline\n")
+    result = run_sweep(smoketest_refusal_args(None, tmp_path))
+    assert result.returncode == 2
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: results_dir: {bad} cannot be read as a results row (UnicodeDecodeError")
+    assert not (tmp_path / "models").exists() and [p.name for p in (tmp_path / "evals").rglob("*") if p.is_file()] == [bad.name]
 
 
 def test_unpublished_wmdp_files_fail_validation(shared_data):
@@ -189,6 +219,15 @@ def test_recorded_keys_that_look_like_numbers_are_found_as_written(tmp_path):
     assert recorded.flagged == set(keys)
 
 
+def test_a_key_written_twice_keeps_its_newest_row(tmp_path):
+    first = pl.write_result_csv(tmp_path / "ft", 0, {"rtt_key": "k1", "value": 1})
+    other = pl.write_result_csv(tmp_path / "ft", 1, {"rtt_key": "k2", "value": 2})
+    newest = pl.write_result_csv(tmp_path / "ft", 2, {"rtt_key": "k1", "value": 3})
+    assert pl.drop_superseded_rows(tmp_path) == 1
+    assert sorted(p.name for p in (tmp_path / "ft").iterdir()) == sorted([other.name, newest.name])
+    assert not first.exists()
+
+
 def test_unlearning_row_carries_rank(tmp_path, shared_data):
     cfg = config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}/m", "model_id=/x/tiny",
                             "unlearn.lora_ranks=[16]", "seeds=[2]"])
@@ -219,37 +258,34 @@ def test_task_never_asks_for_a_missing_gpu():
         pl.task_resources({"cpus_per_task": 1, "gpus_per_task": 1}, {"CPU": 2})
 
 
-def test_lora_smoketest_end_to_end(tiny_llama, shared_data, tmp_path):
+def test_lora_smoketest_end_to_end(merged_sweep):
     """The issue's command on a tiny Llama: unlearning (rank 4) then RTT on 2
     splits plus baseline RTT, CSVs written, model folder plain; then analysis."""
     from transformers import AutoModelForCausalLM
 
-    result = run_cli(["--config-name=lora_smoketest", f"model_id={tiny_llama}", f"data_root={shared_data}",
-                      f"models_dir={tmp_path}/models", f"results_dir={tmp_path}/evals", "ray.num_cpus=2",
-                      "baseline_rtt=true"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
-    unlearning = [pd.read_csv(p) for p in (tmp_path / "evals" / "unlearning").glob("*.csv")]
-    ft = pd.concat([pd.read_csv(p) for p in (tmp_path / "evals" / "ft").glob("*.csv")])
+    frames = sweep_frames(merged_sweep)
+    unlearning = frames["unlearning"][frames["unlearning"].seed == 0]
+    ft = frames["ft"][(frames["ft"].seed == 0) & (frames["ft"].probe == "rtt")]
     assert len(unlearning) == 1
-    row = unlearning[0].iloc[0]
+    row = unlearning.iloc[0]
     assert row.lora_rank == 4 and row.unlearn_type == "LORA" and row.dataset == "RANDOM_BD_SAME_RETAIN"
     for column in ("model_path", "lr", "epochs", "retain_coeff", "steering_coeff", "max_samples", "forget_accs",
                    "forget_accs_calibrated", "retain_accs", "retain_accs_calibrated", "base_model", "save_name"):
-        assert column in unlearning[0].columns
+        assert column in unlearning.columns
     assert sorted(ft.condition) == ["baseline", "baseline", "unlearned", "unlearned"]
     unlearned = ft[ft.condition == "unlearned"]
     assert set(unlearned.base_model) == {row.model_path} and sorted(unlearned.skip_split) == [0, 1]
-    assert all(json.loads(v) for v in ft.forget_accs_local)
+    assert all(json.loads(v) for v in frames["ft"].forget_accs_local)
     model_dir = Path(row.model_path)
     assert not any("adapter" in p.name for p in model_dir.iterdir())
     AutoModelForCausalLM.from_pretrained(model_dir)
-    assert not list(tmp_path.glob("outputs")), "hydra must not write outputs/"
+    assert not list(merged_sweep.glob("outputs")), "hydra must not write outputs/"
 
     import analyze_recovery
 
-    table = analyze_recovery.analyze(tmp_path / "evals", analyze_recovery.Options())
+    table = analyze_recovery.analyze(merged_sweep / "evals", analyze_recovery.Options())
     assert list(table.lora_rank) == [4] and not table.C.isna().any()
-    assert (tmp_path / "evals" / "recovery_vs_rank.png").stat().st_size > 0
+    assert (merged_sweep / "evals" / "recovery_vs_rank.png").stat().st_size > 0
 
 
 def test_by_rank_overrides_lrs_and_rcs_for_listed_ranks_only():
@@ -315,25 +351,21 @@ def test_method_settings_override_the_shared_ones(tmp_path, shared_data):
     assert isinstance(settings.method, rmu.RmuSettings)
 
 
-def test_a_method_added_through_the_registry_alone_runs_end_to_end(tiny_llama, shared_data, tmp_path):
+def test_a_method_added_through_the_registry_alone_runs_end_to_end(tiny_llama, methods_sweep):
     """tests/toy_method.py adds TOY with one registry row and one objective;
     its config block comes from the command line; nothing else knows it."""
-    block = "{loss_type: CORPUS, datasets_config: {RANDOM_BD_SAME_RETAIN: {epochs_lst: [1], lrs: [1e-3], rcs: [0.0]}}}"
-    result = run_cli(["--config-name=lora_smoketest", "plugins=[toy_method]", "unlearn.types=[TOY]",
-                      f"+unlearn.types_config.TOY={block}", f"model_id={tiny_llama}", f"data_root={shared_data}",
-                      f"models_dir={tmp_path}/models", f"results_dir={tmp_path}/evals", "ray.num_cpus=2",
-                      "ft.num_splits=1", "quant.bits=[]"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
-    [row] = [pd.read_csv(p).iloc[0] for p in (tmp_path / "evals" / "unlearning").glob("*.csv")]
+    unlearning, ft = sweep_frames(methods_sweep).values()
+    [row] = [r for _, r in unlearning.iterrows() if r.unlearn_type == "TOY"]
     assert row.unlearn_type == "TOY" and row.lora_rank == 0 and row.steps > 0
     from safetensors.torch import load_file
 
     before, after = load_file(Path(tiny_llama) / "model.safetensors"), load_file(Path(row.model_path) / "model.safetensors")
     assert any(not __import__("torch").equal(before[k], after[k]) for k in before)  # the toy objective trained
-    ft = [pd.read_csv(p).iloc[0] for p in (tmp_path / "evals" / "ft").glob("*.csv")]
-    assert [r.unlearn_type for r in ft] == ["TOY"] and ft[0].upstream_key == row.run_key
+    toy_rtt = [r for _, r in ft.iterrows() if r.unlearn_type == "TOY"]
+    assert [r.unlearn_type for r in toy_rtt] == ["TOY"] and toy_rtt[0].upstream_key == row.run_key
     source = (ROOT / "pipeline.py").read_text() + (ROOT / "unlearn_corpus.py").read_text()
     assert "TOY" not in source and "ForgetOnlyAscent" not in source
+    assert "TOY" not in pl.METHODS  # the plugin's row went with its sweep
 
 
 def test_an_unknown_method_lists_the_registry():
@@ -341,39 +373,33 @@ def test_an_unknown_method_lists_the_registry():
         pl.plan_sweep(config(overrides=["unlearn.types=[TOY2]", "model_id=/x/tiny"]))
 
 
-def _smoketest(tiny_llama, shared_data, root, *extra):
-    root.mkdir(parents=True, exist_ok=True)
-    result = run_cli(["--config-name=lora_smoketest", f"model_id={tiny_llama}", f"data_root={shared_data}",
-                      f"models_dir={root}/models", f"results_dir={root}/evals", "ray.num_cpus=2", "quant.bits=[]",
-                      *extra], cwd=root)
-    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
-    return {stage: pd.concat([pd.read_csv(p) for p in sorted((root / "evals" / stage).glob("*.csv"))])
-            for stage in ("unlearning", "ft")}
-
-
-def test_an_adapter_format_sweep_matches_a_merged_one(tiny_llama, shared_data, tmp_path):
+def test_an_adapter_format_sweep_matches_a_merged_one(merged_sweep, adapter_sweep):
     """save_format=adapter keeps only the adapter folder; RTT loads base plus
     adapter and merges in memory; the results match a merged run's."""
-    merged = _smoketest(tiny_llama, shared_data, tmp_path / "merged")
-    adapter = _smoketest(tiny_llama, shared_data, tmp_path / "adapter", "unlearn.save_format=adapter")
-    row = adapter["unlearning"].iloc[0]
-    assert row.save_format == "adapter" and merged["unlearning"].iloc[0].save_format == "merged"
-    files = {p.name for p in Path(row.model_path).iterdir()}
-    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
-    for column in ("forget_accs", "retain_accs"):
-        assert json.loads(row[column]) == json.loads(merged["unlearning"].iloc[0][column])
-    by_split = lambda frame: {r.skip_split: json.loads(r.forget_accs_local) for r in frame.itertuples()}  # noqa: E731
+    merged, adapter = sweep_frames(merged_sweep), sweep_frames(adapter_sweep)
+    for seed in (0, 1):
+        row = adapter["unlearning"][adapter["unlearning"].seed == seed].iloc[0]
+        twin = merged["unlearning"][merged["unlearning"].seed == seed].iloc[0]
+        assert row.save_format == "adapter" and twin.save_format == "merged"
+        files = {p.name for p in Path(row.model_path).iterdir()}
+        assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+        for column in ("forget_accs", "retain_accs"):
+            assert json.loads(row[column]) == json.loads(twin[column])
+
+    def by_split(frame):
+        return {(r.seed, r.probe, r.condition, r.skip_split): json.loads(r.forget_accs_local) for r in frame.itertuples()}
+
     ours, theirs = by_split(adapter["ft"]), by_split(merged["ft"])
     assert ours.keys() == theirs.keys() and all(
         abs(ours[s][e] - theirs[s][e]) <= 1e-6 for s in ours for e in ours[s])
 
 
-def test_the_adapter_relearning_probe_writes_its_rows(tiny_llama, shared_data, tmp_path):
+def test_the_adapter_relearning_probe_writes_its_rows(merged_sweep):
     """ft.lora_rtt: RTT whose attacker trains a LoRA adapter, same held-out
     splits, its rows marked probe=lora_rtt beside the full RTT's."""
-    frames = _smoketest(tiny_llama, shared_data, tmp_path, "ft.num_splits=1", "ft.lora_rtt.enabled=true",
-                        "ft.lora_rtt.lora_rank=2", "ft.lora_rtt.epochs_lst=[1]")
-    ft = frames["ft"][frames["ft"].condition == "unlearned"]
+    frames = sweep_frames(merged_sweep)
+    ft = frames["ft"][(frames["ft"].condition == "unlearned") & (frames["ft"].seed == 0)
+                      & (frames["ft"].skip_split == 0)]
     assert sorted(ft.probe) == ["lora_rtt", "rtt"]
     attacker = ft[ft.probe == "lora_rtt"].iloc[0]
     assert attacker.skip_split == 0 and attacker.epochs == 1
@@ -394,13 +420,14 @@ def test_the_never_taught_floor_is_planned_once_per_dataset_and_rtt_setting(tmp_
     assert len(plan.baseline_rtt) == 2 * 2 * len(splits)  # C: per seed as well
 
 
-def test_two_seeds_give_two_model_folders_and_analysis_counts_both(tiny_llama, shared_data, tmp_path):
+def test_two_seeds_give_two_model_folders_and_analysis_counts_both(merged_sweep):
     import analyze_recovery as ar
 
-    frames = _smoketest(tiny_llama, shared_data, tmp_path, "seeds=[0,1]", "ft.num_splits=1")
+    frames = sweep_frames(merged_sweep)
     unlearning = frames["unlearning"]
     assert sorted(unlearning.seed) == [0, 1] and unlearning.model_path.nunique() == 2
     assert all(Path(p).is_dir() and p.endswith(f"seed{s}") for p, s in zip(unlearning.model_path, unlearning.seed))
-    assert sorted(frames["ft"][frames["ft"].condition == "unlearned"].seed) == [0, 1]
-    table = ar.analyze(tmp_path / "evals", ar.Options(bootstrap=200))
-    assert list(table.n_seeds) == [2] and list(table.n) == [2]
+    unlearned = frames["ft"][(frames["ft"].condition == "unlearned") & (frames["ft"].probe == "rtt")]
+    assert sorted(unlearned.seed) == [0, 0, 1, 1]
+    table = ar.analyze(merged_sweep / "evals", ar.Options(bootstrap=200), out_dir=merged_sweep / "two-seeds")
+    assert list(table.n_seeds) == [2] and list(table.n) == [2 * 2]  # seeds x held-out splits

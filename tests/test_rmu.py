@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
 import unlearn_corpus as uc
 from pipeline import LossType
 from rmu import unlearn_pipeline as rmu
-from test_pipeline import run_cli
+from conftest import sweep_frames
 
 FORGET = [f"random_bd/corpus_split_{i}" for i in range(2)]
 RETAIN = ["random_bd/corpus_split_2"]
@@ -89,16 +88,11 @@ def test_main_returns_the_shared_record(tiny_llama, facts, tmp_path):
         "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
 
 
-def test_cut_end_to_end_through_pipeline(tiny_llama, shared_data, tmp_path):
-    result = run_cli(["--config-name=lora_smoketest", "unlearn.types=[CUT]", "unlearn.cut_scs=[5]",
-                      f"model_id={tiny_llama}", f"data_root={shared_data}", f"models_dir={tmp_path}/models",
-                      f"results_dir={tmp_path}/evals", "ray.num_cpus=2", "ft.num_splits=1",
-                      "unlearn.types_config.CUT.datasets_config.RANDOM_BD_SAME_RETAIN.epochs_lst=[1]",
-                      "unlearn.types_config.CUT.datasets_config.RANDOM_BD_SAME_RETAIN.lrs=[1e-3]",
-                      "unlearn.types_config.CUT.datasets_config.RANDOM_BD_SAME_RETAIN.rcs.add=[10]"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
-    rows = pd.concat([pd.read_csv(p) for p in (tmp_path / "evals" / "unlearning").glob("*.csv")])
+def test_cut_end_to_end_through_pipeline(methods_sweep):
+    rows = sweep_frames(methods_sweep)["unlearning"]
+    rows = rows[rows.unlearn_type == "CUT"]
     assert list(rows.unlearn_type) == ["CUT"] and list(rows.steering_coeff) == [5.0] and list(rows.lora_rank) == [0]
     assert json.loads(rows.forget_accs.iloc[0])
-    ft = pd.concat([pd.read_csv(p) for p in (tmp_path / "evals" / "ft").glob("*.csv")])
+    ft = sweep_frames(methods_sweep)["ft"]
+    ft = ft[ft.upstream_key == rows.run_key.iloc[0]]
     assert list(ft.unlearn_type) == ["CUT"] and list(ft.condition) == ["unlearned"]

@@ -18,34 +18,24 @@ import pandas as pd
 import pytest
 
 import pipeline as pl
-from test_pipeline import ROOT, assert_refused_before_any_model_loads, config, run_cli
+from conftest import ROOT, SMALL_DATA, assert_refused, config, rows, run_cli, run_sweep, smoketest_args
 
-SMALL_DATA = ["random_bd.facts_per_split=4", "random_bd.num_dev=2"]
-
-
-def sweep_args(tiny, root, *extra) -> list[str]:
-    return ["--config-name=lora_smoketest", f"model_id={tiny}", f"data_root={root}/data", f"models_dir={root}/models",
-            f"results_dir={root}/evals", "ray.num_cpus=2", "quant.bits=[]", *SMALL_DATA, *extra]
-
-
-def rows(root: Path, stage: str) -> pd.DataFrame:
-    paths = sorted((root / "evals" / stage).glob("*.csv"))
-    return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True) if paths else pd.DataFrame()
+pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def planned(tiny, root, *extra) -> pl.Plan:
-    return pl.plan_sweep(config(overrides=sweep_args(tiny, root, *extra)[1:]))
+    return pl.plan_sweep(config(overrides=smoketest_args(tiny, root, *extra)[1:]))
 
 
 def test_one_failing_run_stays_one_failure_and_a_rerun_finishes_only_what_is_missing(tiny_llama, tmp_path):
-    args = sweep_args(tiny_llama, tmp_path, "unlearn.lora_ranks=[1,2,4]", "ft.num_splits=1")
+    args = smoketest_args(tiny_llama, tmp_path, "unlearn.lora_ranks=[1,2,4]", "ft.num_splits=1")
     rank2 = planned(tiny_llama, tmp_path, "unlearn.lora_ranks=[1,2,4]", "ft.num_splits=1").runs[1]
     assert rank2.point.lora_rank == 2
     blocker = Path(rank2.model_path)  # a file where rank 2's checkpoint folder goes: saving it fails
     blocker.parent.mkdir(parents=True)
     blocker.write_text("not a folder")
 
-    first = run_cli(args, cwd=tmp_path)
+    first = run_sweep(args)
     assert first.returncode == 1, first.stderr[-3000:]
     assert "sweep: 4 finished, 0 skipped (finished earlier), 1 failed, 1 not run (their unlearning failed)" in first.stdout
     assert f"failed: LORA r2 s0 unlearn ({rank2.model_path}): " in first.stdout
@@ -55,7 +45,7 @@ def test_one_failing_run_stays_one_failure_and_a_rerun_finishes_only_what_is_mis
     assert sorted(rows(tmp_path, "ft").lora_rank) == [1, 4]  # the others' RTT ran
 
     blocker.unlink()
-    second = run_cli(args, cwd=tmp_path)
+    second = run_sweep(args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "4 job(s) finished earlier, skipped; 2 to run" in second.stdout
     assert "sweep: 2 finished, 4 skipped" in second.stdout
@@ -64,21 +54,20 @@ def test_one_failing_run_stays_one_failure_and_a_rerun_finishes_only_what_is_mis
     assert unlearning.run_key.is_unique and ft.rtt_key.is_unique
 
     started = time.monotonic()
-    third = run_cli(args, cwd=tmp_path)
+    third = run_sweep(args)
     assert third.returncode == 0 and "all 6 job(s) finished earlier; nothing to run" in third.stdout
     assert time.monotonic() - started < 30  # no Ray, no model: planning only
 
     stamps = {p.name for p in (tmp_path / "evals" / "unlearning").glob("*.csv")}
-    forced = run_cli([*args, "rerun=true"], cwd=tmp_path)
+    forced = run_sweep([*args, "rerun=true"])
     assert forced.returncode == 0 and "sweep: 6 finished, 0 skipped" in forced.stdout
     assert len(rows(tmp_path, "unlearning")) == 3 and len(rows(tmp_path, "ft")) == 3  # replaced, not added
     assert not stamps & {p.name for p in (tmp_path / "evals" / "unlearning").glob("*.csv")}
 
 
 def test_a_driver_killed_mid_sweep_and_rerun_leaves_no_duplicate_or_torn_rows(tiny_llama, tmp_path):
-    args = sweep_args(tiny_llama, tmp_path, "unlearn.lora_ranks=[1,2,4,8]", "ft.num_splits=2", "baseline_rtt=true")
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    driver = subprocess.Popen([sys.executable, str(ROOT / "pipeline.py"), *args], cwd=tmp_path, env=env,
+    args = smoketest_args(tiny_llama, tmp_path, "unlearn.lora_ranks=[1,2,4,8]", "ft.num_splits=2", "baseline_rtt=true")
+    driver = subprocess.Popen([sys.executable, str(ROOT / "pipeline.py"), *args], cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while not list((tmp_path / "evals" / "unlearning").glob("*.csv")) and time.monotonic() < deadline:
@@ -88,7 +77,7 @@ def test_a_driver_killed_mid_sweep_and_rerun_leaves_no_duplicate_or_torn_rows(ti
     done_before = len(list((tmp_path / "evals").rglob("*.csv")))
     assert 1 <= done_before < 4 + 8 + 2, "the kill came too late to test anything"
 
-    again = run_cli(args, cwd=tmp_path)
+    again = run_sweep(args)
     assert again.returncode == 0, again.stderr[-3000:]
     unlearning, ft = rows(tmp_path, "unlearning"), rows(tmp_path, "ft")
     assert sorted(unlearning.lora_rank) == [1, 2, 4, 8] and unlearning.run_key.is_unique
@@ -101,19 +90,19 @@ def test_probes_of_flagged_runs_can_be_held_back_and_run_later(tiny_llama, tmp_p
     """A retain floor of 1.0 flags every run at its first check: with
     probe_flagged_runs=false their RTT is not run, a rerun says so without
     starting anything, and switching it on runs just those probes."""
-    args = sweep_args(tiny_llama, tmp_path, "unlearn.lora_ranks=[1,2]", "ft.num_splits=1",
+    args = smoketest_args(tiny_llama, tmp_path, "unlearn.lora_ranks=[1,2]", "ft.num_splits=1",
                       "unlearn.stop_at_forget_acc=0.0", "unlearn.stop_retain_floor=1.0")
-    first = run_cli([*args, "probe_flagged_runs=false"], cwd=tmp_path)
+    first = run_sweep([*args, "probe_flagged_runs=false"])
     assert first.returncode == 0, first.stderr[-3000:]
     assert list(rows(tmp_path, "unlearning").stop_reason) == ["retain_floor"] * 2
     assert rows(tmp_path, "ft").empty
     assert "sweep: 2 finished, 0 skipped (finished earlier), 0 failed, 2 not run (probes of flagged runs" in first.stdout
 
-    again = run_cli([*args, "probe_flagged_runs=false"], cwd=tmp_path)
+    again = run_sweep([*args, "probe_flagged_runs=false"])
     assert again.returncode == 0 and "all 2 job(s) finished earlier; nothing to run" in again.stdout
     assert "2 probe(s) of flagged runs held back (probe_flagged_runs=false)" in again.stdout
 
-    probed = run_cli([*args, "probe_flagged_runs=true"], cwd=tmp_path)
+    probed = run_sweep([*args, "probe_flagged_runs=true"])
     assert probed.returncode == 0, probed.stderr[-3000:]
     assert "sweep: 2 finished, 2 skipped (finished earlier)" in probed.stdout
     assert sorted(rows(tmp_path, "ft").lora_rank) == [1, 2] and len(rows(tmp_path, "unlearning")) == 2
@@ -123,14 +112,14 @@ def test_a_local_run_ignores_a_stale_ray_cluster_on_the_machine(tiny_llama, tmp_
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit
     (ray_tmp / "ray").mkdir()
     (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:6399")  # a `ray start --head` that died
-    result = run_cli(sweep_args(tiny_llama, tmp_path, "dont_ft=true"), cwd=tmp_path,
+    result = run_cli(smoketest_args(tiny_llama, tmp_path, "dont_ft=true"), cwd=tmp_path,
                      env={"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": "127.0.0.1:6399"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(rows(tmp_path, "unlearning")) == 1
 
 
 def test_progress_in_a_log_is_a_few_plain_lines_per_job(tiny_llama, tmp_path):
-    result = run_cli(sweep_args(tiny_llama, tmp_path, "unlearn.lora_ranks=[1,2]", "ft.num_splits=2",
+    result = run_cli(smoketest_args(tiny_llama, tmp_path, "unlearn.lora_ranks=[1,2]", "ft.num_splits=2",
                                 "quant.bits=[4]"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = 2 + 2 * 2 + 2 + 1  # unlearning, RTT, quantization of each model and of the reference
@@ -144,8 +133,9 @@ def test_a_finished_runs_probes_go_ahead_of_the_next_run_but_not_of_the_last(tin
     """One task at a time: each run's RTT follows it, so whole rows arrive
     early rather than every RTT after the last unlearning run; the last run
     (the longest job left) goes ahead of the probes waiting then."""
-    result = run_cli(sweep_args(tiny_llama, tmp_path, "ray.num_cpus=1", "unlearn.lora_ranks=[1,2,4,8,16]",
-                                "ft.num_splits=1", "progress=lines"), cwd=tmp_path)
+    # one slot: each task takes both CPUs of the session's Ray instance
+    result = run_sweep(smoketest_args(tiny_llama, tmp_path, "ray.cpus_per_task=2", "unlearn.lora_ranks=[1,2,4,8,16]",
+                                  "ft.num_splits=1", "progress=lines"))
     assert result.returncode == 0, result.stderr[-3000:]
     done = [line.split("] ", 1)[1].split(":")[0] for line in result.stdout.splitlines() if line.startswith("[")]
     order = [label.split()[1] + (" unlearn" if "unlearn" in label else " rtt") for label in done]
@@ -206,6 +196,16 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("override, message", BAD_INPUTS, ids=[o.split("=")[0] for o, _ in BAD_INPUTS])
 def test_every_bad_input_is_refused_in_one_line_before_any_model_loads(override, message, tiny_llama, gpt2_folder,
                                                                         tmp_path):
+    assert_refused(run_sweep(bad_input_args(override, tiny_llama, gpt2_folder, tmp_path)), message, tmp_path)
+
+
+def test_a_bad_input_through_the_cli_exits_2_with_one_error_line(tiny_llama, gpt2_folder, tmp_path):
+    override, message = BAD_INPUTS[0]
+    assert_refused(run_cli(bad_input_args(override, tiny_llama, gpt2_folder, tmp_path), cwd=tmp_path, timeout=300),
+                   message, tmp_path)
+
+
+def bad_input_args(override, tiny_llama, gpt2_folder, tmp_path) -> list[str]:
     extra = override.split()
     if override == "GPT2":
         extra = [f"model_id={gpt2_folder}"]
@@ -221,10 +221,5 @@ def test_every_bad_input_is_refused_in_one_line_before_any_model_loads(override,
     model = [a for a in extra if a.startswith("model_id=")] or [f"model_id={tiny_llama}"]
     rest = [a for a in extra if not a.startswith("model_id=") and not a.startswith("results_dir=")]
     results = [a for a in extra if a.startswith("results_dir=")] or [f"results_dir={tmp_path}/evals"]
-    result = run_cli(["--config-name=lora_smoketest", *model, *SMALL_DATA, *rest, *results,
-                      f"models_dir={tmp_path}/models", f"data_root={tmp_path}/data"], cwd=tmp_path, timeout=300)
-    assert result.returncode == 2, result.stderr[-2000:] + result.stdout[-1000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-2000:]
-    assert sum(line.startswith("error:") for line in lines) == 1
-    assert not (tmp_path / "models").exists() and not (tmp_path / "evals").exists()
+    return ["--config-name=lora_smoketest", *model, *SMALL_DATA, *rest, *results,
+            f"models_dir={tmp_path}/models", f"data_root={tmp_path}/data"]

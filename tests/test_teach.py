@@ -6,13 +6,12 @@ from __future__ import annotations
 import pandas as pd
 
 import pipeline as pl
-from test_pipeline import config, run_cli
-
-SMALL = ["random_bd.facts_per_split=4", "random_bd.num_dev=2"]
+from conftest import SMALL_DATA, config, run_sweep
 
 
 def test_taught_model_is_keyed_by_what_decides_it(tmp_path):
-    base = [f"data_root={tmp_path}/data", f"models_dir={tmp_path}/m", "model_id=/x/tiny", "teach.enabled=true", *SMALL]
+    base = [f"data_root={tmp_path}/data", f"models_dir={tmp_path}/m", "model_id=/x/tiny", "teach.enabled=true",
+            *SMALL_DATA]
     plan = pl.plan_sweep(config(overrides=base))
     again = pl.plan_sweep(config(overrides=base))
     other_lr = pl.plan_sweep(config(overrides=[*base, "teach.lr=3e-4"]))
@@ -26,10 +25,10 @@ def test_taught_model_is_keyed_by_what_decides_it(tmp_path):
     assert no_teach.teach is None and no_teach.unlearn_from == "/x/tiny"
 
 
-def test_preflight_refuses_a_model_that_does_not_know_the_facts(tiny_llama, tmp_path):
-    result = run_cli(["--config-name=lora_smoketest", f"model_id={tiny_llama}", f"data_root={tmp_path}/data",
+def test_preflight_refuses_a_model_that_does_not_know_the_facts(tiny_llama, tmp_path, ray_session):
+    result = run_sweep(["--config-name=lora_smoketest", f"model_id={tiny_llama}", f"data_root={tmp_path}/data",
                       f"models_dir={tmp_path}/models", f"results_dir={tmp_path}/evals", "ray.num_cpus=2",
-                      "preflight.min_forget_acc=0.9", *SMALL], cwd=tmp_path)
+                      "preflight.min_forget_acc=0.9", *SMALL_DATA])
     assert result.returncode == 2, result.stderr[-3000:]
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
     assert last.startswith("error: preflight:") and "forget questions (preflight.min_forget_acc=0.9)" in last
@@ -37,17 +36,17 @@ def test_preflight_refuses_a_model_that_does_not_know_the_facts(tiny_llama, tmp_
     assert not (tmp_path / "evals").exists() and not (tmp_path / "models" / "LORA").exists()
 
 
-def test_teach_runs_once_and_is_reused(tiny_llama, tmp_path):
+def test_teach_runs_once_and_is_reused(tiny_llama, tmp_path, ray_session):
     args = ["--config-name=lora_smoketest", f"model_id={tiny_llama}", f"data_root={tmp_path}/data",
             f"models_dir={tmp_path}/models", f"results_dir={tmp_path}/evals", "ray.num_cpus=2", "dont_ft=true",
-            "teach.enabled=true", "teach.epochs=1", "teach.batch_size=8", *SMALL]
-    first = run_cli(args, cwd=tmp_path)
+            "teach.enabled=true", "teach.epochs=1", "teach.batch_size=8", *SMALL_DATA]
+    first = run_sweep(args)
     assert first.returncode == 0, first.stderr[-3000:]
     taught = list((tmp_path / "models" / "taught").iterdir())
     assert len(taught) == 1 and (taught[0] / "model.safetensors").is_file()
     stamp = (taught[0] / "model.safetensors").stat().st_mtime_ns
     assert "teaching" in first.stderr + first.stdout
-    second = run_cli(args, cwd=tmp_path)
+    second = run_sweep(args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "teaching" not in second.stderr + second.stdout
     assert (taught[0] / "model.safetensors").stat().st_mtime_ns == stamp

@@ -152,6 +152,18 @@ def test_detected_capabilities_on_this_machine_pick_a_runnable_policy():
         assert policy == uc.DevicePolicy("cpu", torch.float32, "sdpa", False, torch.bfloat16 if fast_bf16 else None)
 
 
+def test_measuring_bf16_leaves_the_seeded_random_stream_alone():
+    """The policy's matmul timing runs once per process, inside a run's set-up:
+    drawing from the global generator there gave a process's first run
+    another LoRA initialisation than the runs after it (seen on an
+    AVX512-BF16 machine, where the timing runs)."""
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    uc.bf16_matmul_speedup.__wrapped__()
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_optimizer_sees_only_trainable_parameters(tiny_llama):
     model = uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}))
     uc.freeze_embeddings(model)
