@@ -1,5 +1,6 @@
 # make demo : the CPU LoRA rank-sweep demo on the embedded model (sets itself up)
 # make test : the test suite (sets itself up)
+# make study: the rank study, a seed at a time, into results/rank_study (hours on a CPU; resumes)
 # make bench: the CPU speed and memory figures, as ratios against a baseline of the same run
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,7 +9,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo study test bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +24,12 @@ $(STAMP): requirements.txt
 demo: $(STAMP)
 	$(PY) pipeline.py --config-name=demo_cpu
 	$(PY) analyze_recovery.py --results-dir evals/demo_cpu
+
+# One invocation per seed: each finished seed is a whole slice (its rows can be committed).
+STUDY_SEEDS = $(shell $(PY) -c "from omegaconf import OmegaConf; print(*OmegaConf.load('conf/rank_study.yaml').seeds)" 2>/dev/null)
+study: $(STAMP)
+	for seed in $(STUDY_SEEDS); do $(PY) pipeline.py --config-name=rank_study "slice=[$$seed]" progress=lines || exit 1; done
+	$(PY) analyze_recovery.py --results-dir results/rank_study
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 tests

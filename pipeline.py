@@ -602,6 +602,7 @@ def unlearning_row(run: Run, result: uc.UnlearnResult) -> dict:
         "val_files": s.evals.val_files, "project_name": s.train.wandb_project_name,
         "data_seed": point.seed, "seed": point.seed, "just_eval": s.train.epochs == 0, "steps": result.steps,
         **_stop_columns(run, result), "seconds": round(result.seconds, 1), "run_key": run.key,
+        **uc.provenance(uc.resolve_device_policy(s.train.device)),
     }
 
 
@@ -620,6 +621,7 @@ def rtt_row(job: RttJob, result: finetune_corpus.FinetuneResult) -> dict:
         "attacker_rank": lora.lora_rank if lora else 0, "upstream_key": job.upstream,
         "rtt_key": job.key, "data_seed": job.seed, "seed": job.seed,
         "project_name": job.settings.train.wandb_project_name, "seconds": round(result.seconds, 1),
+        **uc.provenance(uc.resolve_device_policy(job.settings.train.device)),
     }
 
 
@@ -632,6 +634,7 @@ def quant_row(job: QuantJob, evaluator: uc.Evaluator) -> dict:
         "seed": point.seed if point else None, "forget_accs": evaluator.forget_log.accs,
         "forget_correct": evaluator.forget_log.correct, "retain_accs": evaluator.retain_log.accs,
         "upstream_key": job.upstream, "probe_key": job.key,
+        **uc.provenance(uc.resolve_device_policy(job.train.device)),
     }
 
 
@@ -874,7 +877,8 @@ def plan_sweep(cfg: DictConfig | Mapping) -> Plan:
             raise ConfigError(f"ft.num_splits: {c['ft']['num_splits']} is more than the "
                               f"{len(DATASETS[dataset].val_files)} val files of {dataset.name}")
     check_methods(c, names)
-    points = [p for name in names for d in datasets for p in dataset_grid(c, name, d)]
+    in_slice = slice_seeds(c)
+    points = [p for name in names for d in datasets for p in dataset_grid(c, name, d) if p.seed in in_slice]
     teach_dataset = [parse_enum(Datasets, c["teach"]["dataset"], "teach.dataset")] if c["teach"]["enabled"] else []
     check_folders(c, [*datasets, *teach_dataset])
     for dataset in datasets:
@@ -913,13 +917,39 @@ def add_runs(planner: Planner, plan: Plan, points: list[GridPoint], datasets: li
     for dataset in datasets:
         if run_rtt and c["baseline_rtt"]:
             plan.baseline_rtt += planner.rtt_jobs(plan.unlearn_from, dataset, "baseline", upstream=upstream,
-                                                  seeds=seeds, who="C")
+                                                  seeds=baseline_seeds(c), who="C")
         if run_rtt and plan.teach and c["never_taught_rtt"]:
             # The floor: what RTT on T gives on V from a model that never knew V.
             plan.floor_rtt += planner.rtt_jobs(plan.base_model, dataset, "never_taught", upstream=plan.base_model,
                                                seeds=seeds[:1], who="floor")
         if probe and plan.runs:
             plan.reference_quant += planner.quant_jobs(plan.unlearn_from, dataset, "reference", upstream, None, "ref")
+
+
+def seeds_subset(cfg: Mapping, key: str) -> list[int]:
+    """`cfg[key]`, a non-empty list of seeds from `seeds`, or all of them when null."""
+    chosen = cfg[key]
+    if chosen is None:
+        return list(cfg["seeds"])
+    uc.NON_NEGATIVE_INTS.each(chosen, key)
+    strays = [s for s in chosen if s not in cfg["seeds"]]
+    if strays:
+        raise ConfigError(f"{key}: {strays!r} is not allowed; use seeds from seeds ({list(cfg['seeds'])!r}) "
+                          "or null for all of them")
+    return [s for s in cfg["seeds"] if s in chosen]
+
+
+def slice_seeds(cfg: Mapping) -> list[int]:
+    """The seeds this invocation runs: `slice` (a piece of a study whose
+    `seeds` name all of it), or every seed."""
+    return seeds_subset(cfg, "slice")
+
+
+def baseline_seeds(cfg: Mapping) -> list[int]:
+    """The seeds of this slice whose baseline RTT (C) runs: `baseline_rtt_seeds`
+    (all seeds when null). Analysis gives a seed without its own C the mean of theirs."""
+    in_slice = slice_seeds(cfg)
+    return [s for s in seeds_subset(cfg, "baseline_rtt_seeds") if s in in_slice]
 
 
 def mark_finished(plan: Plan, recorded: Mapping[str, Mapping[str, list[str]]], rerun: bool) -> None:
@@ -984,6 +1014,7 @@ def validate_settings(cfg: Mapping) -> None:
     uc.NON_NEGATIVE_INTS.each(cfg["seeds"], "seeds")
     if len(set(cfg["seeds"])) != len(cfg["seeds"]):
         raise ConfigError(f"seeds: {cfg['seeds']!r} is not allowed; give each seed once")
+    baseline_seeds(cfg)  # checks slice and baseline_rtt_seeds against seeds
     uc.FRACTION_OR_NULL.check(cfg["preflight"]["min_forget_acc"], "preflight.min_forget_acc")
     uc.POSITIVE_NUMBERS.check(cfg["ray"]["cpus_per_task"], "ray.cpus_per_task")
     uc.NON_NEGATIVE_INTS.check(cfg["ray"]["max_retries"], "ray.max_retries")

@@ -1019,6 +1019,29 @@ class DevicePolicy:
         return torch.autocast(device_type=self.device, dtype=self.autocast_dtype)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what the platform module knows."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(policy: DevicePolicy) -> dict:
+    """Which machine and numeric path produced a result row: results from
+    several machines mix openly, and bf16 autocast is on where the CPU
+    computes bf16 fast, so two machines can take different steps."""
+    return {"machine_cpu": cpu_model(), "machine_threads": torch.get_num_threads(),
+            "machine_gpu": torch.cuda.get_device_name() if policy.device == "cuda" else "",
+            "torch_version": torch.__version__, "device": policy.device,
+            "dtype": str(policy.dtype).removeprefix("torch."), "bf16_autocast": policy.autocast_dtype is not None}
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTO = "auto"
 
