@@ -28,8 +28,10 @@ demo: $(STAMP)
 # One invocation per seed: each finished seed is a whole slice (its rows can be committed).
 STUDY_SEEDS = $(shell $(PY) -c "from omegaconf import OmegaConf; print(*OmegaConf.load('conf/rank_study.yaml').seeds)" 2>/dev/null)
 study: $(STAMP)
-	for seed in $(STUDY_SEEDS); do $(PY) pipeline.py --config-name=rank_study "slice=[$$seed]" progress=lines || exit 1; done
-	$(PY) analyze_recovery.py --results-dir results/rank_study
+	failed=; for seed in $(STUDY_SEEDS); do \
+	  $(PY) pipeline.py --config-name=rank_study "slice=[$$seed]" progress=lines || failed="$$failed $$seed"; done; \
+	$(PY) analyze_recovery.py --results-dir results/rank_study; \
+	if [ -n "$$failed" ]; then echo "study: seed(s)$$failed had failures; make study again retries them"; exit 1; fi
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 tests
