@@ -1,4 +1,4 @@
-# make demo : the CPU LoRA rank-sweep demo on the embedded model (sets itself up)
+# make demo : the CPU LoRA rank-sweep demo on the embedded model, one seed of the study checked against it (sets itself up)
 # make test : the test suite (sets itself up)
 # make study: the rank study, a seed at a time, into results/rank_study (hours on a CPU; resumes)
 # make bench: the CPU speed and memory figures, as ratios against a baseline of the same run
@@ -23,7 +23,7 @@ $(STAMP): requirements.txt
 
 demo: $(STAMP)
 	$(PY) pipeline.py --config-name=demo_cpu
-	$(PY) analyze_recovery.py --results-dir evals/demo_cpu
+	$(PY) analyze_recovery.py --results-dir evals/demo_cpu --compare results/rank_study
 
 # One invocation per seed: each finished seed is a whole slice (its rows can be committed).
 STUDY_SEEDS = $(shell $(PY) -c "from omegaconf import OmegaConf; print(*OmegaConf.load('conf/rank_study.yaml').seeds)" 2>/dev/null)

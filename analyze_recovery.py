@@ -88,7 +88,7 @@ def read_csv_keeping_keys(path: Path) -> pd.DataFrame:
 
 
 def read_csvs(directory: Path) -> pd.DataFrame:
-    frames = [read_csv_keeping_keys(p).assign(_file=p.name) for p in sorted(directory.glob("*.csv"))]
+    frames = [read_csv_keeping_keys(p).assign(_file=str(p)) for p in sorted(directory.glob("*.csv"))]
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     for column in frame.columns:
         if frame[column].map(lambda v: isinstance(v, str) and v[:1] in "{[").any():
@@ -96,11 +96,35 @@ def read_csvs(directory: Path) -> pd.DataFrame:
     return frame
 
 
+# What a key stands for, in columns that read the same on every machine (paths differ).
+KEY_SETTINGS = {"run_key": ["unlearn_type", "dataset", "lora_rank", "lr", "epochs", "retain_coeff", "steering_coeff",
+                            "seed"],
+                "rtt_key": ["condition", "dataset", "probe", "lr", "epochs", "skip_split", "seed"],
+                "probe_key": ["condition", "dataset", "probe", "lora_rank", "seed"]}
+
+
+def check_key_collisions(frame: pd.DataFrame, key: str) -> None:
+    """Rows merged from several slices or machines share a key only when they
+    ran the same job; two rows of one key with other settings are refused."""
+    if frame.empty or key not in frame:
+        return
+    columns = [c for c in KEY_SETTINGS[key] if c in frame]
+    shared = frame[frame[key].notna() & frame.duplicated(key, keep=False)]
+    for value, rows in shared.groupby(key):
+        settings = rows[columns].map(str)  # NaN as "nan", so an empty cell equals an empty cell
+        if len(settings.drop_duplicates()) > 1:
+            differ = [c for c in columns if settings[c].nunique() > 1]
+            first, other = rows.iloc[0], rows[(settings != settings.iloc[0]).any(axis=1)].iloc[0]
+            raise ValueError(f"{first['_file']} and {other['_file']} share {key} {value} but differ in "
+                             f"{', '.join(differ)}; a key names one job, so one of these rows does not belong here")
+
+
 def newest_per_key(frame: pd.DataFrame, key: str, fallback: Sequence[str]) -> pd.DataFrame:
     """One row per run: the newest row of each key (files are named by time);
     rows of older versions, which carry no key, are told apart by `fallback`."""
     if frame.empty:
         return frame
+    check_key_collisions(frame, key)
     frame = frame.sort_values("_file")
     cols = [c for c in fallback if c in frame]
     legacy = ("legacy:" + frame[cols].map(str).agg("|".join, axis=1)) if cols else frame["_file"]
@@ -190,15 +214,22 @@ def _rtt_rows(ft: pd.DataFrame, run: pd.Series) -> pd.DataFrame:
     return ft[mine].assign(probe=probe[mine])
 
 
-def _control_rows(ft: pd.DataFrame, condition: str, dataset: str, split: int, seed: int | None) -> pd.DataFrame:
+def control_vector(ft: pd.DataFrame, condition: str, dataset: str, split: int, seed: int | None) -> np.ndarray | None:
+    """A control's per-question result on one held-out split: the seed's own
+    best run when it has one; else (C on a subset of seeds, the floor on the
+    first seed) the mean over the seeds that ran it of each one's best run."""
     if ft.empty:
-        return ft
+        return None
     rows = ft[(ft.condition == condition) & (ft.dataset == dataset) & (ft.skip_split == split)
               & (_column(ft, "probe", "rtt").fillna("rtt") == "rtt")]
-    seeds = _column(rows, "seed", np.nan)
-    if seed is not None and seeds.notna().any() and (seeds == seed).any():
-        rows = rows[seeds == seed]
-    return rows
+    seeds = _column(rows, "seed", np.nan).fillna(-1)
+    if seed is not None and (seeds == seed).any():
+        best = best_rtt(rows[seeds == seed])
+        return best["vector"] if best else None
+    vectors = [best["vector"] for _, group in rows.groupby(seeds) if (best := best_rtt(group))]
+    if not vectors or len({len(v) for v in vectors}) != 1:
+        return vectors[0] if len(vectors) == 1 else None
+    return np.mean(vectors, axis=0)
 
 
 def units_of(results: Results, options: Options) -> tuple[list[Unit], list[str]]:
@@ -239,9 +270,9 @@ def units_of(results: Results, options: Options) -> tuple[list[Unit], list[str]]
                         epoch_to_recover = recovery_epoch(best["accs"], threshold)
             if "B" in vectors:
                 for name, condition, by_seed in (("C", "baseline", seed), ("floor", "never_taught", None)):
-                    best = best_rtt(_control_rows(ft, condition, run.dataset, split, by_seed))
-                    if best:
-                        vectors[name] = best["vector"]
+                    vector = control_vector(ft, condition, run.dataset, split, by_seed)
+                    if vector is not None:
+                        vectors[name] = vector
             for _, row in q.iterrows():
                 accs = row.forget_accs.get(file)
                 if accs is not None:
@@ -395,6 +426,38 @@ class Trend:
                 f"{self.slope:+.3f} per doubling of LoRA rank (95% CI {self.lo:+.3f} to {self.hi:+.3f}): {verdict}")
 
 
+@dataclass
+class Difference:
+    """A rank's recovered fraction minus the lowest rank's, from the same
+    bootstrap draws (paired: a seed or split that is hard at every rank moves
+    both terms together and cancels)."""
+
+    method: str
+    dataset: str
+    rank: int
+    lowest: int
+    value: float
+    lo: float
+    hi: float
+
+    def sentence(self) -> str:
+        verdict = ("no detectable difference (the CI includes 0)" if self.lo <= 0 <= self.hi
+                   else "higher at the larger rank" if self.lo > 0 else "lower at the larger rank")
+        return (f"paired difference ({self.method}, {self.dataset}): recovered fraction at rank {self.rank} minus rank "
+                f"{self.lowest} = {self.value:+.3f} (95% CI {self.lo:+.3f} to {self.hi:+.3f}): {verdict}")
+
+
+def paired_differences(method: str, dataset: str, ordered: list) -> list[Difference]:
+    """Each rank against the lowest, for the recovered fraction (ordered: [(setting, Estimates)] by rank)."""
+    (low_setting, low), rest = ordered[0], ordered[1:]
+    out = []
+    for setting, est in rest:
+        lo, hi = _interval(est.replicates["recovered_fraction"] - low.replicates["recovered_fraction"])
+        out.append(Difference(method, dataset, setting[2], low_setting[2],
+                              est.row["recovered_fraction"] - low.row["recovered_fraction"], lo, hi))
+    return out
+
+
 def trend(ranks: Sequence[int], points: Sequence[float], replicates: Sequence[np.ndarray]) -> tuple[float, float, float]:
     """Least-squares slope of a measure against log2(rank), with a bootstrap CI
     (the replicates of every rank come from the same draws)."""
@@ -416,11 +479,12 @@ class Analysis:
     table: pd.DataFrame
     trends: list[Trend]
     left_out: list[str]
+    differences: list[Difference] = field(default_factory=list)
 
 
 def summarize(units: list[Unit], options: Options) -> Analysis:
     """One row per setting, with CIs; the trend across ranks per (method, dataset)."""
-    rows, trends = [], []
+    rows, trends, differences = [], [], []
     families: dict[tuple, list[Unit]] = {}
     for unit in units:
         families.setdefault(unit.setting[:2], []).append(unit)
@@ -438,6 +502,7 @@ def summarize(units: list[Unit], options: Options) -> Analysis:
         ranks = [s[2] for s in estimates]
         if len(ranks) >= 2 and len(set(ranks)) == len(ranks) and all(r and r > 0 for r in ranks):
             ordered = sorted(estimates.items(), key=lambda kv: kv[0][2])
+            differences += paired_differences(method, dataset, ordered)
             for measure in ("recovered_fraction", *[f"{p}_recovered" for p in PROBES]):
                 points = [e.row[measure] for _, e in ordered]
                 if any(math.isnan(p) for p in points):
@@ -447,12 +512,17 @@ def summarize(units: list[Unit], options: Options) -> Analysis:
     table = pd.DataFrame(rows)
     if table.empty:
         return Analysis(table, trends, [])
+    for d in differences:  # as columns of the rank's row (the lowest rank's stay empty)
+        at = [i for i, r in enumerate(rows) if (r["unlearn_type"], r["dataset"], r["lora_rank"]) ==
+              (d.method, d.dataset, d.rank)]
+        table.loc[at, ["diff_vs_lowest_rank", "diff_vs_lowest_rank_lo", "diff_vs_lowest_rank_hi", "lowest_rank"]] = \
+            [d.value, d.lo, d.hi, d.lowest]
     table["forgetting"] = table["base"] - table["A"]
     table["too_little_forgetting"] = table["forgetting"] < options.min_forgetting
     table["retain_damaged"] = table["retain_after"] < options.min_retain_kept * table["retain_before"]
     table["missing_baseline"] = table["C"].isna()
     table = table.sort_values(["unlearn_type", "dataset", "lora_rank", "lr", "retain_coeff"]).reset_index(drop=True)
-    return Analysis(table, trends, [])
+    return Analysis(table, trends, [], differences)
 
 
 @dataclass
@@ -590,6 +660,122 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- a slice against the published rows
+
+# Student's t, 97.5% quantile, by degrees of freedom.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def t975(df: int) -> float:
+    """Between tabled degrees of freedom, the smaller one's quantile (the wider interval)."""
+    return T975[max(d for d in T975 if d <= df)]
+
+
+def recovered_fraction_of(units: list[Unit]) -> float:
+    """(B - A) / (base - A) of the means over these units (as the table's point)."""
+    rtt = [u for u in units if "B" in u.vectors]
+    means = {m: np.mean([u.vectors[m].mean() for u in rtt]) for m in ("B", "A", "base")} if rtt else {}
+    return float(_ratio(means["B"], means["A"], means["base"])) if rtt else math.nan
+
+
+@dataclass
+class Agreement:
+    """A slice of k seeds against the published rows of other seeds: a 95%
+    prediction interval for the mean of k seeds drawn from the published
+    per-seed spread (so the slice's own few seeds are counted, not only the
+    published mean's uncertainty)."""
+
+    rank: int
+    mine: float
+    my_seeds: list[int]
+    published: float
+    lo: float
+    hi: float
+    n_published: int
+
+    def sentence(self) -> str:
+        seeds = ", ".join(map(str, self.my_seeds))
+        head = f"agreement, rank {self.rank}: this slice (seed {seeds}) {self.mine:.2f}"
+        if self.n_published < 2 or math.isnan(self.mine):
+            return f"{head}; too few published seeds ({self.n_published}) to compare"
+        verdict = "agrees" if self.lo <= self.mine <= self.hi else "DOES NOT AGREE"
+        return (f"{head} vs published {self.published:.2f} over {self.n_published} other seeds; 95% prediction "
+                f"interval for {len(self.my_seeds)} seed(s) [{self.lo:.2f}, {self.hi:.2f}]: {verdict}")
+
+
+def agreements(mine: list[Unit], published: list[Unit]) -> list[Agreement]:
+    """Per setting of the slice: its recovered fraction against a prediction
+    interval from the per-seed recovered fractions of the published seeds it lacks."""
+    out = []
+    for setting in sorted({u.setting for u in mine}, key=lambda s: [str(v) for v in s]):
+        my_units = [u for u in mine if u.setting == setting]
+        my_seeds = sorted({u.seed for u in my_units})
+        theirs: dict[int, list[Unit]] = {}
+        for u in published:
+            if u.setting == setting and u.seed not in my_seeds:
+                theirs.setdefault(u.seed, []).append(u)
+        per_seed = np.array([recovered_fraction_of(us) for us in theirs.values()])
+        per_seed = per_seed[~np.isnan(per_seed)]
+        n, k = len(per_seed), len(my_seeds)
+        centre = float(per_seed.mean()) if n else math.nan
+        half = t975(n - 1) * float(per_seed.std(ddof=1)) * math.sqrt(1 / k + 1 / n) if n >= 2 else math.nan
+        out.append(Agreement(setting[2], recovered_fraction_of(my_units), my_seeds, centre, centre - half,
+                             centre + half, n))
+    return out
+
+
+def compare(results_dir: str | Path, published_dir: str | Path, options: Options, stream=None) -> list[Agreement]:
+    """Print the published table beside this slice's (already printed) and one
+    agreement line per rank."""
+    stream = stream or sys.stdout
+    mine, _ = units_of(load_results(results_dir), options)
+    published, left_out = units_of(load_results(published_dir), options)
+    table = summarize(published, options).table
+    print(f"\npublished ({published_dir}; {len(left_out)} flagged run(s) left out):", file=stream)
+    print(format_table(table) if not table.empty else "(no published rows yet)", file=stream)
+    found = agreements(mine, published)
+    for a in found:
+        print(a.sentence(), file=stream)
+    return found
+
+
+# ---------------------------------------------------------------- the README's headline, from the published rows
+
+README_BEGIN, README_END = "<!-- rank-study:begin (analyze_recovery.py --update-readme) -->", "<!-- rank-study:end -->"
+
+
+def headline(results_dir: str | Path, options: Options = Options()) -> str:
+    """The study's table, trend and paired differences as analysis prints them."""
+    units, left_out = units_of(load_results(results_dir), options)
+    analysis = summarize(units, options)
+    seeds = sorted({u.seed for u in units})
+    lines = [f"{len(seeds)} seeds with matched forgetting, {len(left_out)} flagged run(s) left out; "
+             f"95% bootstrap CIs ({options.bootstrap} draws)", format_table(analysis.table)]
+    lines += [t.sentence() for t in analysis.trends if t.measure == "recovered_fraction"]
+    lines += [d.sentence() for d in analysis.differences]
+    return "\n".join(lines)
+
+
+def readme_block(text: str) -> str:
+    """The headline block of a README (between its markers), or "" without one."""
+    if README_BEGIN not in text:
+        return ""
+    inner = text.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
+    return inner.strip().removeprefix("```text").removesuffix("```").strip()
+
+
+def update_readme(readme: str | Path, results_dir: str | Path, options: Options = Options()) -> None:
+    path = Path(readme)
+    text = path.read_text(encoding="utf-8")
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{path} has no {README_BEGIN} ... {README_END} block to fill")
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    path.write_text(f"{head}{README_BEGIN}\n```text\n{headline(results_dir, options)}\n```\n{README_END}{tail}",
+                    encoding="utf-8")
+
+
 def nothing_to_compare(results_dir: str | Path, results: Results, left_out: Sequence[str]) -> str:
     """Why the table is empty, in the terms of what the results directory holds."""
     if left_out and len(left_out) == len(results.unlearning):
@@ -628,6 +814,9 @@ def analyze(results_dir: str | Path, options: Options = Options(), out_dir: str 
     for t in analysis.trends:
         if options.match_target is None or t.measure == "recovered_fraction":
             print(t.sentence(), file=stream)
+    if options.match_target is None:
+        for d in analysis.differences:
+            print(d.sentence(), file=stream)
     flagged = table[table.too_little_forgetting]
     if len(flagged):
         print(f"flagged: {len(flagged)} row(s) forgot less than {options.min_forgetting} (base - A); their recovery "
@@ -667,6 +856,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "tolerance of TARGET and the least retain damage")
     parser.add_argument("--match-tolerance", type=float, default=0.05)
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws for the CIs (default 2000)")
+    parser.add_argument("--update-readme", default=None, metavar="README",
+                        help="write the headline (table, trend, paired differences) into README's rank-study block")
+    parser.add_argument("--compare", default=None, metavar="PUBLISHED_DIR",
+                        help="also print the table of published rows (e.g. results/rank_study) and, per rank, "
+                             "whether this slice agrees with them")
     args = parser.parse_args(argv)
     for name in ("min_forgetting", "min_retain_kept", "recovery_threshold", "match_tolerance"):
         if getattr(args, name) < 0:
@@ -684,6 +878,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       bootstrap=args.bootstrap)
     try:
         analyze(args.results_dir, options, args.out_dir)
+        if args.compare:
+            compare(args.results_dir, args.compare, options)
+        if args.update_readme:
+            update_readme(args.update_readme, args.results_dir, options)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -304,3 +306,68 @@ def test_keys_that_look_like_numbers_stay_keys(tmp_path):
     assert set(results.quant.upstream_key) == {"000000000012", "07270824e702"}
     row = ar.analyze(tmp_path, ar.Options(bootstrap=200), stream=open("/dev/null", "w")).iloc[0]
     assert row.n_seeds == 2 and row.B == pytest.approx((16 + 8) / 40) and row.quant4 == pytest.approx((8 + 4) / 40)
+
+
+# ---------------------------------------------------------------- the study: pairing, C on some seeds, slices
+
+
+def test_a_seed_hard_at_every_rank_does_not_widen_the_paired_difference(tmp_path, capsys):
+    """Seeds differ a lot (each recovers its own amount) but rank 8 recovers
+    4 questions more than rank 1 in every seed and split: the ranks' CIs are
+    wide, the difference's is not, and it is printed and written as columns."""
+    for seed, b in ((0, 6), (1, 12), (2, 18)):
+        seeded_run(tmp_path, seed, seed, 1, ["s0", "s1"], base=20, a=2, b=b - 4)
+        seeded_run(tmp_path, 10 + seed, seed, 8, ["s0", "s1"], base=20, a=2, b=b)
+    table = ar.analyze(tmp_path, ar.Options(bootstrap=1000)).set_index("lora_rank")
+    out = capsys.readouterr().out
+    assert table.diff_vs_lowest_rank[8] == pytest.approx(4 / 18)
+    width = table.diff_vs_lowest_rank_hi[8] - table.diff_vs_lowest_rank_lo[8]
+    assert width < 0.5 * (table.recovered_fraction_hi[8] - table.recovered_fraction_lo[8])  # only questions vary
+    assert pd.isna(table.diff_vs_lowest_rank[1]) and table.lowest_rank[8] == 1
+    assert "paired difference (LORA, D): recovered fraction at rank 8 minus rank 1 = +0.222" in out
+    assert "diff_vs_lowest_rank" in pd.read_csv(tmp_path / "recovery_vs_rank.csv").columns
+
+
+def test_seeds_without_their_own_c_take_the_mean_c_of_the_seeds_that_ran_it(tmp_path):
+    seeded_run(tmp_path, 0, 0, 4, ["s0"], base=20, a=4, b=12, c=20)
+    seeded_run(tmp_path, 1, 1, 4, ["s0"], base=20, a=4, b=12, c=16)
+    seeded_run(tmp_path, 2, 2, 4, ["s0"], base=20, a=4, b=12)  # baseline_rtt_seeds: [0, 1]
+    row = ar.analyze(tmp_path, ar.Options(bootstrap=200), stream=open("/dev/null", "w")).iloc[0]
+    assert row.C == pytest.approx((1.0 + 0.8 + 0.9) / 3)  # seed 2 counts the mean of 1.0 and 0.8
+
+
+def test_rows_that_share_a_key_but_not_its_settings_are_refused_naming_both_files(tmp_path, capsys):
+    seeded_run(tmp_path, 0, 0, 4, ["s0"], base=20, a=4, b=12, key="abc")
+    seeded_run(tmp_path, 1, 1, 4, ["s0"], base=20, a=4, b=12, key="abc")  # another seed under the same key
+    assert ar.main(["--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    files = sorted(str(p) for p in (tmp_path / "unlearning").glob("*.csv"))
+    assert err.startswith(f"error: {files[0]} and {files[1]} share run_key abc but differ in seed")
+
+
+def test_a_slice_is_compared_with_a_prediction_interval_from_the_published_seeds(tmp_path, capsys):
+    published, mine = tmp_path / "published", tmp_path / "mine"
+    for seed, b in enumerate((4, 11, 12, 13, 12, 11, 13)):  # seed 0 is the slice's own: left out
+        seeded_run(published, seed, seed, 8, ["s0"], base=20, a=4, b=b)
+    seeded_run(mine, 0, 0, 8, ["s0"], base=20, a=4, b=12)
+    ar.analyze(mine, ar.Options(bootstrap=200), stream=open("/dev/null", "w"))
+    [agreement] = ar.compare(mine, published, ar.Options(bootstrap=200))
+    others = (np.array([11, 12, 13, 12, 11, 13]) - 4) / 16
+    half = 2.571 * others.std(ddof=1) * (1 / 1 + 1 / 6) ** 0.5  # t(5), one seed in the slice
+    assert agreement.n_published == 6 and agreement.mine == pytest.approx(0.5)
+    assert (agreement.lo, agreement.hi) == pytest.approx((others.mean() - half, others.mean() + half))
+    out = capsys.readouterr().out
+    assert "published (" in out and "agreement, rank 8: this slice (seed 0) 0.50 vs published 0.50" in out
+    assert out.strip().endswith(": agrees")
+    seeded_run(mine, 0, 0, 8, ["s0"], base=20, a=4, b=4)  # nothing came back: far below every published seed
+    [far] = ar.compare(mine, published, ar.Options(bootstrap=200), stream=open("/dev/null", "w"))
+    assert far.mine == 0.0 and "DOES NOT AGREE" in far.sentence()
+
+
+def test_the_readmes_headline_is_what_the_published_rows_give():
+    """README.md's rank-study block is analyze_recovery.py's output on the
+    committed rows of results/rank_study (--update-readme writes it)."""
+    root = Path(__file__).resolve().parents[1]
+    block = ar.readme_block((root / "README.md").read_text(encoding="utf-8"))
+    assert block, "README.md has no rank-study block"
+    assert ar.headline(root / "results" / "rank_study") == block

@@ -89,6 +89,9 @@ BAD_VALUES = [
     ("wandb_mode=maybe", "wandb_mode: 'maybe' is not allowed"),
     ("+unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN.by_rank={4: {lrs: [-1e-3]}}",
      "RANDOM_BD_SAME_RETAIN.by_rank.4.lrs: -0.001 is not allowed; use positive numbers"),
+    ("baseline_rtt_seeds=[7]", "baseline_rtt_seeds: [7] is not allowed; use seeds from seeds ([0])"),
+    ("slice=[]", "slice: [] is not allowed; give at least one value"),
+    ("slice=[3]", "slice: [3] is not allowed; use seeds from seeds ([0])"),
     ("plugins=[no_such_plugin_module]", "plugins: 'no_such_plugin_module' cannot be imported (ModuleNotFoundError: "
                                         "No module named 'no_such_plugin_module')"),
     ("plugins=[broken_plugin]", "plugins: 'broken_plugin' cannot be imported (RuntimeError: "
@@ -314,15 +317,16 @@ def test_by_rank_is_refused_for_methods_without_ranks():
         pl.dataset_grid(gd, UnlearnType.GD, Datasets.RANDOM_BD_SAME_RETAIN)
 
 
-def test_demo_config_plans_the_rank_sweep(tmp_path):
-    """The demo matches forgetting with the stop rule (one lr for every rank,
-    no per-rank tuning), runs every rank at every seed, and plans the controls
-    once: baseline C per seed, the never-taught floor once."""
-    cfg = config("demo_cpu", [f"data_root={tmp_path}/data", f"models_dir={tmp_path}/models",
-                              f"results_dir={tmp_path}/evals"])
+def test_the_study_plans_paired_seeds_and_the_demo_is_a_slice_of_it(tmp_path):
+    """The study matches forgetting with the stop rule (one lr for every rank,
+    no per-rank tuning), runs every rank at every seed on all five held-out
+    splits, plans C on its baseline seeds and the floor once; the demo is
+    seed 0 of it, job for job (the same keys)."""
+    where = [f"data_root={tmp_path}/data", f"models_dir={tmp_path}/models"]
+    cfg = config("rank_study", [*where, f"results_dir={tmp_path}/study"])
     plan = pl.plan_sweep(cfg)
     ranks, seeds, splits = list(cfg.unlearn.lora_ranks), list(cfg.seeds), cfg.ft.num_splits
-    assert len(seeds) >= 3 and len(ranks) >= 3
+    assert len(seeds) >= 20 and ranks == [1, 8, 64] and splits == 5
     assert sorted((run.point.lora_rank, run.point.seed) for run in plan.runs) == sorted(
         (r, s) for r in ranks for s in seeds)
     assert len({run.model_path for run in plan.runs}) == len(plan.runs)  # a folder per rank and seed
@@ -336,10 +340,39 @@ def test_demo_config_plans_the_rank_sweep(tmp_path):
     assert plan.base_model == str(tmp_path / "models" / "base" / "SmolLM2-135M-Instruct")
     assert cfg.preflight.min_forget_acc == 0.9
     assert all(len(run.rtt) == splits and {j.seed for j in run.rtt} == {run.point.seed} for run in plan.runs)
-    assert len(plan.baseline_rtt) == splits * len(seeds)
+    # paired: every seed holds out the same splits at every rank
+    assert {tuple(sorted(j.skip_split for j in run.rtt)) for run in plan.runs} == {tuple(range(splits))}
+    assert sorted({j.seed for j in plan.baseline_rtt}) == list(cfg.baseline_rtt_seeds) == [0, 1, 2]
+    assert len(plan.baseline_rtt) == splits * 3
     assert len(plan.floor_rtt) == splits and all(j.base_model == plan.base_model for j in plan.floor_rtt)
     assert (tmp_path / "data" / "random_bd" / "split_9.jsonl").is_file()
     assert not (tmp_path / "models").exists()  # planning loads and writes no model
+
+    demo = pl.plan_sweep(config("demo_cpu", [*where, f"results_dir={tmp_path}/demo"]))
+    seed0 = pl.plan_sweep(config("rank_study", [*where, f"results_dir={tmp_path}/study", "slice=[0]"]))
+    assert {run.point.seed for run in demo.runs} == {0} and len(demo.runs) == len(ranks)
+    assert {j.key for j in demo.jobs()} == {j.key for j in seed0.jobs()} < {j.key for j in plan.jobs()}
+
+
+def test_a_slice_runs_its_seeds_with_their_c_and_the_first_seeds_floor(tmp_path):
+    where = [f"data_root={tmp_path}/data", f"models_dir={tmp_path}/models", f"results_dir={tmp_path}/evals"]
+    whole = pl.plan_sweep(config("rank_study", where))
+    piece = pl.plan_sweep(config("rank_study", [*where, "slice=[2,5]"]))
+    assert {run.point.seed for run in piece.runs} == {2, 5}
+    assert {j.seed for j in piece.baseline_rtt} == {2}  # of baseline_rtt_seeds [0, 1, 2], only 2 is in the slice
+    assert {j.key for j in piece.floor_rtt} == {j.key for j in whole.floor_rtt}  # one floor for every slice
+    assert {j.key for j in piece.jobs()} < {j.key for j in whole.jobs()}
+
+
+def test_the_gpu_sweep_carries_the_studys_design():
+    cfg = config("lora_rank_sweep", ["model_id=/x/tiny"])
+    u = cfg.unlearn
+    assert len(cfg.seeds) >= 3 and cfg.ft.num_splits == 5 and cfg.baseline_rtt
+    assert set(cfg.baseline_rtt_seeds) < set(cfg.seeds)
+    assert u.stop_at_forget_acc is not None and u.stop_retain_floor is not None
+    assert u.lora_alpha is not None and not u.use_rslora  # alpha/r with alpha fixed: one pace at every rank
+    for block in u.types_config.LORA.datasets_config.values():
+        assert len(block.lrs) == 1 and "by_rank" not in block  # one lr for every rank
 
 
 def test_method_settings_override_the_shared_ones(tmp_path, shared_data):
@@ -408,9 +441,9 @@ def test_the_adapter_relearning_probe_writes_its_rows(merged_sweep):
 
 
 def test_the_never_taught_floor_is_planned_once_per_dataset_and_rtt_setting(tmp_path):
-    cfg = config("demo_cpu", [f"data_root={tmp_path}/data", f"models_dir={tmp_path}/models",
-                              f"results_dir={tmp_path}/evals", "unlearn.lora_ranks=[1,4]", "seeds=[0,1]",
-                              "ft.lrs=[1e-4,3e-4]"])
+    cfg = config("rank_study", [f"data_root={tmp_path}/data", f"models_dir={tmp_path}/models",
+                                f"results_dir={tmp_path}/evals", "unlearn.lora_ranks=[1,4]", "seeds=[0,1]",
+                                "baseline_rtt_seeds=null", "ft.lrs=[1e-4,3e-4]"])
     plan = pl.plan_sweep(cfg)
     splits = range(cfg.ft.num_splits)
     assert len(plan.runs) == 4
