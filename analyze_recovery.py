@@ -689,6 +689,7 @@ class Agreement:
     rank: int
     mine: float
     my_seeds: list[int]
+    splits: str
     published: float
     lo: float
     hi: float
@@ -696,7 +697,7 @@ class Agreement:
 
     def sentence(self) -> str:
         seeds = ", ".join(map(str, self.my_seeds))
-        head = f"agreement, rank {self.rank}: this slice (seed {seeds}) {self.mine:.2f}"
+        head = f"agreement, rank {self.rank}: this slice (seed {seeds}; splits {self.splits}) {self.mine:.2f}"
         if self.n_published < 2 or math.isnan(self.mine):
             return f"{head}; too few published seeds ({self.n_published}) to compare"
         verdict = "agrees" if self.lo <= self.mine <= self.hi else "DOES NOT AGREE"
@@ -706,21 +707,23 @@ class Agreement:
 
 def agreements(mine: list[Unit], published: list[Unit]) -> list[Agreement]:
     """Per setting of the slice: its recovered fraction against a prediction
-    interval from the per-seed recovered fractions of the published seeds it lacks."""
+    interval from the per-seed recovered fractions of the published seeds it
+    lacks, on the held-out splits it has (a slice may hold out fewer)."""
     out = []
     for setting in sorted({u.setting for u in mine}, key=lambda s: [str(v) for v in s]):
-        my_units = [u for u in mine if u.setting == setting]
-        my_seeds = sorted({u.seed for u in my_units})
+        my_units = [u for u in mine if u.setting == setting and "B" in u.vectors]
+        my_seeds, my_files = sorted({u.seed for u in my_units}), {u.file for u in my_units}
         theirs: dict[int, list[Unit]] = {}
         for u in published:
-            if u.setting == setting and u.seed not in my_seeds:
+            if u.setting == setting and u.seed not in my_seeds and u.file in my_files:
                 theirs.setdefault(u.seed, []).append(u)
         per_seed = np.array([recovered_fraction_of(us) for us in theirs.values()])
         per_seed = per_seed[~np.isnan(per_seed)]
         n, k = len(per_seed), len(my_seeds)
         centre = float(per_seed.mean()) if n else math.nan
         half = t975(n - 1) * float(per_seed.std(ddof=1)) * math.sqrt(1 / k + 1 / n) if n >= 2 else math.nan
-        out.append(Agreement(setting[2], recovered_fraction_of(my_units), my_seeds, centre, centre - half,
+        splits = ", ".join(map(str, sorted({u.split for u in my_units})))
+        out.append(Agreement(setting[2], recovered_fraction_of(my_units), my_seeds, splits, centre, centre - half,
                              centre + half, n))
     return out
 

@@ -349,6 +349,8 @@ def test_a_slice_is_compared_with_a_prediction_interval_from_the_published_seeds
     published, mine = tmp_path / "published", tmp_path / "mine"
     for seed, b in enumerate((4, 11, 12, 13, 12, 11, 13)):  # seed 0 is the slice's own: left out
         seeded_run(published, seed, seed, 8, ["s0"], base=20, a=4, b=b)
+        # a split the slice did not hold out: not compared
+        seeded_run(published, 100 + seed, seed, 8, ["s1"], base=20, a=4, b=20, key=f"s1-{seed}")
     seeded_run(mine, 0, 0, 8, ["s0"], base=20, a=4, b=12)
     ar.analyze(mine, ar.Options(bootstrap=200), stream=open("/dev/null", "w"))
     [agreement] = ar.compare(mine, published, ar.Options(bootstrap=200))
@@ -357,7 +359,7 @@ def test_a_slice_is_compared_with_a_prediction_interval_from_the_published_seeds
     assert agreement.n_published == 6 and agreement.mine == pytest.approx(0.5)
     assert (agreement.lo, agreement.hi) == pytest.approx((others.mean() - half, others.mean() + half))
     out = capsys.readouterr().out
-    assert "published (" in out and "agreement, rank 8: this slice (seed 0) 0.50 vs published 0.50" in out
+    assert "published (" in out and "agreement, rank 8: this slice (seed 0; splits 0) 0.50 vs published 0.50" in out
     assert out.strip().endswith(": agrees")
     seeded_run(mine, 0, 0, 8, ["s0"], base=20, a=4, b=4)  # nothing came back: far below every published seed
     [far] = ar.compare(mine, published, ar.Options(bootstrap=200), stream=open("/dev/null", "w"))
