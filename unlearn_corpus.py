@@ -393,10 +393,11 @@ def missing_files(data_root: str | os.PathLike, names: Iterable[str]) -> list[st
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    raw = Path(path).read_bytes()
     try:
-        text = Path(path).read_bytes().decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        line_no = Path(path).read_bytes()[: err.start].count(b"\n") + 1
+        line_no = raw[: err.start].count(b"\n") + 1
         raise DataValidationError(f"{path}:{line_no}: not valid UTF-8 (byte {err.object[err.start]:#04x}); "
                                   "save the file as UTF-8") from None
     rows = []
