@@ -5,7 +5,7 @@ the adapter-relearning probe (only a LoRA adapter trains)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import unlearn_corpus as uc
 from unlearn_corpus import LossType
@@ -22,13 +22,15 @@ class FinetuneResult:
     save_name: str | None = None
     forget_correct_local: dict[int, str] | None = None  # per question of V, by epoch (one V file)
     seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_stage(cls, result: uc.StageResult) -> "FinetuneResult":
         forget, retain = result.forget, result.retain
         correct = next(iter(forget.correct.values())) if len(forget.correct) == 1 else None
         return cls(uc.mean_by_epoch(forget.accs), uc.mean_by_epoch(forget.calibrated), uc.mean_by_epoch(retain.accs),
-                   uc.mean_by_epoch(retain.calibrated), result.save_path, correct, result.seconds)
+                   uc.mean_by_epoch(retain.calibrated), result.save_path, correct, result.seconds,
+                   result.phase_seconds)
 
 
 @dataclass

@@ -601,7 +601,8 @@ def unlearning_row(run: Run, result: uc.UnlearnResult) -> dict:
         "base_model": run.base_model, "save_name": result.save_name, "save_format": result.save_format,
         "val_files": s.evals.val_files, "project_name": s.train.wandb_project_name,
         "data_seed": point.seed, "seed": point.seed, "just_eval": s.train.epochs == 0, "steps": result.steps,
-        **_stop_columns(run, result), "seconds": round(result.seconds, 1), "run_key": run.key,
+        **_stop_columns(run, result), "seconds": round(result.seconds, 1), "phase_seconds": result.phase_seconds,
+        "run_key": run.key,
         **uc.provenance(uc.resolve_device_policy(s.train.device)),
     }
 
@@ -621,7 +622,7 @@ def rtt_row(job: RttJob, result: finetune_corpus.FinetuneResult) -> dict:
         "attacker_rank": lora.lora_rank if lora else 0, "upstream_key": job.upstream,
         "rtt_key": job.key, "data_seed": job.seed, "seed": job.seed,
         "project_name": job.settings.train.wandb_project_name, "seconds": round(result.seconds, 1),
-        **uc.provenance(uc.resolve_device_policy(job.settings.train.device)),
+        "phase_seconds": result.phase_seconds, **uc.provenance(uc.resolve_device_policy(job.settings.train.device)),
     }
 
 

@@ -1033,6 +1033,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.lru_cache(maxsize=None)
+def code_version() -> str:
+    """The project's git commit ("+dirty" when files differ from it); "" outside a checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return commit + ("+dirty" if commit and dirty else "")
+
+
 def provenance(policy: DevicePolicy) -> dict:
     """Which machine and numeric path produced a result row: results from
     several machines mix openly, and bf16 autocast is on where the CPU
@@ -1040,7 +1056,8 @@ def provenance(policy: DevicePolicy) -> dict:
     return {"machine_cpu": cpu_model(), "machine_threads": torch.get_num_threads(),
             "machine_gpu": torch.cuda.get_device_name() if policy.device == "cuda" else "",
             "torch_version": torch.__version__, "device": policy.device,
-            "dtype": str(policy.dtype).removeprefix("torch."), "bf16_autocast": policy.autocast_dtype is not None}
+            "dtype": str(policy.dtype).removeprefix("torch."), "bf16_autocast": policy.autocast_dtype is not None,
+            "code_version": code_version()}
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -1447,6 +1464,25 @@ class StopOutcome:
 
 
 @dataclass
+class PhaseClock:
+    """Seconds spent per phase of a stage (load, evaluate, steps, checks,
+    save): where a run's time goes, written with its row."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - start
+
+    def rounded(self) -> dict[str, float]:
+        return {name: round(value, 1) for name, value in self.seconds.items()}
+
+
+@dataclass
 class StageResult:
     forget: AccuracyLog
     retain: AccuracyLog
@@ -1456,6 +1492,7 @@ class StageResult:
     save_path: str | None
     save_format: str | None
     seconds: float
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 class Progress:
@@ -1538,18 +1575,20 @@ def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
     """Load, prepare, evaluate before training, train `train.epochs` epochs
     (evaluating every `eval_every` and after the last, stopping early under
     the stop rule), save. Every stage's training loop is this one."""
-    started = time.monotonic()
-    training = Training.setup(train, objective)
-    model, tokenizer = training.model, training.stage.tokenizer
-    evaluator = Evaluator.build(tokenizer, evals, train.data_root, train.k_shot, train.val_batch_size,
-                                training.stage.policy)
+    started, clock = time.monotonic(), PhaseClock()
+    with clock.phase("load"):
+        training = Training.setup(train, objective)
+        model, tokenizer = training.model, training.stage.tokenizer
+        evaluator = Evaluator.build(tokenizer, evals, train.data_root, train.k_shot, train.val_batch_size,
+                                    training.stage.policy)
     run = start_wandb(train.wandb_mode, train.wandb_project_name, train.label, key_settings(train))
     trainable, _ = count_parameters(model)
     progress = Progress(train.progress, train.label, total=None)
     checker = StopChecker(stop, evaluator) if stop is not None and stop.active else None
 
     def evaluate(epoch: int) -> None:
-        forget_acc, retain_acc = evaluator(model, epoch, step)
+        with clock.phase("evaluate"):
+            forget_acc, retain_acc = evaluator(model, epoch, step)
         run.log({"epoch": epoch, "forget_acc": forget_acc, "retain_acc": retain_acc})
         progress.note(f"epoch {epoch}: forget {forget_acc:.3f}, retain {retain_acc:.3f}")
 
@@ -1563,12 +1602,14 @@ def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
         steps = objective.epoch_steps(epoch)
         progress.expect(len(steps) * train.epochs)
         for item in steps:
-            metrics = training.step(item)
+            with clock.phase("steps"):
+                metrics = training.step(item)
             step += 1
             run.log({"epoch": epoch, **metrics})
             progress.step(metrics)
             if checker and step % stop.stop_check_every == 0:
-                outcome = checker.check(model, step, epoch)
+                with clock.phase("checks"):
+                    outcome = checker.check(model, step, epoch)
                 if outcome is not None:
                     break
         if outcome is not None or epoch % train.eval_every == 0 or epoch == train.epochs:
@@ -1582,10 +1623,11 @@ def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
     run.finish()
     saved = None
     if save is not None and save.path:
-        saved = str(save_checkpoint(model, tokenizer, save.path, save.save_format, train.model))
+        with clock.phase("save"):
+            saved = str(save_checkpoint(model, tokenizer, save.path, save.save_format, train.model))
     fmt = (save.save_format if is_peft(model) else "merged") if saved else None
     return StageResult(evaluator.forget_log, evaluator.retain_log, trainable, step, outcome, saved, fmt,
-                       time.monotonic() - started)
+                       time.monotonic() - started, clock.rounded())
 
 
 @dataclass
@@ -1651,12 +1693,13 @@ class UnlearnResult:
     stop: StopOutcome | None = None
     save_format: str | None = None
     seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_stage(cls, result: StageResult) -> "UnlearnResult":
         return cls(result.save_path, result.forget.accs, result.forget.calibrated, result.retain.accs,
                    result.retain.calibrated, result.trainable_params, result.forget.correct, result.steps,
-                   result.stop, result.save_format, result.seconds)
+                   result.stop, result.save_format, result.seconds, result.phase_seconds)
 
 
 def unlearn_steps(forget: list[Encoded], retain: list[Encoded], batch_size: int, rng: random.Random):

@@ -276,6 +276,14 @@ def test_lora_smoketest_end_to_end(merged_sweep):
                    "forget_accs_calibrated", "retain_accs", "retain_accs_calibrated", "base_model", "save_name"):
         assert column in unlearning.columns
     assert sorted(ft.condition) == ["baseline", "baseline", "unlearned", "unlearned"]
+    import torch
+
+    for frame in (unlearning, ft):  # every row says where, how and by which code it ran, and where its time went
+        assert set(frame.machine_cpu) == {uc.cpu_model()} and set(frame.torch_version) == {torch.__version__}
+        assert set(frame.device) == {"cpu"} and set(frame.dtype) == {"float32"}
+        assert set(frame.bf16_autocast) <= {True, False} and frame.code_version.str.len().min() >= 12
+        assert all({"load", "evaluate", "steps"} <= set(json.loads(p)) for p in frame.phase_seconds)
+    assert "save" in json.loads(row.phase_seconds)
     unlearned = ft[ft.condition == "unlearned"]
     assert set(unlearned.base_model) == {row.model_path} and sorted(unlearned.skip_split) == [0, 1]
     assert all(json.loads(v) for v in frames["ft"].forget_accs_local)
