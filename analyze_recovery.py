@@ -710,7 +710,7 @@ def agreements(mine: list[Unit], published: list[Unit]) -> list[Agreement]:
     interval from the per-seed recovered fractions of the published seeds it
     lacks, on the held-out splits it has (a slice may hold out fewer)."""
     out = []
-    for setting in sorted({u.setting for u in mine}, key=lambda s: [str(v) for v in s]):
+    for setting in sorted({u.setting for u in mine}, key=lambda s: (str(s[0]), str(s[1]), s[2] or 0, str(s[3:]))):
         my_units = [u for u in mine if u.setting == setting and "B" in u.vectors]
         my_seeds, my_files = sorted({u.seed for u in my_units}), {u.file for u in my_units}
         theirs: dict[int, list[Unit]] = {}
