@@ -105,17 +105,14 @@ def smoketest_refusal_args(override, root: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("override, message", BAD_VALUES, ids=[o.split("=")[0] + o[-8:] for o, _ in BAD_VALUES])
-def test_bad_values_are_refused_in_one_line_before_any_model_loads(override, message, tmp_path):
+def test_bad_values_are_refused_in_one_line_before_any_model_loads(override, message, tmp_path, monkeypatch):
     if override == "device.device=cuda" and __import__("torch").cuda.is_available():
         pytest.skip("this machine has CUDA")
     if override == "plugins=[broken_plugin]":
         (tmp_path / "plugins").mkdir()
         (tmp_path / "plugins" / "broken_plugin.py").write_text("raise RuntimeError('this plugin fails on import')\n")
-        __import__("sys").path.insert(0, str(tmp_path / "plugins"))
-    try:
-        assert_refused(run_sweep(smoketest_refusal_args(override, tmp_path)), message, tmp_path)
-    finally:
-        __import__("sys").modules.pop("broken_plugin", None)
+        monkeypatch.syspath_prepend(tmp_path / "plugins")  # undone after the test, unlike a bare sys.path insert
+    assert_refused(run_sweep(smoketest_refusal_args(override, tmp_path)), message, tmp_path)
 
 
 @pytest.mark.parametrize("override, message", [BAD_VALUES[0], BAD_VALUES[-2]], ids=["unknown-method", "plugin"])
