@@ -472,3 +472,13 @@ def test_two_seeds_give_two_model_folders_and_analysis_counts_both(merged_sweep)
     assert sorted(unlearned.seed) == [0, 0, 1, 1]
     table = ar.analyze(merged_sweep / "evals", ar.Options(bootstrap=200), out_dir=merged_sweep / "two-seeds")
     assert list(table.n_seeds) == [2] and list(table.n) == [2 * 2]  # seeds x held-out splits
+
+
+def test_the_demo_plans_exactly_the_published_rows_of_seed_0(tmp_path):
+    """Run keys are a contract with the published rows: a change that moves a
+    key (a renamed setting, another fingerprint) would make every published
+    row look unfinished and the demo no longer a slice of the study."""
+    published = ROOT / "results" / "rank_study"
+    plan = pl.plan_sweep(config("demo_cpu", [f"data_root={tmp_path}/data", f"results_dir={published}"]))
+    assert len(plan.jobs()) == 13
+    assert [job.label for job in plan.pending()] == []
