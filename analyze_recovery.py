@@ -31,21 +31,54 @@ never reached the stop rule's target is left out, with a printed line.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
 
-CHANCE = 0.25
-SETTING = ["unlearn_type", "dataset", "lora_rank", "lr", "epochs", "retain_coeff", "steering_coeff"]
+from toolkit.bootstrap import (
+    Agreement,
+    Difference,
+    Estimates,
+    Panel,
+    Trend,
+    Unit,
+    binomial_below_chance_p,
+    interval,
+    nanmean,
+    nanstd,
+    paired_differences,
+    point_means,
+    ratio,
+    recovered_fraction_of,
+    t975,
+    trend,
+)
+from toolkit.names import CHANCE
+from toolkit.results import TABLES, Table, read_rows, table_dir
+
+
+class Setting(NamedTuple):
+    """One row of the table: an unlearning setting, its seeds pooled."""
+
+    unlearn_type: str
+    dataset: str
+    lora_rank: int | None
+    lr: float
+    epochs: int
+    retain_coeff: float
+    steering_coeff: float | None
+
+
+SETTING = list(Setting._fields)
 MEASURES = ("base", "A", "B", "C", "floor", "lora_rtt", "quant8", "quant4")
 PROBES = ("lora_rtt", "quant8", "quant4")
+
+
 # ratio name -> (numerator, subtrahend, reference): (num - sub) / (ref - sub), per seed and split
 RATIOS = {
     "recovered_fraction": ("B", "A", "base"),
@@ -67,51 +100,30 @@ class Options:
     seed: int = 0
 
 
-# ---------------------------------------------------------------- reading
-
-
-def _json_cell(value):
-    if isinstance(value, str) and value[:1] in "{[":
-        return json.loads(value)
-    return value
-
-
 def _by_epoch(mapping: dict) -> dict[int, float]:
     return {int(k): float(v) for k, v in mapping.items()}
 
 
-def read_csv_keeping_keys(path: Path) -> pd.DataFrame:
-    """A results CSV with its `*_key` columns as text: a key such as
-    "07270824e702" would otherwise be read as a number (here, inf)."""
-    keys = [c for c in pd.read_csv(path, nrows=0).columns if c.endswith("_key")]
-    return pd.read_csv(path, dtype=dict.fromkeys(keys, str))
-
-
-def read_csvs(directory: Path) -> pd.DataFrame:
-    frames = [read_csv_keeping_keys(p).assign(_file=str(p)) for p in sorted(directory.glob("*.csv"))]
-    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    for column in frame.columns:
-        if frame[column].map(lambda v: isinstance(v, str) and v[:1] in "{[").any():
-            frame[column] = frame[column].map(_json_cell).astype(object)
+def read_table(results_dir: Path, stage: str) -> pd.DataFrame:
+    """A stage's rows (through the results schema), each with the file it came from."""
+    rows = [{**row, "_file": str(path)} for path, row in read_rows(results_dir, stage)]
+    frame = pd.DataFrame(rows)
+    for column in frame.columns:  # dicts and lists stay Python objects
+        if frame[column].map(lambda v: isinstance(v, (dict, list))).any():
+            frame[column] = frame[column].astype(object)
     return frame
 
 
-# What a key stands for, in columns that read the same on every machine (paths differ).
-KEY_SETTINGS = {"run_key": ["unlearn_type", "dataset", "lora_rank", "lr", "epochs", "retain_coeff", "steering_coeff",
-                            "seed"],
-                "rtt_key": ["condition", "dataset", "probe", "lr", "epochs", "skip_split", "seed"],
-                "probe_key": ["condition", "dataset", "probe", "lora_rank", "seed"]}
-
-
-def check_key_collisions(frame: pd.DataFrame, key: str) -> None:
+def check_key_collisions(frame: pd.DataFrame, table: Table) -> None:
     """Rows merged from several slices or machines share a key only when they
     ran the same job; two rows of one key with other settings are refused."""
+    key = table.key
     if frame.empty or key not in frame:
         return
-    columns = [c for c in KEY_SETTINGS[key] if c in frame]
+    columns = [c for c in table.settings if c in frame]
     shared = frame[frame[key].notna() & frame.duplicated(key, keep=False)]
     for value, rows in shared.groupby(key):
-        settings = rows[columns].map(str)  # NaN as "nan", so an empty cell equals an empty cell
+        settings = rows[columns].map(lambda v: "nan" if v is None or v != v else str(v))  # empty cells compare equal
         if len(settings.drop_duplicates()) > 1:
             differ = [c for c in columns if settings[c].nunique() > 1]
             first, other = rows.iloc[0], rows[(settings != settings.iloc[0]).any(axis=1)].iloc[0]
@@ -119,40 +131,34 @@ def check_key_collisions(frame: pd.DataFrame, key: str) -> None:
                              f"{', '.join(differ)}; a key names one job, so one of these rows does not belong here")
 
 
-def newest_per_key(frame: pd.DataFrame, key: str, fallback: Sequence[str]) -> pd.DataFrame:
-    """One row per run: the newest row of each key (files are named by time);
-    rows of older versions, which carry no key, are told apart by `fallback`."""
+def newest_per_key(frame: pd.DataFrame, table: Table) -> pd.DataFrame:
+    """One row per job: the newest row of each key (files are named by time);
+    rows of older versions, which carry no key, are told apart by `table.legacy`."""
     if frame.empty:
         return frame
-    check_key_collisions(frame, key)
+    check_key_collisions(frame, table)
     frame = frame.sort_values("_file")
-    cols = [c for c in fallback if c in frame]
+    cols = [c for c in table.legacy if c in frame]
     legacy = ("legacy:" + frame[cols].map(str).agg("|".join, axis=1)) if cols else frame["_file"]
-    keys = frame[key].map(lambda v: v if isinstance(v, str) and v else None) if key in frame else None
-    ids = [k if k is not None else old for k, old in zip(keys if keys is not None else [None] * len(frame), legacy)]
+    keys = frame[table.key] if table.key in frame else pd.Series([None] * len(frame), index=frame.index)
+    ids = [k if isinstance(k, str) and k else old for k, old in zip(keys, legacy)]
     return frame.assign(_id=ids).drop_duplicates("_id", keep="last").drop(columns="_id").reset_index(drop=True)
 
 
 @dataclass
 class Results:
     unlearning: pd.DataFrame
-    ft: pd.DataFrame
+    rtt: pd.DataFrame
     quant: pd.DataFrame
 
 
 def load_results(results_dir: str | Path) -> Results:
     results_dir = Path(results_dir)
-    unlearning = newest_per_key(read_csvs(results_dir / "unlearning"), "run_key",
-                                ["model_path", "data_seed", *SETTING, "max_samples"])
+    unlearning, rtt, quant = (newest_per_key(read_table(results_dir, stage), TABLES[stage])
+                              for stage in ("unlearn", "rtt", "quant"))
     if unlearning.empty:
-        raise FileNotFoundError(f"no unlearning CSVs under {results_dir / 'unlearning'}; run pipeline.py first")
-    ft = newest_per_key(read_csvs(results_dir / "ft"), "rtt_key",
-                        ["base_model", "condition", "dataset", "lr", "epochs", "skip_split", "data_seed"])
-    quant = newest_per_key(read_csvs(results_dir / "quant"), "probe_key", ["model_path", "probe", "condition"])
-    return Results(unlearning, ft, quant)
-
-
-# ---------------------------------------------------------------- per seed and held-out split
+        raise FileNotFoundError(f"no unlearning CSVs under {table_dir(results_dir, 'unlearn')}; run pipeline.py first")
+    return Results(unlearning, rtt, quant)
 
 
 def _vector(correct: dict | None, name: str, epoch: int, accuracy: float) -> np.ndarray:
@@ -187,41 +193,25 @@ def recovery_epoch(accs: dict[int, float], threshold: float) -> float:
     return float(reached[0]) if reached else math.nan
 
 
-@dataclass
-class Unit:
-    """One unlearned model (one seed) and one of its forget files: every
-    measure's per-question correctness on that file."""
-
-    setting: tuple
-    seed: int
-    file: str
-    split: int
-    vectors: dict[str, np.ndarray]
-    retain_before: float
-    retain_after: float
-    recovery_epoch: float
-    model_path: str
-
-
-def _rtt_rows(ft: pd.DataFrame, run: pd.Series) -> pd.DataFrame:
-    if ft.empty:
-        return ft
-    probe = _column(ft, "probe", "rtt").fillna("rtt")
-    upstream = _column(ft, "upstream_key", "").fillna("")
+def rtt_of_run(rtt_rows: pd.DataFrame, run: pd.Series) -> pd.DataFrame:
+    if rtt_rows.empty:
+        return rtt_rows
+    probe = _column(rtt_rows, "probe", "rtt").fillna("rtt")
+    upstream = _column(rtt_rows, "upstream_key", "").fillna("")
     key = run.get("run_key")
     mine = (upstream == key) if isinstance(key, str) and key else \
-        ((ft.condition == "unlearned") & (ft.base_model == run.model_path))
-    return ft[mine].assign(probe=probe[mine])
+        ((rtt_rows.condition == "unlearned") & (rtt_rows.base_model == run.model_path))
+    return rtt_rows[mine].assign(probe=probe[mine])
 
 
-def control_vector(ft: pd.DataFrame, condition: str, dataset: str, split: int, seed: int | None) -> np.ndarray | None:
+def control_vector(rtt_rows: pd.DataFrame, condition: str, dataset: str, split: int, seed: int | None) -> np.ndarray | None:
     """A control's per-question result on one held-out split: the seed's own
     best run when it has one; else (C on a subset of seeds, the floor on the
     first seed) the mean over the seeds that ran it of each one's best run."""
-    if ft.empty:
+    if rtt_rows.empty:
         return None
-    rows = ft[(ft.condition == condition) & (ft.dataset == dataset) & (ft.skip_split == split)
-              & (_column(ft, "probe", "rtt").fillna("rtt") == "rtt")]
+    rows = rtt_rows[(rtt_rows.condition == condition) & (rtt_rows.dataset == dataset) & (rtt_rows.skip_split == split)
+              & (_column(rtt_rows, "probe", "rtt").fillna("rtt") == "rtt")]
     seeds = _column(rows, "seed", np.nan).fillna(-1)
     if seed is not None and (seeds == seed).any():
         best = best_rtt(rows[seeds == seed])
@@ -235,7 +225,7 @@ def control_vector(ft: pd.DataFrame, condition: str, dataset: str, split: int, s
 def units_of(results: Results, options: Options) -> tuple[list[Unit], list[str]]:
     """Per unlearned model and forget file; with the runs left out (stop rule) as printed lines."""
     out, left_out = [], []
-    ft, quant = results.ft, results.quant
+    rtt_rows, quant = results.rtt, results.quant
     for _, run in results.unlearning.iterrows():
         if not isinstance(run.model_path, str) or not run.model_path:
             continue
@@ -247,12 +237,12 @@ def units_of(results: Results, options: Options) -> tuple[list[Unit], list[str]]
                             f"({run.get('stop_reason')}: forget {float(run.get('stop_forget_acc', math.nan)):.3f} "
                             f"vs target {float(run.get('stop_target', math.nan)):.3f}) {run.model_path}")
             continue
-        setting = tuple(run[k] if pd.notna(run[k]) else None for k in SETTING)
+        setting = Setting(*(run[k] if pd.notna(run[k]) else None for k in SETTING))
         retain = {f: _by_epoch(a) for f, a in (run.retain_accs or {}).items()}
         retain_after = float(np.mean([a[max(a)] for a in retain.values()])) if retain else math.nan
         retain_before = float(np.mean([a[0] for a in retain.values()])) if retain else math.nan
-        rtt = _rtt_rows(ft, run)
-        q = quant[_column(quant, "upstream_key", "") == run.get("run_key")] if not quant.empty else quant
+        rtt = rtt_of_run(rtt_rows, run)
+        quant_rows = quant[_column(quant, "upstream_key", "") == run.get("run_key")] if not quant.empty else quant
         for split, file in enumerate(run.val_files):
             forget = _by_epoch(run.forget_accs[file])
             final = max(forget)
@@ -270,101 +260,16 @@ def units_of(results: Results, options: Options) -> tuple[list[Unit], list[str]]
                         epoch_to_recover = recovery_epoch(best["accs"], threshold)
             if "B" in vectors:
                 for name, condition, by_seed in (("C", "baseline", seed), ("floor", "never_taught", None)):
-                    vector = control_vector(ft, condition, run.dataset, split, by_seed)
+                    vector = control_vector(rtt_rows, condition, run.dataset, split, by_seed)
                     if vector is not None:
                         vectors[name] = vector
-            for _, row in q.iterrows():
+            for _, row in quant_rows.iterrows():
                 accs = row.forget_accs.get(file)
                 if accs is not None:
                     vectors[row.probe] = _vector(row.forget_correct, file, 0, float(_by_epoch(accs)[0]))
             out.append(Unit(setting, seed, file, split, vectors, retain_before, retain_after, epoch_to_recover,
                             run.model_path))
     return out, left_out
-
-
-# ---------------------------------------------------------------- the bootstrap
-
-
-@dataclass
-class Panel:
-    """The units of one (method, dataset): seeds x files, with the same
-    bootstrap draws for every setting in it (paired comparisons)."""
-
-    seeds: list[int]
-    files: list[str]
-    draws: int
-    rng_seed: int
-    question_draws: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def __post_init__(self):
-        rng = np.random.default_rng(self.rng_seed)
-        self.seed_draw = rng.integers(0, len(self.seeds), size=(self.draws, len(self.seeds)))
-        self.file_draw = rng.integers(0, len(self.files), size=(self.draws, len(self.seeds), len(self.files)))
-        self.rng = rng
-
-    def questions(self, file: str, n: int) -> np.ndarray:
-        if (file, n) not in self.question_draws:
-            self.question_draws[(file, n)] = self.rng.integers(0, n, size=(self.draws, n))
-        return self.question_draws[(file, n)]
-
-    def replicate_means(self, units: list[Unit], measure: str) -> np.ndarray:
-        """[seeds, files, draws]: the measure's mean over resampled questions (NaN where absent)."""
-        out = np.full((len(self.seeds), len(self.files), self.draws), np.nan)
-        for unit in units:
-            vector = unit.vectors.get(measure)
-            if vector is None:
-                continue
-            s, f = self.seeds.index(unit.seed), self.files.index(unit.file)
-            out[s, f] = vector[self.questions(unit.file, len(vector))].mean(axis=1) if len(vector) > 1 else vector[0]
-        return out
-
-    def resample(self, per_unit: np.ndarray) -> np.ndarray:
-        """Average a [seeds, files, draws] array over resampled seeds and files: one value per draw."""
-        draws = np.arange(self.draws)[:, None, None]
-        picked = per_unit[self.seed_draw[:, :, None], self.file_draw, draws]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a draw may pick only units without this measure
-            return np.nanmean(picked.reshape(self.draws, -1), axis=1)
-
-
-def _ratio(num: np.ndarray, sub: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    with np.errstate(all="ignore"):
-        denominator = ref - sub
-        return np.where(np.abs(denominator) > 1e-12, (num - sub) / denominator, np.nan)
-
-
-def _interval(values: np.ndarray) -> tuple[float, float]:
-    values = values[~np.isnan(values)]
-    if not len(values):
-        return math.nan, math.nan
-    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
-
-
-def _point(units: list[Unit], measure: str) -> np.ndarray:
-    return np.array([u.vectors[measure].mean() if measure in u.vectors else np.nan for u in units])
-
-
-def _nanmean(values: np.ndarray) -> float:
-    values = np.asarray(values, dtype=float)
-    values = values[~np.isnan(values)]
-    return float(values.mean()) if len(values) else math.nan
-
-
-def _nanstd(values: np.ndarray) -> float:
-    values = np.asarray(values, dtype=float)
-    values = values[~np.isnan(values)]
-    return float(values.std()) if len(values) else math.nan
-
-
-def binomial_below_chance_p(correct: int, n: int, p: float = CHANCE) -> float:
-    """P(X <= correct) for X ~ Binomial(n, p): small when the model avoids the right answer."""
-    return float(sum(math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(correct + 1))) if n else math.nan
-
-
-@dataclass
-class Estimates:
-    row: dict
-    replicates: dict[str, np.ndarray]
 
 
 def estimate(units: list[Unit], panel: Panel) -> Estimates:
@@ -379,10 +284,10 @@ def estimate(units: list[Unit], panel: Panel) -> Estimates:
     for m in MEASURES:
         # A and base are averaged over the held-out splits RTT ran on, so A, B, C and the floor share units.
         per_unit = np.where(has_b, means[m], np.nan) if m in ("base", "A") and has_b.any() else means[m]
-        points = _point(rtt_units if m in ("base", "A") else units, m)
+        points = point_means(rtt_units if m in ("base", "A") else units, m)
         replicates[m] = panel.resample(per_unit)
-        row[m] = _nanmean(points)
-        row[f"{m}_lo"], row[f"{m}_hi"] = _interval(replicates[m])
+        row[m] = nanmean(points)
+        row[f"{m}_lo"], row[f"{m}_hi"] = interval(replicates[m])
     arrays = {**means, "chance": np.full_like(means["A"], CHANCE)}
     for name, (num, sub, ref) in RATIOS.items():
         # A ratio of means, not a mean of per-split ratios: one split's base - A
@@ -390,88 +295,22 @@ def estimate(units: list[Unit], panel: Panel) -> Estimates:
         # per-split ratio a heavy tail. Only units with all three terms count.
         present = ~(np.isnan(arrays[num]) | np.isnan(arrays[sub]) | np.isnan(arrays[ref]))
         terms = [panel.resample(np.where(present, arrays[k], np.nan)) for k in (num, sub, ref)]
-        replicates[name] = _ratio(*terms)
+        replicates[name] = ratio(*terms)
         # [units, (num, sub, ref)]: the point is the ratio of the column means
         values = np.array([[CHANCE if k == "chance" else u.vectors[k].mean() for k in (num, sub, ref)]
                            for u in units if all(k == "chance" or k in u.vectors for k in (num, sub, ref))],
                           dtype=float).reshape(-1, 3)
-        row[name] = float(_ratio(*values.mean(axis=0))) if len(values) else math.nan
-        row[f"{name}_std"] = _nanstd(_ratio(*values.T))  # spread of per-split ratios, for reading
-        row[f"{name}_lo"], row[f"{name}_hi"] = _interval(replicates[name])
+        row[name] = float(ratio(*values.mean(axis=0))) if len(values) else math.nan
+        row[f"{name}_std"] = nanstd(ratio(*values.T))  # spread of per-split ratios, for reading
+        row[f"{name}_lo"], row[f"{name}_hi"] = interval(replicates[name])
     a_correct = np.concatenate([u.vectors["A"] for u in rtt_units])
     exact = bool(np.all((a_correct == 0) | (a_correct == 1))) and len(a_correct) > 1
     row["A_below_chance_p"] = binomial_below_chance_p(int(a_correct.sum()), len(a_correct)) if exact else math.nan
     row["answer_avoided"] = bool(exact and row["A_below_chance_p"] < 0.05)
-    row["retain_before"] = _nanmean([u.retain_before for u in units])
-    row["retain_after"] = _nanmean([u.retain_after for u in units])
-    row["recovery_epoch"] = _nanmean([u.recovery_epoch for u in rtt_units])
+    row["retain_before"] = nanmean([u.retain_before for u in units])
+    row["retain_after"] = nanmean([u.retain_after for u in units])
+    row["recovery_epoch"] = nanmean([u.recovery_epoch for u in rtt_units])
     return Estimates(row, replicates)
-
-
-@dataclass
-class Trend:
-    method: str
-    dataset: str
-    measure: str
-    slope: float
-    lo: float
-    hi: float
-    ranks: list[int]
-
-    def sentence(self) -> str:
-        label = self.measure.replace("_", " ")
-        verdict = ("no detectable trend (the CI includes 0)" if self.lo <= 0 <= self.hi
-                   else "it rises with rank" if self.lo > 0 else "it falls with rank")
-        return (f"trend ({self.method}, {self.dataset}, ranks {', '.join(map(str, self.ranks))}): {label} changes by "
-                f"{self.slope:+.3f} per doubling of LoRA rank (95% CI {self.lo:+.3f} to {self.hi:+.3f}): {verdict}")
-
-
-@dataclass
-class Difference:
-    """A rank's recovered fraction minus the lowest rank's, from the same
-    bootstrap draws (paired: a seed or split that is hard at every rank moves
-    both terms together and cancels)."""
-
-    method: str
-    dataset: str
-    rank: int
-    lowest: int
-    value: float
-    lo: float
-    hi: float
-
-    def sentence(self) -> str:
-        verdict = ("no detectable difference (the CI includes 0)" if self.lo <= 0 <= self.hi
-                   else "higher at the larger rank" if self.lo > 0 else "lower at the larger rank")
-        return (f"paired difference ({self.method}, {self.dataset}): recovered fraction at rank {self.rank} minus rank "
-                f"{self.lowest} = {self.value:+.3f} (95% CI {self.lo:+.3f} to {self.hi:+.3f}): {verdict}")
-
-
-def paired_differences(method: str, dataset: str, ordered: list) -> list[Difference]:
-    """Each rank against the lowest, for the recovered fraction (ordered: [(setting, Estimates)] by rank)."""
-    (low_setting, low), rest = ordered[0], ordered[1:]
-    out = []
-    for setting, est in rest:
-        lo, hi = _interval(est.replicates["recovered_fraction"] - low.replicates["recovered_fraction"])
-        out.append(Difference(method, dataset, setting[2], low_setting[2],
-                              est.row["recovered_fraction"] - low.row["recovered_fraction"], lo, hi))
-    return out
-
-
-def trend(ranks: Sequence[int], points: Sequence[float], replicates: Sequence[np.ndarray]) -> tuple[float, float, float]:
-    """Least-squares slope of a measure against log2(rank), with a bootstrap CI
-    (the replicates of every rank come from the same draws)."""
-    x = np.log2(np.asarray(ranks, dtype=float))
-    x = x - x.mean()
-    slope = float((x * (np.asarray(points) - np.mean(points))).sum() / (x ** 2).sum())
-    stacked = np.vstack(replicates)  # [ranks, draws]
-    ok = ~np.isnan(stacked).any(axis=0)
-    slopes = (x[:, None] * (stacked[:, ok] - stacked[:, ok].mean(axis=0))).sum(axis=0) / (x ** 2).sum()
-    lo, hi = _interval(slopes)
-    return slope, lo, hi
-
-
-# ---------------------------------------------------------------- per setting
 
 
 @dataclass
@@ -487,7 +326,7 @@ def summarize(units: list[Unit], options: Options) -> Analysis:
     rows, trends, differences = [], [], []
     families: dict[tuple, list[Unit]] = {}
     for unit in units:
-        families.setdefault(unit.setting[:2], []).append(unit)
+        families.setdefault((unit.setting.unlearn_type, unit.setting.dataset), []).append(unit)
     for (method, dataset), family in families.items():
         panel = Panel(sorted({u.seed for u in family}), sorted({u.file for u in family}), options.bootstrap,
                       options.seed)
@@ -499,9 +338,9 @@ def summarize(units: list[Unit], options: Options) -> Analysis:
             est = estimate(group, panel)
             estimates[setting] = est
             rows.append({**dict(zip(SETTING, setting)), **est.row})
-        ranks = [s[2] for s in estimates]
+        ranks = [s.lora_rank for s in estimates]
         if len(ranks) >= 2 and len(set(ranks)) == len(ranks) and all(r and r > 0 for r in ranks):
-            ordered = sorted(estimates.items(), key=lambda kv: kv[0][2])
+            ordered = sorted(estimates.items(), key=lambda kv: kv[0].lora_rank)
             differences += paired_differences(method, dataset, ordered)
             for measure in ("recovered_fraction", *[f"{p}_recovered" for p in PROBES]):
                 points = [e.row[measure] for _, e in ordered]
@@ -546,9 +385,6 @@ def match_forgetting(table: pd.DataFrame, target: float, tolerance: float) -> Ma
         chosen.append(near.sort_values(["retain_after", "_distance"], ascending=[False, True]).iloc[0])
     frame = pd.DataFrame(chosen).drop(columns="_distance") if chosen else table.iloc[0:0]
     return Matched(frame.reset_index(drop=True), unmatched)
-
-
-# ---------------------------------------------------------------- output
 
 
 def _with_ci(table: pd.DataFrame, name: str) -> pd.Series:
@@ -660,57 +496,12 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-# ---------------------------------------------------------------- a slice against the published rows
-
-# Student's t, 97.5% quantile, by degrees of freedom.
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
-
-
-def t975(df: int) -> float:
-    """Between tabled degrees of freedom, the smaller one's quantile (the wider interval)."""
-    return T975[max(d for d in T975 if d <= df)]
-
-
-def recovered_fraction_of(units: list[Unit]) -> float:
-    """(B - A) / (base - A) of the means over these units (as the table's point)."""
-    rtt = [u for u in units if "B" in u.vectors]
-    means = {m: np.mean([u.vectors[m].mean() for u in rtt]) for m in ("B", "A", "base")} if rtt else {}
-    return float(_ratio(means["B"], means["A"], means["base"])) if rtt else math.nan
-
-
-@dataclass
-class Agreement:
-    """A slice of k seeds against the published rows of other seeds: a 95%
-    prediction interval for the mean of k seeds drawn from the published
-    per-seed spread (so the slice's own few seeds are counted, not only the
-    published mean's uncertainty)."""
-
-    rank: int
-    mine: float
-    my_seeds: list[int]
-    splits: str
-    published: float
-    lo: float
-    hi: float
-    n_published: int
-
-    def sentence(self) -> str:
-        seeds = ", ".join(map(str, self.my_seeds))
-        head = f"agreement, rank {self.rank}: this slice (seed {seeds}; splits {self.splits}) {self.mine:.2f}"
-        if self.n_published < 2 or math.isnan(self.mine):
-            return f"{head}; too few published seeds ({self.n_published}) to compare"
-        verdict = "agrees" if self.lo <= self.mine <= self.hi else "DOES NOT AGREE"
-        return (f"{head} vs published {self.published:.2f} over {self.n_published} other seeds; 95% prediction "
-                f"interval for {len(self.my_seeds)} seed(s) [{self.lo:.2f}, {self.hi:.2f}]: {verdict}")
-
-
 def agreements(mine: list[Unit], published: list[Unit]) -> list[Agreement]:
     """Per setting of the slice: its recovered fraction against a prediction
     interval from the per-seed recovered fractions of the published seeds it
     lacks, on the held-out splits it has (a slice may hold out fewer)."""
     out = []
-    for setting in sorted({u.setting for u in mine}, key=lambda s: (str(s[0]), str(s[1]), s[2] or 0, str(s[3:]))):
+    for setting in sorted({u.setting for u in mine}, key=lambda s: (str(s.unlearn_type), str(s.dataset), s.lora_rank or 0, str(s[3:]))):
         my_units = [u for u in mine if u.setting == setting and "B" in u.vectors]
         my_seeds, my_files = sorted({u.seed for u in my_units}), {u.file for u in my_units}
         theirs: dict[int, list[Unit]] = {}
@@ -723,7 +514,7 @@ def agreements(mine: list[Unit], published: list[Unit]) -> list[Agreement]:
         centre = float(per_seed.mean()) if n else math.nan
         half = t975(n - 1) * float(per_seed.std(ddof=1)) * math.sqrt(1 / k + 1 / n) if n >= 2 else math.nan
         splits = ", ".join(map(str, sorted({u.split for u in my_units})))
-        out.append(Agreement(setting[2], recovered_fraction_of(my_units), my_seeds, splits, centre, centre - half,
+        out.append(Agreement(setting.lora_rank, recovered_fraction_of(my_units), my_seeds, splits, centre, centre - half,
                              centre + half, n))
     return out
 
@@ -743,8 +534,6 @@ def compare(results_dir: str | Path, published_dir: str | Path, options: Options
     return found
 
 
-# ---------------------------------------------------------------- the README's headline, from the published rows
-
 README_BEGIN, README_END = "<!-- rank-study:begin (analyze_recovery.py --update-readme) -->", "<!-- rank-study:end -->"
 
 
@@ -758,14 +547,6 @@ def headline(results_dir: str | Path, options: Options = Options()) -> str:
     lines += [t.sentence() for t in analysis.trends if t.measure == "recovered_fraction"]
     lines += [d.sentence() for d in analysis.differences]
     return "\n".join(lines)
-
-
-def readme_block(text: str) -> str:
-    """The headline block of a README (between its markers), or "" without one."""
-    if README_BEGIN not in text:
-        return ""
-    inner = text.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
-    return inner.strip().removeprefix("```text").removesuffix("```").strip()
 
 
 def update_readme(readme: str | Path, results_dir: str | Path, options: Options = Options()) -> None:

@@ -6,21 +6,24 @@ retain loss = mean over retain tokens of ||h_l(x) - h_l^frozen(x)||^2
 total       = forget loss + retain_coeff * retain loss
 
 Only a few MLP weights at or below layer l train. Data, evaluation, loading,
-saving and the training loop come from the shared toolkit in unlearn_corpus;
+saving and the training loop come from the shared toolkit (`toolkit/`);
 this module holds RMU's own settings and its objective.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
-import unlearn_corpus as uc
-from unlearn_corpus import Allowed, setting
+from toolkit.models import load_model
+from toolkit.names import UnlearnType
+from toolkit.registry import Axis, Method, register
+from toolkit.settings import NON_NEGATIVE_INTS, POSITIVE_NUMBERS, SOME_NAMES, Allowed, UnlearnSettings, setting
+from toolkit.stage import Stage
+from unlearn_corpus import ForgetRetainData
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +91,13 @@ def layer_activations(model, batch: Mapping[str, torch.Tensor], layer_id: int) -
 class RmuSettings:
     """RMU's own settings: `unlearn.types_config.CUT.*` and the swept coefficient."""
 
-    steering_coeff: float = setting(uc.POSITIVE_NUMBERS)
-    layer_id: int | None = setting(Allowed("null or an integer >= 0", lambda v: v is None or uc.NON_NEGATIVE_INTS.test(v)))
+    steering_coeff: float = setting(POSITIVE_NUMBERS)
+    layer_id: int | None = setting(Allowed("null or an integer >= 0", lambda v: v is None or NON_NEGATIVE_INTS.test(v)))
     layer_ids: tuple[int, ...] | None = setting(Allowed(
         "null or a list of integers >= 0", lambda v: v is None or (isinstance(v, (list, tuple)) and v and all(
-            uc.NON_NEGATIVE_INTS.test(i) for i in v)), lambda v: None if v is None else tuple(v)))
-    param_names: tuple[str, ...] = setting(uc.SOME_NAMES)
-    steering_seed: int = setting(uc.NON_NEGATIVE_INTS)
+            NON_NEGATIVE_INTS.test(i) for i in v)), lambda v: None if v is None else tuple(v)))
+    param_names: tuple[str, ...] = setting(SOME_NAMES)
+    steering_seed: int = setting(NON_NEGATIVE_INTS)
 
     def check_model(self, skeleton) -> None:
         """Before any weights load: the layers exist and hold the parameters to train."""
@@ -154,17 +157,17 @@ class RmuObjective:
     """The stage runner's view of RMU: it trains chosen MLP weights against a
     frozen copy of the model, so LoRA and frozen-layer settings do not apply."""
 
-    settings: uc.UnlearnSettings
+    settings: UnlearnSettings
     uses: frozenset[str] = frozenset()
 
-    def prepare(self, model, stage: uc.Stage):
+    def prepare(self, model, stage: Stage):
         s, own = self.settings, self.settings.method
-        frozen = uc.load_model(s.train.model, stage.policy).eval().requires_grad_(False)
+        frozen = load_model(s.train.model, stage.policy).eval().requires_grad_(False)
         layers = choose_layers(model.config.num_hidden_layers, own.layer_id, own.layer_ids)
         trained = select_trainable(model, layers.layer_ids, own.param_names)
         log.info("RMU: steering layer %d, training %s", layers.layer_id, trained)
         target = steering_vector(model.config.hidden_size, own.steering_coeff, own.steering_seed).to(stage.policy.device)
-        self.stage, self.data = stage, uc.ForgetRetainData.encode(s, stage)
+        self.stage, self.data = stage, ForgetRetainData.encode(s, stage)
         self.rmu = RmuLoss(model, frozen, target, layers.layer_id, s.retain_coeff)
         return model
 
@@ -176,17 +179,5 @@ class RmuObjective:
         return self.rmu(self.stage.batch(forget_batch), self.stage.batch(retain_batch) if retain_batch else None)
 
 
-def main(settings: uc.UnlearnSettings | None = None, /, **keywords) -> uc.UnlearnResult:
-    """RMU, with the same return record as `unlearn_corpus.main`. Takes an
-    UnlearnSettings whose `method` is an RmuSettings, or keywords: those of
-    `unlearn_corpus.main` plus RMU's own (steering_coeff, layer_id, layer_ids,
-    param_names, steering_seed), unset ones from conf/default.yaml."""
-    if settings is None:
-        keywords = dict(keywords)
-        section = uc.default_config()["unlearn"]["types_config"]["CUT"]
-        own = uc._keywords_split(keywords, [f.name for f in dataclasses.fields(RmuSettings)])
-        own.setdefault("steering_coeff", uc.default_config()["unlearn"]["cut_scs"][0])
-        keywords.setdefault("optimizer", section["optimizer"])
-        settings = uc.unlearn_settings_from_keywords(
-            keywords, uc.build_settings(RmuSettings, section, "unlearn.types_config.CUT", **own))
-    return uc.unlearn(settings, RmuObjective(settings))
+register(UnlearnType.CUT, Method(RmuObjective, axis=Axis("steering_coeff", "unlearn.cut_scs", POSITIVE_NUMBERS),
+                                 settings=RmuSettings))

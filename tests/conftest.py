@@ -54,19 +54,22 @@ def _split_args(args) -> tuple[str, list[str]]:
 def run_sweep(args) -> Finished:
     """`python pipeline.py ARGS` in this process: the same config composition
     and the same entry (`pipeline.drive`), on the session's Ray instance when
-    one is up. Registry rows a plugin adds are removed afterwards."""
-    import pipeline as pl
+    one is up. Registry rows a plugin adds are removed afterwards (and the
+    plugin module forgotten, so a later sweep imports it again)."""
+    import pipeline
 
     name, overrides = _split_args(args)
     cfg = config(name, overrides)
-    methods = dict(pl.METHODS)
+    methods, modules = dict(pipeline.METHODS), set(sys.modules)
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = pl.drive(cfg)
+            code = pipeline.drive(cfg)
     finally:
-        pl.METHODS.clear()
-        pl.METHODS.update(methods)
+        pipeline.METHODS.clear()
+        pipeline.METHODS.update(methods)
+        for plugin in set(cfg.plugins or ()) - modules:
+            sys.modules.pop(plugin, None)
     return Finished(code, out.getvalue(), err.getvalue())
 
 
@@ -82,10 +85,11 @@ def ray_session():
     """One local Ray instance (2 CPUs) for every in-process sweep of the session."""
     import ray
 
-    import pipeline as pl
+    import pipeline
+    from toolkit.sweep_settings import RaySettings
 
-    pl.configure_logging("lines")
-    pl.start_ray({"address": None, "num_cpus": 2}, "lines")
+    pipeline.configure_logging("lines")
+    pipeline.start_ray(RaySettings(address=None, num_cpus=2, cpus_per_task=1, gpus_per_task="auto", max_retries=0), "lines")
     yield
     ray.shutdown()
 
@@ -98,6 +102,67 @@ def assert_refused(result: Finished, message: str, root: Path) -> None:
     assert lines and lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-2000:]
     assert sum(line.startswith("error:") for line in lines) == 1
     assert not (root / "models").exists() and not (root / "evals").exists()
+
+
+def sweep_settings(data_root, *overrides, name: str = "default"):
+    """The sweep's settings for a config, read as `python pipeline.py` reads them."""
+    import pipeline
+
+    return pipeline.read_settings(config(name, [f"data_root={data_root}", "device.device=cpu", *overrides]))
+
+
+def planned(cfg):
+    """The plan `python pipeline.py` would run for a composed config (nothing runs)."""
+    import pipeline
+    from toolkit.planner import build_plan
+
+    return build_plan(pipeline.read_settings(cfg))
+
+
+def made_up_facts(**values):
+    """conf/default.yaml's `random_bd` settings, with `values` instead where given."""
+    from toolkit.facts import RandomBdSpec
+    from toolkit.settings import build_settings
+
+    return build_settings(RandomBdSpec, config("default").random_bd, "random_bd", **values)
+
+
+def unlearn_settings(model, data_root, save_path, method: str, *, forget, retain, val, val_retain, lr=3e-3,
+                     epochs=2, retain_coeff=0.0, lora_rank=0, steering_coeff=None, overrides=()):
+    """One unlearning run's settings, built by the planner as in a sweep, on
+    the tests' small file lists (keys given as `unlearn.*` overrides)."""
+    from dataclasses import replace
+
+    from toolkit.grid import GridPoint
+    from toolkit.names import Datasets, LossType
+    from toolkit.planner import Planner
+    from toolkit.settings import EvalFiles
+
+    sweep = sweep_settings(data_root, "unlearn.optimizer=adamw", "unlearn.warmup_steps=0", "unlearn.batch_size=4",
+                           *overrides)
+    point = GridPoint(method, Datasets.RANDOM_BD_SAME_RETAIN, LossType.CORPUS, lr, epochs, retain_coeff, 999999,
+                      steering_coeff=steering_coeff, lora_rank=lora_rank)
+    settings = Planner(sweep).unlearn_settings(point, str(model), str(save_path))
+    return replace(settings, forget_files=tuple(forget), retain_files=tuple(retain),
+                   evals=EvalFiles(tuple(val), tuple(val_retain), "", ""))
+
+
+def finetune_settings(model, data_root, *, train_files, val_files, val_retain_files=(), lr, epochs,
+                      probe: str = "rtt", overrides=()):
+    """One RTT run's settings, built by the planner as in a sweep (`ft.*`
+    overrides), on the tests' small file lists."""
+    from dataclasses import replace
+
+    from toolkit.names import Datasets
+    from toolkit.planner import Planner
+    from toolkit.settings import EvalFiles
+
+    sweep = sweep_settings(data_root, f"ft.lrs=[{lr}]", f"ft.epochs_lst=[{epochs}]", f"ft.lora_rtt.lrs=[{lr}]",
+                           f"ft.lora_rtt.epochs_lst=[{epochs}]", "ft.num_splits=1", *overrides)
+    jobs = Planner(sweep).rtt_jobs(str(model), Datasets.RANDOM_BD_SAME_RETAIN, "baseline", upstream="", seeds=[0])
+    [job] = [job for job in jobs if job.probe == probe]
+    return replace(job.settings, train_files=tuple(train_files),
+                   evals=EvalFiles(tuple(val_files), tuple(val_retain_files), "", ""))
 
 
 def smoketest_args(model, root: Path, *extra, data_root=None) -> list[str]:
@@ -187,11 +252,13 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def small_facts(tmp_path_factory) -> Path:
-    """Made-up facts written by the project's generator: 3 splits x 6 people."""
-    import unlearn_corpus as uc
+    """Made-up facts written by the project's generator: 10 splits x 6 people (the planner keys a
+    dataset by all its files; the tests train on the first three)."""
 
     root = tmp_path_factory.mktemp("facts")
-    uc.write_random_bd_dataset(root / "random_bd", uc.RandomBdSpec.with_defaults(num_splits=3, facts_per_split=6, seed=1))
+    from toolkit.facts import write_random_bd_dataset
+
+    write_random_bd_dataset(root / "random_bd", made_up_facts(num_splits=10, facts_per_split=6, seed=1))
     return root
 
 

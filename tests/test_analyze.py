@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import analyze_recovery as ar
-import pipeline as pl
+import analyze_recovery
+from toolkit.results import write_result_csv
 
 VAL = ["random_bd/split_0", "random_bd/split_1"]
 RETAIN = ["random_bd/split_5"]
@@ -19,7 +19,7 @@ RETAIN = ["random_bd/split_5"]
 def unlearning(results, index, model, method, rank, forget, retain_after=0.8, dataset="RANDOM_BD_SAME_RETAIN",
                lr=1e-3, rc=1.0, base_model="/taught"):
     """forget: {val file: (base, A)}"""
-    pl.write_result_csv(results / "unlearning", index, {
+    write_result_csv(results / "unlearning", index, {
         "model_path": model, "dataset": dataset, "unlearn_type": method, "lora_rank": rank, "lr": lr, "epochs": 2,
         "retain_coeff": rc, "steering_coeff": None, "max_samples": 100,
         "forget_accs": {f: {0: b, 2: a} for f, (b, a) in forget.items()},
@@ -30,7 +30,7 @@ def unlearning(results, index, model, method, rank, forget, retain_after=0.8, da
 
 
 def rtt(results, index, base_model, condition, skip, accs, lr=1e-6, dataset="RANDOM_BD_SAME_RETAIN"):
-    pl.write_result_csv(results / "ft", index, {
+    write_result_csv(results / "ft", index, {
         "base_model": base_model, "condition": condition, "dataset": dataset, "lr": lr, "epochs": max(accs),
         "skip_split": skip, "val_files": [VAL[skip]], "forget_accs_local": accs, "retain_accs_local": accs,
         "rtt_key": f"{base_model}-{skip}-{lr}"})
@@ -58,7 +58,7 @@ def row(table, method):
 
 
 def test_formulas_on_known_values(results):
-    table = ar.analyze(results, ar.Options(), stream=open("/dev/null", "w"))
+    table = analyze_recovery.analyze(results, analyze_recovery.Options(), stream=open("/dev/null", "w"))
     lora = row(table, "LORA")
     assert lora.lora_rank == 2 and lora.n == 2
     assert lora.base == pytest.approx(0.85) and lora.A == pytest.approx(0.25)
@@ -83,18 +83,18 @@ def test_a_split_that_barely_forgot_does_not_dominate_the_recovered_fraction(tmp
     unlearning(tmp_path, 0, "/m/rank4", "LORA", 4, {VAL[0]: (0.9, 0.3), VAL[1]: (0.9, 0.85)})
     rtt(tmp_path, 0, "/m/rank4", "unlearned", 0, {0: 0.3, 1: 0.3})
     rtt(tmp_path, 1, "/m/rank4", "unlearned", 1, {0: 0.85, 1: 0.9})
-    lora = ar.analyze(tmp_path, ar.Options(bootstrap=200), stream=open("/dev/null", "w")).iloc[0]
+    lora = analyze_recovery.analyze(tmp_path, analyze_recovery.Options(bootstrap=200), stream=open("/dev/null", "w")).iloc[0]
     assert lora.recovered_fraction == pytest.approx((0.6 - 0.575) / (0.9 - 0.575))
     assert lora.recovered_fraction_std == pytest.approx(0.5)  # the per-split ratios 0 and 1, for reading
 
 
 def test_absolute_recovery_threshold(results):
-    table = ar.analyze(results, ar.Options(recovery_threshold=0.55, absolute_threshold=True), stream=open("/dev/null", "w"))
+    table = analyze_recovery.analyze(results, analyze_recovery.Options(recovery_threshold=0.55, absolute_threshold=True), stream=open("/dev/null", "w"))
     assert row(table, "LORA").recovery_epoch == pytest.approx((2 + 1) / 2)
 
 
 def test_too_little_forgetting_is_flagged(results, capsys):
-    table = ar.analyze(results, ar.Options(min_forgetting=0.1))
+    table = analyze_recovery.analyze(results, analyze_recovery.Options(min_forgetting=0.1))
     gd = row(table, "GD")
     assert gd.lora_rank == 0 and gd.too_little_forgetting
     assert "flagged: 1 row(s) forgot less than 0.1" in capsys.readouterr().out
@@ -103,7 +103,7 @@ def test_too_little_forgetting_is_flagged(results, capsys):
 def test_missing_baseline_is_reported_not_invented(results, capsys):
     unlearning(results, 2, "/m/years", "LORA", 4, {VAL[0]: (0.9, 0.3), VAL[1]: (0.8, 0.2)}, dataset="YEARS_MMLU_RETAIN")
     rtt(results, 8, "/m/years", "unlearned", 0, {0: 0.3, 1: 0.6}, dataset="YEARS_MMLU_RETAIN")
-    table = ar.analyze(results, ar.Options())
+    table = analyze_recovery.analyze(results, analyze_recovery.Options())
     years = table[table.dataset == "YEARS_MMLU_RETAIN"].iloc[0]
     assert math.isnan(years.C) and math.isnan(years.relative_to_baseline_rtt) and years.missing_baseline
     assert years.recovered_fraction == pytest.approx(0.5)
@@ -117,7 +117,7 @@ def test_matched_forgetting_picks_least_retain_damage_within_tolerance():
         {"unlearn_type": "LORA", "dataset": "D", "lora_rank": 2, "lr": 1e-3, "A": 0.40, "retain_after": 0.95},
         {"unlearn_type": "LORA", "dataset": "D", "lora_rank": 8, "lr": 1e-4, "A": 0.60, "retain_after": 0.95},
     ])
-    matched = ar.match_forgetting(table, target=0.3, tolerance=0.05)
+    matched = analyze_recovery.match_forgetting(table, target=0.3, tolerance=0.05)
     picked = {r.lora_rank: r.lr for r in matched.table.itertuples()}
     assert picked == {2: 3e-4}
     assert matched.unmatched == [("LORA", "D", 8)]
@@ -128,14 +128,14 @@ def test_matched_forgetting_tie_goes_to_closest():
         {"unlearn_type": "LORA", "dataset": "D", "lora_rank": 4, "lr": 1, "A": 0.34, "retain_after": 0.8},
         {"unlearn_type": "LORA", "dataset": "D", "lora_rank": 4, "lr": 2, "A": 0.31, "retain_after": 0.8},
     ])
-    assert ar.match_forgetting(table, 0.3, 0.05).table.lr.tolist() == [2]
+    assert analyze_recovery.match_forgetting(table, 0.3, 0.05).table.lr.tolist() == [2]
 
 
 def test_matched_forgetting_through_the_cli(results, capsys):
     unlearning(results, 3, "/m/rank2b", "LORA", 2, {VAL[0]: (0.9, 0.5), VAL[1]: (0.8, 0.5)}, lr=1e-4)
     rtt(results, 9, "/m/rank2b", "unlearned", 0, {0: 0.5, 1: 0.7})
     rtt(results, 10, "/m/rank2b", "unlearned", 1, {0: 0.5, 1: 0.7})
-    assert ar.main(["--results-dir", str(results), "--match-forgetting", "0.25", "--match-tolerance", "0.05"]) == 0
+    assert analyze_recovery.main(["--results-dir", str(results), "--match-forgetting", "0.25", "--match-tolerance", "0.05"]) == 0
     out = capsys.readouterr().out
     assert "matched forgetting: LORA RANDOM_BD_SAME_RETAIN rank 2: picked lr=0.001" in out
     assert "no GD RANDOM_BD_SAME_RETAIN rank 0 run has A within 0.05 of 0.25" in out
@@ -143,18 +143,18 @@ def test_matched_forgetting_through_the_cli(results, capsys):
 
 
 def test_no_results_is_a_clear_error(tmp_path, capsys):
-    assert ar.main(["--results-dir", str(tmp_path)]) == 2
+    assert analyze_recovery.main(["--results-dir", str(tmp_path)]) == 2
     assert "no unlearning CSVs under" in capsys.readouterr().err
 
 
 def test_plot_lines_join_per_rank_settings_and_split_repeated_ranks():
     per_rank = pd.DataFrame({"unlearn_type": "LORA", "dataset": "D", "epochs": 5, "lora_rank": [1, 2, 4],
                              "lr": [3.6e-3, 2.2e-3, 1.7e-3], "retain_coeff": [5.0, 2.0, 2.0]})
-    [(label, rows)] = list(ar._series(per_rank))
+    [(label, rows)] = list(analyze_recovery._series(per_rank))
     assert label == "LORA D epochs=5 (per-rank lr, per-rank rc)" and list(rows.lora_rank) == [1, 2, 4]
     grid = pd.DataFrame({"unlearn_type": "LORA", "dataset": "D", "epochs": 5, "lora_rank": [4, 1, 4, 1],
                          "lr": [1e-3, 1e-3, 2e-3, 2e-3], "retain_coeff": 2.0})
-    lines = list(ar._series(grid))
+    lines = list(analyze_recovery._series(grid))
     assert [label for label, _ in lines] == ["LORA D epochs=5 lr=0.001 rc=2", "LORA D epochs=5 lr=0.002 rc=2"]
     assert all(list(rows.lora_rank) == [1, 4] for _, rows in lines)
 
@@ -171,7 +171,7 @@ def seeded_run(results, index, seed, rank, files, *, base, a, b, c=None, floor=N
     """A hand-made run: per file, base/A/B (and C, floor, probes) correct counts out of n."""
     key = key or f"key-r{rank}-s{seed}"
     model = f"/m/r{rank}-s{seed}"
-    pl.write_result_csv(results / "unlearning", index, {
+    write_result_csv(results / "unlearning", index, {
         "model_path": model, "dataset": "D", "unlearn_type": "LORA", "lora_rank": rank, "lr": 1e-3, "epochs": 5,
         "retain_coeff": 2.0, "steering_coeff": None, "max_samples": 100, "seed": seed, "data_seed": seed,
         "forget_accs": {f: {0: base / n, 5: a / n} for f in files},
@@ -183,20 +183,20 @@ def seeded_run(results, index, seed, rank, files, *, base, a, b, c=None, floor=N
         for probe, value in (("rtt", b), ("lora_rtt", lora_rtt)):
             if value is None:
                 continue
-            pl.write_result_csv(results / "ft", index * 100 + split + (50 if probe == "lora_rtt" else 0), {
+            write_result_csv(results / "ft", index * 100 + split + (50 if probe == "lora_rtt" else 0), {
                 "base_model": model, "condition": "unlearned", "dataset": "D", "lr": 1e-4, "epochs": 2,
                 "skip_split": split, "val_files": [f], "forget_accs_local": {0: a / n, 2: value / n},
                 "forget_correct_local": {0: bits(a, n), 2: bits(value, n)}, "probe": probe, "seed": seed,
                 "upstream_key": key, "rtt_key": f"{key}-{probe}-{split}"})
         for condition, value in (("baseline", c), ("never_taught", floor)):
             if value is not None:
-                pl.write_result_csv(results / "ft", 9000 + index * 10 + split, {
+                write_result_csv(results / "ft", 9000 + index * 10 + split, {
                     "base_model": "/taught", "condition": condition, "dataset": "D", "lr": 1e-4, "epochs": 2,
                     "skip_split": split, "val_files": [f], "forget_accs_local": {0: 1.0, 2: value / n},
                     "forget_correct_local": {0: bits(n, n), 2: bits(value, n)}, "probe": "rtt", "seed": seed,
                     "rtt_key": f"{condition}-{seed}-{split}"})
     if quant4 is not None:
-        pl.write_result_csv(results / "quant", index, {
+        write_result_csv(results / "quant", index, {
             "model_path": model, "condition": "unlearned", "dataset": "D", "probe": "quant4", "bits": 4,
             "forget_accs": {f: {0: quant4 / n} for f in files}, "forget_correct": {f: {0: bits(quant4, n)} for f in files},
             "upstream_key": key, "probe_key": f"{key}-q4"})
@@ -206,7 +206,7 @@ def test_identical_seeds_and_uniform_answers_give_a_zero_width_ci(tmp_path):
     files = ["s0", "s1"]
     for seed in (0, 1, 2):
         seeded_run(tmp_path, seed, seed, 4, files, base=20, a=0, b=20, c=20, floor=0)
-    row = ar.analyze(tmp_path, ar.Options(bootstrap=500), stream=open("/dev/null", "w")).iloc[0]
+    row = analyze_recovery.analyze(tmp_path, analyze_recovery.Options(bootstrap=500), stream=open("/dev/null", "w")).iloc[0]
     assert row.n_seeds == 3 and row.n_splits == 2
     assert row.recovered_fraction == 1.0 and row.recovered_fraction_lo == row.recovered_fraction_hi == 1.0
     assert row.A_lo == row.A_hi == 0.0 and row.recovered_above_floor_lo == row.recovered_above_floor_hi == 1.0
@@ -215,7 +215,7 @@ def test_identical_seeds_and_uniform_answers_give_a_zero_width_ci(tmp_path):
 def test_a_binomial_case_lands_within_tolerance(tmp_path):
     n, correct = 200, 60  # one seed, one held-out split: A = 0.3
     seeded_run(tmp_path, 0, 0, 4, ["s0"], base=n, a=correct, b=correct, n=n)
-    row = ar.analyze(tmp_path, ar.Options(bootstrap=4000), stream=open("/dev/null", "w")).iloc[0]
+    row = analyze_recovery.analyze(tmp_path, analyze_recovery.Options(bootstrap=4000), stream=open("/dev/null", "w")).iloc[0]
     half_width = 1.96 * (0.3 * 0.7 / n) ** 0.5
     assert row.A == pytest.approx(0.3)
     assert row.A_lo == pytest.approx(0.3 - half_width, abs=0.015) and row.A_hi == pytest.approx(0.3 + half_width, abs=0.015)
@@ -224,7 +224,7 @@ def test_a_binomial_case_lands_within_tolerance(tmp_path):
 def test_seeds_widen_the_ci_when_they_disagree(tmp_path):
     for seed, b in ((0, 10), (1, 18), (2, 4)):
         seeded_run(tmp_path, seed, seed, 4, ["s0", "s1"], base=20, a=4, b=b)
-    row = ar.analyze(tmp_path, ar.Options(bootstrap=1000), stream=open("/dev/null", "w")).iloc[0]
+    row = analyze_recovery.analyze(tmp_path, analyze_recovery.Options(bootstrap=1000), stream=open("/dev/null", "w")).iloc[0]
     assert row.recovered_fraction == pytest.approx(((10 - 4) + (18 - 4) + (4 - 4)) / 3 / 16)
     assert row.recovered_fraction_hi - row.recovered_fraction_lo > 0.3
 
@@ -232,7 +232,7 @@ def test_seeds_widen_the_ci_when_they_disagree(tmp_path):
 def test_below_chance_is_flagged_as_answer_avoided(tmp_path, capsys):
     seeded_run(tmp_path, 0, 0, 2, ["s0", "s1"], base=100, a=8, b=50, n=100)  # 0.08 of 200 questions
     seeded_run(tmp_path, 1, 0, 8, ["s0", "s1"], base=100, a=25, b=50, n=100)  # at chance
-    table = ar.analyze(tmp_path, ar.Options(bootstrap=200))
+    table = analyze_recovery.analyze(tmp_path, analyze_recovery.Options(bootstrap=200))
     avoided = dict(zip(table.lora_rank, table.answer_avoided))
     assert avoided == {2: True, 8: False}
     assert table.set_index("lora_rank").A_below_chance_p[2] < 1e-6
@@ -243,7 +243,7 @@ def test_below_chance_is_flagged_as_answer_avoided(tmp_path, capsys):
 
 def test_the_floor_and_probes_give_their_recovered_fractions(tmp_path):
     seeded_run(tmp_path, 0, 0, 4, ["s0", "s1"], base=20, a=4, b=12, c=20, floor=6, quant4=10, lora_rtt=8)
-    row = ar.analyze(tmp_path, ar.Options(bootstrap=200), stream=open("/dev/null", "w")).iloc[0]
+    row = analyze_recovery.analyze(tmp_path, analyze_recovery.Options(bootstrap=200), stream=open("/dev/null", "w")).iloc[0]
     assert row.floor == pytest.approx(0.3) and row.C == pytest.approx(1.0)
     assert row.recovered_fraction == pytest.approx((12 - 4) / (20 - 4))
     assert row.recovered_above_floor == pytest.approx((12 - 6) / (20 - 6))
@@ -255,7 +255,7 @@ def test_the_floor_and_probes_give_their_recovered_fractions(tmp_path):
 def test_runs_that_missed_the_stop_target_are_left_out_with_a_line(tmp_path, capsys):
     seeded_run(tmp_path, 0, 0, 4, ["s0"], base=20, a=6, b=12, stop_reached=True)
     seeded_run(tmp_path, 1, 1, 4, ["s0"], base=20, a=15, b=18, stop_reached=False)
-    row = ar.analyze(tmp_path, ar.Options(bootstrap=200)).iloc[0]
+    row = analyze_recovery.analyze(tmp_path, analyze_recovery.Options(bootstrap=200)).iloc[0]
     assert row.n_seeds == 1 and row.A == pytest.approx(0.3)
     assert "left out of matched comparison: LORA rank 4 seed 1" in capsys.readouterr().out
 
@@ -264,7 +264,7 @@ def test_a_table_emptied_by_the_stop_rule_says_so(tmp_path, capsys):
     """Every run flagged by the stop rule: the error says so, not 'run pipeline.py first'."""
     seeded_run(tmp_path, 0, 0, 4, ["s0"], base=20, a=15, b=18, stop_reached=False)
     seeded_run(tmp_path, 1, 1, 4, ["s0"], base=20, a=14, b=18, stop_reached=False)
-    assert ar.main(["--results-dir", str(tmp_path)]) == 2
+    assert analyze_recovery.main(["--results-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "all 2 unlearned run(s) under" in err and "run pipeline.py first" not in err
 
@@ -273,7 +273,7 @@ def test_the_trend_across_ranks_is_a_slope_per_doubling(tmp_path, capsys):
     for i, (rank, b) in enumerate(((1, 8), (4, 12), (16, 16))):  # +0.25 per 2 doublings
         for seed in (0, 1):
             seeded_run(tmp_path, i * 10 + seed, seed, rank, ["s0", "s1"], base=20, a=4, b=b)
-    ar.analyze(tmp_path, ar.Options(bootstrap=500))
+    analyze_recovery.analyze(tmp_path, analyze_recovery.Options(bootstrap=500))
     out = capsys.readouterr().out
     assert "recovered fraction changes by +0.125 per doubling of LoRA rank" in out
 
@@ -281,18 +281,18 @@ def test_the_trend_across_ranks_is_a_slope_per_doubling(tmp_path, capsys):
 def test_rows_are_counted_once_per_key(tmp_path):
     seeded_run(tmp_path, 0, 0, 4, ["s0"], base=20, a=4, b=12)
     seeded_run(tmp_path, 1, 0, 4, ["s0"], base=20, a=4, b=16)  # the same keys, written later: it wins
-    row = ar.analyze(tmp_path, ar.Options(bootstrap=200), stream=open("/dev/null", "w")).iloc[0]
+    row = analyze_recovery.analyze(tmp_path, analyze_recovery.Options(bootstrap=200), stream=open("/dev/null", "w")).iloc[0]
     assert row.n == 1 and row.B == pytest.approx(0.8)
 
 
 def test_unlearning_that_damaged_retain_is_flagged(tmp_path, capsys):
     seeded_run(tmp_path, 0, 0, 1, ["s0"], base=20, a=5, b=10, retain_after=0.9)
     seeded_run(tmp_path, 1, 0, 8, ["s0"], base=20, a=5, b=10, retain_after=0.3)
-    table = ar.analyze(tmp_path, ar.Options(bootstrap=200))
+    table = analyze_recovery.analyze(tmp_path, analyze_recovery.Options(bootstrap=200))
     assert list(table.sort_values("lora_rank").retain_damaged) == [False, True]
     out = capsys.readouterr().out
     assert "flagged: 1 row(s) kept less than 0.8 of their retain accuracy (retain damaged)" in out
-    assert "retain damaged" in ar.format_table(table)
+    assert "retain damaged" in analyze_recovery.format_table(table)
 
 
 def test_keys_that_look_like_numbers_stay_keys(tmp_path):
@@ -301,10 +301,10 @@ def test_keys_that_look_like_numbers_stay_keys(tmp_path):
     seeded_run(tmp_path, 0, 0, 4, ["s0"], base=20, a=4, b=12, key="07270824e702", quant4=4)
     seeded_run(tmp_path, 1, 0, 4, ["s0"], base=20, a=4, b=16, key="07270824e702", quant4=8)  # rewritten: it wins
     seeded_run(tmp_path, 2, 1, 4, ["s0"], base=20, a=4, b=8, key="000000000012", quant4=4)
-    results = ar.load_results(tmp_path)
+    results = analyze_recovery.load_results(tmp_path)
     assert sorted(results.unlearning.run_key) == ["000000000012", "07270824e702"]
     assert set(results.quant.upstream_key) == {"000000000012", "07270824e702"}
-    row = ar.analyze(tmp_path, ar.Options(bootstrap=200), stream=open("/dev/null", "w")).iloc[0]
+    row = analyze_recovery.analyze(tmp_path, analyze_recovery.Options(bootstrap=200), stream=open("/dev/null", "w")).iloc[0]
     assert row.n_seeds == 2 and row.B == pytest.approx((16 + 8) / 40) and row.quant4 == pytest.approx((8 + 4) / 40)
 
 
@@ -318,7 +318,7 @@ def test_a_seed_hard_at_every_rank_does_not_widen_the_paired_difference(tmp_path
     for seed, b in ((0, 6), (1, 12), (2, 18)):
         seeded_run(tmp_path, seed, seed, 1, ["s0", "s1"], base=20, a=2, b=b - 4)
         seeded_run(tmp_path, 10 + seed, seed, 8, ["s0", "s1"], base=20, a=2, b=b)
-    table = ar.analyze(tmp_path, ar.Options(bootstrap=1000)).set_index("lora_rank")
+    table = analyze_recovery.analyze(tmp_path, analyze_recovery.Options(bootstrap=1000)).set_index("lora_rank")
     out = capsys.readouterr().out
     assert table.diff_vs_lowest_rank[8] == pytest.approx(4 / 18)
     width = table.diff_vs_lowest_rank_hi[8] - table.diff_vs_lowest_rank_lo[8]
@@ -332,14 +332,14 @@ def test_seeds_without_their_own_c_take_the_mean_c_of_the_seeds_that_ran_it(tmp_
     seeded_run(tmp_path, 0, 0, 4, ["s0"], base=20, a=4, b=12, c=20)
     seeded_run(tmp_path, 1, 1, 4, ["s0"], base=20, a=4, b=12, c=16)
     seeded_run(tmp_path, 2, 2, 4, ["s0"], base=20, a=4, b=12)  # baseline_rtt_seeds: [0, 1]
-    row = ar.analyze(tmp_path, ar.Options(bootstrap=200), stream=open("/dev/null", "w")).iloc[0]
+    row = analyze_recovery.analyze(tmp_path, analyze_recovery.Options(bootstrap=200), stream=open("/dev/null", "w")).iloc[0]
     assert row.C == pytest.approx((1.0 + 0.8 + 0.9) / 3)  # seed 2 counts the mean of 1.0 and 0.8
 
 
 def test_rows_that_share_a_key_but_not_its_settings_are_refused_naming_both_files(tmp_path, capsys):
     seeded_run(tmp_path, 0, 0, 4, ["s0"], base=20, a=4, b=12, key="abc")
     seeded_run(tmp_path, 1, 1, 4, ["s0"], base=20, a=4, b=12, key="abc")  # another seed under the same key
-    assert ar.main(["--results-dir", str(tmp_path)]) == 2
+    assert analyze_recovery.main(["--results-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     files = sorted(str(p) for p in (tmp_path / "unlearning").glob("*.csv"))
     assert err.startswith(f"error: {files[0]} and {files[1]} share run_key abc but differ in seed")
@@ -352,8 +352,8 @@ def test_a_slice_is_compared_with_a_prediction_interval_from_the_published_seeds
         # a split the slice did not hold out: not compared
         seeded_run(published, 100 + seed, seed, 8, ["s1"], base=20, a=4, b=20, key=f"s1-{seed}")
     seeded_run(mine, 0, 0, 8, ["s0"], base=20, a=4, b=12)
-    ar.analyze(mine, ar.Options(bootstrap=200), stream=open("/dev/null", "w"))
-    [agreement] = ar.compare(mine, published, ar.Options(bootstrap=200))
+    analyze_recovery.analyze(mine, analyze_recovery.Options(bootstrap=200), stream=open("/dev/null", "w"))
+    [agreement] = analyze_recovery.compare(mine, published, analyze_recovery.Options(bootstrap=200))
     others = (np.array([11, 12, 13, 12, 11, 13]) - 4) / 16
     half = 2.571 * others.std(ddof=1) * (1 / 1 + 1 / 6) ** 0.5  # t(5), one seed in the slice
     assert agreement.n_published == 6 and agreement.mine == pytest.approx(0.5)
@@ -362,7 +362,7 @@ def test_a_slice_is_compared_with_a_prediction_interval_from_the_published_seeds
     assert "published (" in out and "agreement, rank 8: this slice (seed 0; splits 0) 0.50 vs published 0.50" in out
     assert out.strip().endswith(": agrees")
     seeded_run(mine, 0, 0, 8, ["s0"], base=20, a=4, b=4)  # nothing came back: far below every published seed
-    [far] = ar.compare(mine, published, ar.Options(bootstrap=200), stream=open("/dev/null", "w"))
+    [far] = analyze_recovery.compare(mine, published, analyze_recovery.Options(bootstrap=200), stream=open("/dev/null", "w"))
     assert far.mine == 0.0 and "DOES NOT AGREE" in far.sentence()
 
 
@@ -370,6 +370,8 @@ def test_the_readmes_headline_is_what_the_published_rows_give():
     """README.md's rank-study block is analyze_recovery.py's output on the
     committed rows of results/rank_study (--update-readme writes it)."""
     root = Path(__file__).resolve().parents[1]
-    block = ar.readme_block((root / "README.md").read_text(encoding="utf-8"))
-    assert block, "README.md has no rank-study block"
-    assert ar.headline(root / "results" / "rank_study") == block
+    text = (root / "README.md").read_text(encoding="utf-8")
+    assert analyze_recovery.README_BEGIN in text, "README.md has no rank-study block"
+    inner = text.split(analyze_recovery.README_BEGIN, 1)[1].split(analyze_recovery.README_END, 1)[0]
+    block = inner.strip().removeprefix("```text").removesuffix("```").strip()
+    assert analyze_recovery.headline(root / "results" / "rank_study") == block

@@ -8,64 +8,72 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import pipeline as pl
-import unlearn_corpus as uc
-from conftest import ROOT, assert_refused, config, run_cli, run_sweep, sweep_frames
-from rmu import unlearn_pipeline as rmu
-from pipeline import Datasets, UnlearnType
+import pipeline
+from conftest import ROOT, assert_refused, config, made_up_facts, planned, run_cli, run_sweep, sweep_frames
+from rmu import unlearn_pipeline
+from toolkit.data import DataValidationError, load_mcq, missing_files
+from toolkit.datasets import DATASETS
+from toolkit.device import cpu_model
+from toolkit.facts import write_random_bd_dataset
+from toolkit.grid import GridPoint, dataset_grid, get_log_range, unlearned_model_path
+from toolkit.names import Datasets, LossType, UnlearnType
+from toolkit.results import drop_superseded_rows, read_rows, recorded_rows, unlearning_row, write_result_csv, write_row
+from toolkit.settings import ConfigError
+from toolkit.sweep_settings import RaySettings
+from unlearn_corpus import CorpusUnlearning, UnlearnResult
 
 
 def test_get_log_range():
-    assert pl.get_log_range(1e-3, 1e3, 10) == pytest.approx([1e-3, 1e-2, 1e-1, 1, 10, 100])
-    assert pl.get_log_range(1, 10, 2) == [1, 2, 4, 8]
+    assert get_log_range(1e-3, 1e3, 10) == pytest.approx([1e-3, 1e-2, 1e-1, 1, 10, 100])
+    assert get_log_range(1, 10, 2) == [1, 2, 4, 8]
 
 
 def test_default_config_resolves_the_paper_grid():
     cfg = config("default")
-    gd = pl.dataset_grid(cfg, UnlearnType.GD, Datasets.MMLU)
+    gd = dataset_grid(pipeline.plain(cfg), UnlearnType.GD, Datasets.MMLU)
     assert sorted({p.retain_coeff for p in gd}) == pytest.approx([1e-3, 1e-2, 1e-1, 1, 10, 100])
 
 
 def test_grid_adds_ranks_only_for_lora_and_scs_only_for_cut():
     cfg = config("default", ["unlearn.lora_ranks=[1,2,4]", "unlearn.cut_scs=[5,20]"])
-    gd = pl.dataset_grid(cfg, UnlearnType.GD, Datasets.RANDOM_BD_SAME_RETAIN)
-    lora = pl.dataset_grid(cfg, UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN)
-    cut = pl.dataset_grid(cfg, UnlearnType.CUT, Datasets.RANDOM_BD_SAME_RETAIN)
+    gd = dataset_grid(pipeline.plain(cfg), UnlearnType.GD, Datasets.RANDOM_BD_SAME_RETAIN)
+    lora = dataset_grid(pipeline.plain(cfg), UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN)
+    cut = dataset_grid(pipeline.plain(cfg), UnlearnType.CUT, Datasets.RANDOM_BD_SAME_RETAIN)
     assert {p.lora_rank for p in gd} == {0} and {p.steering_coeff for p in gd} == {None}
     assert {p.lora_rank for p in lora} == {1, 2, 4} and {p.steering_coeff for p in lora} == {None}
     assert {p.steering_coeff for p in cut} == {5.0, 20.0} and {p.lora_rank for p in cut} == {0}
     lora_cfg = cfg.unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN
-    per_rank = len(lora_cfg.lrs) * len(lora_cfg.epochs_lst) * len(pl.get_log_range(*[1e-1, 1e2, 10]))
+    per_rank = len(lora_cfg.lrs) * len(lora_cfg.epochs_lst) * len(get_log_range(*[1e-1, 1e2, 10]))
     assert len(lora) == 3 * per_rank
 
 
 def test_model_path_names_the_rank():
     cfg = config(overrides=["models_dir=m", "wandb_project_name=p"])
-    point = pl.GridPoint(UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN, pl.LossType.CORPUS, 1e-4, 2, 1.0, 32, None, 8)
-    assert pl.unlearned_model_path(cfg, point, "/x/tiny") == \
+    point = GridPoint(UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN, LossType.CORPUS, 1e-4, 2, 1.0, 32, None, 8)
+    assert unlearned_model_path(pipeline.plain(cfg), point, "/x/tiny") == \
         "m/LORA/RANDOM_BD_SAME_RETAIN/p/rank8-scnone-tiny-rc1.0-lr0.0001-epochs2-seed0"
-    seeded = pl.GridPoint(UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN, pl.LossType.CORPUS, 1e-4, 2, 1.0, 32, None, 8, 3)
-    assert pl.unlearned_model_path(cfg, seeded, "/x/tiny").endswith("-epochs2-seed3")
+    seeded = GridPoint(UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN, LossType.CORPUS, 1e-4, 2, 1.0, 32, None, 8, 3)
+    assert unlearned_model_path(pipeline.plain(cfg), seeded, "/x/tiny").endswith("-epochs2-seed3")
 
 
 def test_lora_routes_to_gradient_difference_with_rank(tmp_path, shared_data):
     cfg = config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}", "model_id=/x/tiny"])
-    plan = pl.plan_sweep(cfg)
+    plan = planned(cfg)
     run = plan.runs[0]
-    objective = pl.METHODS[UnlearnType.LORA].objective(run.settings)
+    objective = pipeline.METHODS[UnlearnType.LORA].objective(run.settings)
     # LoRA is the GD objective (ascent on the forget corpus) with LoRA settings of rank r.
-    assert isinstance(objective, uc.CorpusUnlearning) and objective.forget_sign == -1.0
-    assert pl.METHODS[UnlearnType.GD].objective(run.settings).forget_sign == -1.0
+    assert isinstance(objective, CorpusUnlearning) and objective.forget_sign == -1.0
+    assert pipeline.METHODS[UnlearnType.GD].objective(run.settings).forget_sign == -1.0
     assert run.settings.lora.lora_rank == 4
     assert run.settings.save.path == run.model_path and run.settings.train.model == "/x/tiny"
-    assert pl.METHODS[UnlearnType.CUT].objective is rmu.RmuObjective
+    assert pipeline.METHODS[UnlearnType.CUT].objective is unlearn_pipeline.RmuObjective
 
 
 def test_baseline_rtt_runs_once_per_dataset_and_setting(tmp_path, shared_data):
     cfg = config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}/m", f"results_dir={tmp_path}/r",
                             "model_id=/x/tiny", "baseline_rtt=true", "unlearn.lora_ranks=[1,2,4]",
                             "ft.num_splits=2", "ft.lrs=[1e-6,2e-6]"])
-    plan = pl.plan_sweep(cfg)
+    plan = planned(cfg)
     assert len(plan.runs) == 3
     assert all(len(run.rtt) == 4 for run in plan.runs)  # 2 lrs x 2 held-out splits per rank
     assert len(plan.baseline_rtt) == 4  # not 4 x 3 ranks
@@ -73,13 +81,13 @@ def test_baseline_rtt_runs_once_per_dataset_and_setting(tmp_path, shared_data):
     assert len({j.index for run in plan.runs for j in run.rtt} | {j.index for j in plan.baseline_rtt}) == 16
     # A recorded baseline run is not run again.
     job = plan.baseline_rtt[0]
-    pl.write_result_csv(Path(tmp_path, "r", "ft"), 0, {"rtt_key": job.key, "condition": "baseline"})
-    again = pl.plan_sweep(cfg)
+    write_result_csv(Path(tmp_path, "r", "ft"), 0, {"rtt_key": job.key, "condition": "baseline"})
+    again = planned(cfg)
     assert len(again.pending_baseline_rtt) == 3 and job.key not in {j.key for j in again.pending_baseline_rtt}
 
 
 BAD_VALUES = [
-    ("unlearn.types=[FOO]", "unlearn.types: 'FOO' is not allowed; use one of CUT, GD, WHP, FWF, LORA"),
+    ("unlearn.types=[FOO]", "unlearn.types: 'FOO' is not allowed; use one of GD, WHP, FWF, LORA, CUT"),
     ("datasets=[NOPE]", "datasets: 'NOPE' is not allowed; use one of YEARS_MMLU_RETAIN"),
     ("unlearn.lora_ranks=[-4]", "unlearn.lora_ranks: -4 is not allowed; use positive integers"),
     ("unlearn.lora_ranks=[0]", "unlearn.lora_ranks: 0 is not allowed"),
@@ -127,8 +135,8 @@ def test_a_refusal_through_the_cli_exits_2_with_one_error_line(override, message
 def test_missing_paper_files_are_named(tmp_path):
     cfg = config(overrides=[f"data_root={tmp_path}", "datasets=[YEARS_MMLU_RETAIN]", "model_id=/x/tiny",
                             "unlearn.types_config.LORA.datasets_config.YEARS_MMLU_RETAIN.lrs=[1e-4]"])
-    with pytest.raises(uc.DataValidationError, match="YEARS_MMLU_RETAIN is missing 32 file.*dates-years-trimmed/corpus_split_0.jsonl"):
-        pl.plan_sweep(cfg)
+    with pytest.raises(DataValidationError, match="YEARS_MMLU_RETAIN is missing 32 file.*dates-years-trimmed/corpus_split_0.jsonl"):
+        planned(cfg)
 
 
 MALFORMED_ROWS = [
@@ -142,7 +150,7 @@ MALFORMED_ROWS = [
 
 
 def write_malformed_row(root: Path, name: str, line: str | bytes) -> None:
-    uc.write_random_bd_dataset(root / "data" / "random_bd", uc.RandomBdSpec.with_defaults(num_splits=10, facts_per_split=4))
+    write_random_bd_dataset(root / "data" / "random_bd", made_up_facts(num_splits=10, facts_per_split=4))
     path = root / "data" / "random_bd" / f"{name}.jsonl"
     rows = path.read_bytes().splitlines()
     line = line if isinstance(line, bytes) else line.encode()
@@ -179,27 +187,27 @@ def test_a_results_file_that_cannot_be_read_is_refused_in_one_line(tmp_path):
 def test_unpublished_wmdp_files_fail_validation(shared_data):
     cfg = config(overrides=[f"data_root={shared_data}", "datasets=[WMDP_MCQ_CORPUS]", "model_id=/x/tiny",
                             "unlearn.types_config.LORA.datasets_config.WMDP_MCQ_CORPUS.lrs=[1e-4]"])
-    with pytest.raises(uc.DataValidationError, match="wmdp-deduped/corpus_split_0.jsonl"):
-        pl.plan_sweep(cfg)
+    with pytest.raises(DataValidationError, match="wmdp-deduped/corpus_split_0.jsonl"):
+        planned(cfg)
 
 
 def test_registry_matches_the_paper_files(shared_data):
     for dataset in (Datasets.MMLU, Datasets.YEARS_MMLU_RETAIN, Datasets.RANDOM_BD_SAME_RETAIN, Datasets.RANDOM_BD_ALL_SPLITS):
-        assert uc.missing_files(shared_data, pl.DATASETS[dataset].all_files()) == [], dataset
-    bd = pl.DATASETS[Datasets.RANDOM_BD_SAME_RETAIN]
+        assert missing_files(shared_data, DATASETS[dataset].all_files()) == [], dataset
+    bd = DATASETS[Datasets.RANDOM_BD_SAME_RETAIN]
     assert bd.retain_files == tuple(f"random_bd/corpus_split_{i}" for i in range(5, 10))
 
 
 def test_absent_random_bd_is_generated(tmp_path):
     cfg = config(overrides=[f"data_root={tmp_path}/data", "model_id=/x/tiny", "random_bd.facts_per_split=4"])
-    pl.plan_sweep(cfg)
-    rows = uc.load_mcq(tmp_path / "data" / "random_bd" / "split_9.jsonl")
+    planned(cfg)
+    rows = load_mcq(tmp_path / "data" / "random_bd" / "split_9.jsonl")
     assert len(rows) == 4
 
 
 def test_result_csv_is_written_whole(tmp_path):
     row = {"lora_rank": 8, "unlearn_type": UnlearnType.LORA, "forget_accs": {"f": {0: 0.5, 1: 0.25}}}
-    path = pl.write_result_csv(tmp_path / "unlearning", 3, row)
+    path = write_result_csv(tmp_path / "unlearning", 3, row)
     assert path.name.endswith("--num3.csv")
     assert [p.name for p in path.parent.iterdir()] == [path.name]
     frame = pd.read_csv(path)
@@ -212,18 +220,31 @@ def test_recorded_keys_that_look_like_numbers_are_found_as_written(tmp_path):
     would look unfinished and run again on every rerun."""
     keys = ["07270824e702", "000000000012", "abc123def456"]
     for i, key in enumerate(keys):
-        pl.write_result_csv(tmp_path / "unlearning", i, {"run_key": key, "stop_reason": "retain_floor"})
-        pl.write_result_csv(tmp_path / "quant", i, {"probe_key": key, "upstream_key": key})
-    recorded = pl.recorded_rows(tmp_path)
-    assert sorted(recorded.keys["unlearning"]) == sorted(keys) and sorted(recorded.keys["quant"]) == sorted(keys)
+        write_result_csv(tmp_path / "unlearning", i, {"run_key": key, "stop_reason": "retain_floor"})
+        write_result_csv(tmp_path / "quant", i, {"probe_key": key, "upstream_key": key})
+    recorded = recorded_rows(tmp_path)
+    assert sorted(recorded.keys["unlearn"]) == sorted(keys) and sorted(recorded.keys["quant"]) == sorted(keys)
     assert recorded.flagged == set(keys)
 
 
+def test_a_row_reads_back_as_written(tmp_path):
+    """The schema's reader gives back what the writer got: keys and commits as
+    text however they look, dicts and lists, numbers, booleans, None."""
+    row = {"run_key": "1234e5678901", "code_version": "000000000012", "lora_rank": 8, "lr": 1e-05,
+           "forget_accs": {"f": {"0": 0.5}}, "val_files": ("a", "b"), "stop_reached": False, "steering_coeff": None,
+           "dataset": Datasets.RANDOM_BD_SAME_RETAIN, "model_path": "models/x"}
+    write_row(tmp_path, "unlearn", 0, row)
+    [(path, back)] = list(read_rows(tmp_path, "unlearn"))
+    assert path.parent == tmp_path / "unlearning"
+    assert back == {**row, "val_files": ["a", "b"], "dataset": "RANDOM_BD_SAME_RETAIN"}
+    assert isinstance(back["run_key"], str) and isinstance(back["lr"], float) and back["stop_reached"] is False
+
+
 def test_a_key_written_twice_keeps_its_newest_row(tmp_path):
-    first = pl.write_result_csv(tmp_path / "ft", 0, {"rtt_key": "k1", "value": 1})
-    other = pl.write_result_csv(tmp_path / "ft", 1, {"rtt_key": "k2", "value": 2})
-    newest = pl.write_result_csv(tmp_path / "ft", 2, {"rtt_key": "k1", "value": 3})
-    assert pl.drop_superseded_rows(tmp_path) == 1
+    first = write_result_csv(tmp_path / "ft", 0, {"rtt_key": "k1", "value": 1})
+    other = write_result_csv(tmp_path / "ft", 1, {"rtt_key": "k2", "value": 2})
+    newest = write_result_csv(tmp_path / "ft", 2, {"rtt_key": "k1", "value": 3})
+    assert drop_superseded_rows(tmp_path) == 1
     assert sorted(p.name for p in (tmp_path / "ft").iterdir()) == sorted([other.name, newest.name])
     assert not first.exists()
 
@@ -231,31 +252,32 @@ def test_a_key_written_twice_keeps_its_newest_row(tmp_path):
 def test_unlearning_row_carries_rank(tmp_path, shared_data):
     cfg = config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}/m", "model_id=/x/tiny",
                             "unlearn.lora_ranks=[16]", "seeds=[2]"])
-    run = pl.plan_sweep(cfg).runs[0]
-    result = uc.UnlearnResult(run.model_path, {}, {}, {}, {}, 123)
-    row = pl.unlearning_row(run, result)
+    run = planned(cfg).runs[0]
+    result = UnlearnResult(run.model_path, {}, {}, {}, {}, 123)
+    row = unlearning_row(run, result)
     assert row["lora_rank"] == 16 and row["unlearn_type"] == UnlearnType.LORA and row["model_path"] == run.model_path
     assert row["seed"] == 2 and row["run_key"] == run.key
 
 
-@pytest.mark.parametrize("ray_cfg, cluster, expected", [
-    ({"cpus_per_task": 1, "gpus_per_task": "auto"}, {"CPU": 2}, pl.Resources(1, 0, 2)),
-    ({"cpus_per_task": 2, "gpus_per_task": "auto"}, {"CPU": 8, "GPU": 4}, pl.Resources(2, 1, 4)),
-    ({"cpus_per_task": 1, "gpus_per_task": 0}, {"CPU": 8, "GPU": 4}, pl.Resources(1, 0, 8)),
-    ({"cpus_per_task": 2, "gpus_per_task": 0.25}, {"CPU": 16, "GPU": 1}, pl.Resources(2, 0.25, 4)),  # GPU-bound
-    ({"cpus_per_task": 3, "gpus_per_task": 0}, {"CPU": 2.5}, None),  # more than the cluster: refused
+@pytest.mark.parametrize("cpus, gpus, cluster, expected", [
+    (1, "auto", {"CPU": 2}, pipeline.Resources(1, 0, 2)),
+    (2, "auto", {"CPU": 8, "GPU": 4}, pipeline.Resources(2, 1, 4)),
+    (1, 0, {"CPU": 8, "GPU": 4}, pipeline.Resources(1, 0, 8)),
+    (2, 0.25, {"CPU": 16, "GPU": 1}, pipeline.Resources(2, 0.25, 4)),  # GPU-bound
+    (3, 0, {"CPU": 2.5}, None),  # more than the cluster: refused
 ])
-def test_task_resources(ray_cfg, cluster, expected):
+def test_task_resources(cpus, gpus, cluster, expected):
+    ray_cfg = RaySettings(address=None, num_cpus=None, cpus_per_task=cpus, gpus_per_task=gpus, max_retries=0)
     if expected is None:
-        with pytest.raises(pl.ConfigError, match="ray.cpus_per_task: 3 is more than the 2.5 CPU"):
-            pl.task_resources(ray_cfg, cluster)
+        with pytest.raises(ConfigError, match="ray.cpus_per_task: 3 is more than the 2.5 CPU"):
+            pipeline.task_resources(ray_cfg, cluster)
     else:
-        assert pl.task_resources(ray_cfg, cluster) == expected
+        assert pipeline.task_resources(ray_cfg, cluster) == expected
 
 
 def test_task_never_asks_for_a_missing_gpu():
-    with pytest.raises(pl.ConfigError, match="ray.gpus_per_task: 1 is more than the 0 GPU"):
-        pl.task_resources({"cpus_per_task": 1, "gpus_per_task": 1}, {"CPU": 2})
+    with pytest.raises(ConfigError, match="ray.gpus_per_task: 1 is more than the 0 GPU"):
+        pipeline.task_resources(RaySettings(None, None, 1, 1, 0), {"CPU": 2})
 
 
 def test_lora_smoketest_end_to_end(merged_sweep):
@@ -276,7 +298,7 @@ def test_lora_smoketest_end_to_end(merged_sweep):
     import torch
 
     for frame in (unlearning, ft):  # every row says where, how and by which code it ran, and where its time went
-        assert set(frame.machine_cpu) == {uc.cpu_model()} and set(frame.torch_version) == {torch.__version__}
+        assert set(frame.machine_cpu) == {cpu_model()} and set(frame.torch_version) == {torch.__version__}
         assert set(frame.device) == {"cpu"} and set(frame.dtype) == {"float32"}
         assert set(frame.bf16_autocast) <= {True, False} and frame.code_version.str.len().min() >= 12
         assert all({"load", "evaluate", "steps"} <= set(json.loads(p)) for p in frame.phase_seconds)
@@ -300,7 +322,7 @@ def test_by_rank_overrides_lrs_and_rcs_for_listed_ranks_only():
     ds = "unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN"
     cfg = config(overrides=["unlearn.lora_ranks=[1,8,32]", f"{ds}.rcs.add=[1.0]",
                             f"+{ds}.by_rank={{1: {{lrs: [3e-3], rcs: [5.0]}}, 32: {{lrs: [5e-4, 1e-3]}}}}"])
-    grid = pl.dataset_grid(cfg, UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN)
+    grid = dataset_grid(pipeline.plain(cfg), UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN)
     assert sorted((p.lora_rank, p.lr, p.retain_coeff) for p in grid) == [
         (1, 3e-3, 5.0), (8, 1e-4, 1.0), (32, 5e-4, 1.0), (32, 1e-3, 1.0)]
 
@@ -312,14 +334,14 @@ def test_by_rank_overrides_lrs_and_rcs_for_listed_ranks_only():
 ])
 def test_by_rank_refuses_bad_entries(by_rank, message):
     bad = config(overrides=[f"+unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN.by_rank={by_rank}"])
-    with pytest.raises(pl.ConfigError, match=message):
-        pl.dataset_grid(bad, UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN)
+    with pytest.raises(ConfigError, match=message):
+        dataset_grid(pipeline.plain(bad), UnlearnType.LORA, Datasets.RANDOM_BD_SAME_RETAIN)
 
 
 def test_by_rank_is_refused_for_methods_without_ranks():
     gd = config(overrides=["+unlearn.types_config.GD.datasets_config.RANDOM_BD_SAME_RETAIN.by_rank={4: {lrs: [1e-3]}}"])
-    with pytest.raises(pl.ConfigError, match="RANDOM_BD_SAME_RETAIN.by_rank is not allowed for GD; only LORA"):
-        pl.dataset_grid(gd, UnlearnType.GD, Datasets.RANDOM_BD_SAME_RETAIN)
+    with pytest.raises(ConfigError, match="RANDOM_BD_SAME_RETAIN.by_rank is not allowed for GD; only LORA"):
+        dataset_grid(pipeline.plain(gd), UnlearnType.GD, Datasets.RANDOM_BD_SAME_RETAIN)
 
 
 def test_the_study_plans_paired_seeds_and_the_demo_is_a_slice_of_it(tmp_path):
@@ -329,7 +351,7 @@ def test_the_study_plans_paired_seeds_and_the_demo_is_a_slice_of_it(tmp_path):
     seed 0 of it, job for job (the same keys)."""
     where = [f"data_root={tmp_path}/data", f"models_dir={tmp_path}/models"]
     cfg = config("rank_study", [*where, f"results_dir={tmp_path}/study"])
-    plan = pl.plan_sweep(cfg)
+    plan = planned(cfg)
     ranks, seeds, splits = list(cfg.unlearn.lora_ranks), list(cfg.seeds), cfg.ft.num_splits
     assert len(seeds) >= 20 and ranks == [1, 8, 64] and splits == 5
     assert sorted((run.point.lora_rank, run.point.seed) for run in plan.runs) == sorted(
@@ -353,8 +375,8 @@ def test_the_study_plans_paired_seeds_and_the_demo_is_a_slice_of_it(tmp_path):
     assert (tmp_path / "data" / "random_bd" / "split_9.jsonl").is_file()
     assert not (tmp_path / "models").exists()  # planning loads and writes no model
 
-    demo = pl.plan_sweep(config("demo_cpu", [*where, f"results_dir={tmp_path}/demo"]))
-    seed0 = pl.plan_sweep(config("rank_study", [*where, f"results_dir={tmp_path}/study", "slice=[0]"]))
+    demo = planned(config("demo_cpu", [*where, f"results_dir={tmp_path}/demo"]))
+    seed0 = planned(config("rank_study", [*where, f"results_dir={tmp_path}/study", "slice=[0]"]))
     assert {run.point.seed for run in demo.runs} == {0} and len(demo.runs) == len(ranks)
     assert {j.skip_split for run in demo.runs for j in run.rtt} == {0, 1} and not demo.reference_quant
     # every demo job is one of seed 0's (its run keys, its RTT of splits 0 and 1), and those are the study's
@@ -364,8 +386,8 @@ def test_the_study_plans_paired_seeds_and_the_demo_is_a_slice_of_it(tmp_path):
 
 def test_a_slice_runs_its_seeds_with_their_c_and_the_first_seeds_floor(tmp_path):
     where = [f"data_root={tmp_path}/data", f"models_dir={tmp_path}/models", f"results_dir={tmp_path}/evals"]
-    whole = pl.plan_sweep(config("rank_study", where))
-    piece = pl.plan_sweep(config("rank_study", [*where, "slice=[2,5]"]))
+    whole = planned(config("rank_study", where))
+    piece = planned(config("rank_study", [*where, "slice=[2,5]"]))
     assert {run.point.seed for run in piece.runs} == {2, 5}
     assert {j.seed for j in piece.baseline_rtt} == {2}  # of baseline_rtt_seeds [0, 1, 2], only 2 is in the slice
     assert {j.key for j in piece.floor_rtt} == {j.key for j in whole.floor_rtt}  # one floor for every slice
@@ -386,10 +408,10 @@ def test_the_gpu_sweep_carries_the_studys_design():
 def test_method_settings_override_the_shared_ones(tmp_path, shared_data):
     cfg = config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}", "model_id=/x/tiny",
                             "unlearn.types=[CUT]", "unlearn.cut_scs=[7]", "unlearn.optimizer=lion"])
-    settings = pl.plan_sweep(cfg).runs[0].settings
+    settings = planned(cfg).runs[0].settings
     assert settings.train.optimizer == "adamw"  # types_config.CUT.optimizer beats unlearn.optimizer
     assert settings.method.steering_coeff == 7.0 and settings.method.param_names == ("mlp.down_proj.weight",)
-    assert isinstance(settings.method, rmu.RmuSettings)
+    assert isinstance(settings.method, unlearn_pipeline.RmuSettings)
 
 
 def test_a_method_added_through_the_registry_alone_runs_end_to_end(tiny_llama, methods_sweep):
@@ -406,12 +428,12 @@ def test_a_method_added_through_the_registry_alone_runs_end_to_end(tiny_llama, m
     assert [r.unlearn_type for r in toy_rtt] == ["TOY"] and toy_rtt[0].upstream_key == row.run_key
     source = (ROOT / "pipeline.py").read_text() + (ROOT / "unlearn_corpus.py").read_text()
     assert "TOY" not in source and "ForgetOnlyAscent" not in source
-    assert "TOY" not in pl.METHODS  # the plugin's row went with its sweep
+    assert "TOY" not in pipeline.METHODS  # the plugin's row went with its sweep
 
 
 def test_an_unknown_method_lists_the_registry():
-    with pytest.raises(pl.ConfigError, match="unlearn.types: 'TOY2' is not allowed; use one of CUT, GD, WHP, FWF, LORA"):
-        pl.plan_sweep(config(overrides=["unlearn.types=[TOY2]", "model_id=/x/tiny"]))
+    with pytest.raises(ConfigError, match="unlearn.types: 'TOY2' is not allowed; use one of GD, WHP, FWF, LORA, CUT"):
+        planned(config(overrides=["unlearn.types=[TOY2]", "model_id=/x/tiny"]))
 
 
 def test_an_adapter_format_sweep_matches_a_merged_one(merged_sweep, adapter_sweep):
@@ -452,7 +474,7 @@ def test_the_never_taught_floor_is_planned_once_per_dataset_and_rtt_setting(tmp_
     cfg = config("rank_study", [f"data_root={tmp_path}/data", f"models_dir={tmp_path}/models",
                                 f"results_dir={tmp_path}/evals", "unlearn.lora_ranks=[1,4]", "seeds=[0,1]",
                                 "baseline_rtt_seeds=null", "ft.lrs=[1e-4,3e-4]"])
-    plan = pl.plan_sweep(cfg)
+    plan = planned(cfg)
     splits = range(cfg.ft.num_splits)
     assert len(plan.runs) == 4
     # Once per RTT setting (lr x held-out split), not per rank or seed; from the model before teaching.
@@ -462,7 +484,7 @@ def test_the_never_taught_floor_is_planned_once_per_dataset_and_rtt_setting(tmp_
 
 
 def test_two_seeds_give_two_model_folders_and_analysis_counts_both(merged_sweep):
-    import analyze_recovery as ar
+    import analyze_recovery
 
     frames = sweep_frames(merged_sweep)
     unlearning = frames["unlearning"]
@@ -470,7 +492,7 @@ def test_two_seeds_give_two_model_folders_and_analysis_counts_both(merged_sweep)
     assert all(Path(p).is_dir() and p.endswith(f"seed{s}") for p, s in zip(unlearning.model_path, unlearning.seed))
     unlearned = frames["ft"][(frames["ft"].condition == "unlearned") & (frames["ft"].probe == "rtt")]
     assert sorted(unlearned.seed) == [0, 0, 1, 1]
-    table = ar.analyze(merged_sweep / "evals", ar.Options(bootstrap=200), out_dir=merged_sweep / "two-seeds")
+    table = analyze_recovery.analyze(merged_sweep / "evals", analyze_recovery.Options(bootstrap=200), out_dir=merged_sweep / "two-seeds")
     assert list(table.n_seeds) == [2] and list(table.n) == [2 * 2]  # seeds x held-out splits
 
 
@@ -479,6 +501,20 @@ def test_the_demo_plans_exactly_the_published_rows_of_seed_0(tmp_path):
     key (a renamed setting, another fingerprint) would make every published
     row look unfinished and the demo no longer a slice of the study."""
     published = ROOT / "results" / "rank_study"
-    plan = pl.plan_sweep(config("demo_cpu", [f"data_root={tmp_path}/data", f"results_dir={published}"]))
+    plan = planned(config("demo_cpu", [f"data_root={tmp_path}/data", f"results_dir={published}"]))
     assert len(plan.jobs()) == 13
     assert [job.label for job in plan.pending()] == []
+
+
+def test_job_labels_tell_the_jobs_of_a_sweep_apart(tmp_path):
+    """On the default grid one rank has three lrs and three retain
+    coefficients, and RTT three lrs: every job prints a label of its own
+    (progress lines and failures name the job, not just its method)."""
+    plan = planned(config("default", [f"data_root={tmp_path}/data", f"models_dir={tmp_path}/m",
+                                                  f"results_dir={tmp_path}/r", "unlearn.lora_ranks=[4]",
+                                                  "ft.num_splits=2"]))
+    labels = [job.label for job in plan.jobs()]
+    assert len(plan.runs) == 9 and len(set(labels)) == len(labels)
+    assert "LORA r4 lr0.001 rc10 s0 unlearn" in labels and "LORA r4 lr0.001 rc10 s0 rtt lr1e-06 v1" in labels
+    study = planned(config("demo_cpu", [f"data_root={tmp_path}/data", f"results_dir={tmp_path}/r2"]))
+    assert [run.label for run in study.runs] == ["LORA r1 s0 unlearn", "LORA r8 s0 unlearn", "LORA r64 s0 unlearn"]

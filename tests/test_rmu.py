@@ -8,10 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import unlearn_corpus as uc
-from pipeline import LossType
-from rmu import unlearn_pipeline as rmu
-from conftest import sweep_frames
+from conftest import sweep_frames, unlearn_settings
+from rmu import unlearn_pipeline
+from toolkit.device import resolve_device_policy
+from toolkit.models import load_model
+from toolkit.names import LossType
+from toolkit.prompts import collate, encode, load_examples_from
+from toolkit.registry import METHODS
+from toolkit.training import make_optimizer
+from unlearn_corpus import UnlearnResult, unlearn
 
 FORGET = [f"random_bd/corpus_split_{i}" for i in range(2)]
 RETAIN = ["random_bd/corpus_split_2"]
@@ -24,37 +29,37 @@ def facts(small_facts) -> Path:
 
 @pytest.mark.parametrize("layers, expected", [(32, (7, (5, 6, 7))), (30, (7, (5, 6, 7))), (3, (1, (0, 1))), (2, (0, (0,)))])
 def test_default_layers_scale_with_depth(layers, expected):
-    chosen = rmu.choose_layers(layers)
+    chosen = unlearn_pipeline.choose_layers(layers)
     assert (chosen.layer_id, chosen.layer_ids) == expected
 
 
 def test_bad_layers_are_refused():
     with pytest.raises(ValueError, match="layer_id=5 is not allowed; the model has layers 0..2"):
-        rmu.choose_layers(3, layer_id=5)
+        unlearn_pipeline.choose_layers(3, layer_id=5)
     with pytest.raises(ValueError, match="updated layers must be in 0..1"):
-        rmu.choose_layers(3, layer_id=1, layer_ids=[2])
+        unlearn_pipeline.choose_layers(3, layer_id=1, layer_ids=[2])
 
 
 def _batch(tokenizer, root, names):
-    encoded = [uc.encode(tokenizer, p, 64) for p in uc.load_examples_from(str(root), names, LossType.CORPUS)]
-    return uc.collate(encoded, tokenizer.pad_token_id)
+    encoded = [encode(tokenizer, p, 64) for p in load_examples_from(str(root), names, LossType.CORPUS)]
+    return collate(encoded, tokenizer.pad_token_id)
 
 
 def test_objective_trains_only_chosen_weights_and_steers_toward_target(tiny_llama, byte_level_tokenizer, facts):
-    policy = uc.resolve_device_policy({"device": "cpu"})
-    model, frozen = uc.load_model(str(tiny_llama), policy), uc.load_model(str(tiny_llama), policy).requires_grad_(False)
-    layers = rmu.choose_layers(model.config.num_hidden_layers)
-    trained = rmu.select_trainable(model, layers.layer_ids, ["mlp.down_proj.weight"])
+    policy = resolve_device_policy({"device": "cpu"})
+    model, frozen = load_model(str(tiny_llama), policy), load_model(str(tiny_llama), policy).requires_grad_(False)
+    layers = unlearn_pipeline.choose_layers(model.config.num_hidden_layers)
+    trained = unlearn_pipeline.select_trainable(model, layers.layer_ids, ["mlp.down_proj.weight"])
     assert trained == [f"model.layers.{i}.mlp.down_proj.weight" for i in layers.layer_ids]
-    target = rmu.steering_vector(model.config.hidden_size, 20.0, seed=0)
+    target = unlearn_pipeline.steering_vector(model.config.hidden_size, 20.0, seed=0)
     assert target.norm().item() == pytest.approx(20.0, rel=1e-5)
-    objective = rmu.RmuLoss(model, frozen, target, layers.layer_id, retain_coeff=1.0)
+    objective = unlearn_pipeline.RmuLoss(model, frozen, target, layers.layer_id, retain_coeff=1.0)
     forget, retain = _batch(byte_level_tokenizer, facts, FORGET), _batch(byte_level_tokenizer, facts, RETAIN)
     model_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     frozen_before = {n: p.detach().clone() for n, p in frozen.named_parameters()}
-    optimizer = uc.make_optimizer("adamw", model, 1e-2, policy)
+    optimizer = make_optimizer("adamw", model, 1e-2, policy)
     def toward_target() -> float:
-        h = rmu.layer_activations(model, forget, layers.layer_id)[forget["attention_mask"].bool()].mean(0)
+        h = unlearn_pipeline.layer_activations(model, forget, layers.layer_id)[forget["attention_mask"].bool()].mean(0)
         return torch.nn.functional.cosine_similarity(h, target, dim=0).item()
 
     with torch.no_grad():
@@ -73,12 +78,12 @@ def test_objective_trains_only_chosen_weights_and_steers_toward_target(tiny_llam
     assert all(torch.equal(p, frozen_before[n]) for n, p in frozen.named_parameters())
 
 
-def test_main_returns_the_shared_record(tiny_llama, facts, tmp_path):
-    result = rmu.main(train_files=FORGET, val_files=["random_bd/split_0"], retain_files=RETAIN,
-                      val_retain_files=["random_bd/split_2"], base_model=str(tiny_llama), lr=1e-2, epochs=1,
-                      batch_size=4, retain_coeff=1.0, data_root=str(facts), steering_coeff=10.0,
-                      save_name=str(tmp_path / "cut"), device={"device": "cpu"})
-    assert isinstance(result, uc.UnlearnResult)
+def test_cut_returns_the_shared_record(tiny_llama, facts, tmp_path):
+    settings = unlearn_settings(tiny_llama, facts, tmp_path / "cut", "CUT", forget=FORGET, retain=RETAIN,
+                                val=["random_bd/split_0"], val_retain=["random_bd/split_2"], lr=1e-2, epochs=1,
+                                retain_coeff=1.0, steering_coeff=10.0)
+    result = unlearn(settings, METHODS["CUT"].objective(settings))
+    assert isinstance(result, UnlearnResult)
     assert set(result.forget_accs["random_bd/split_0"]) == {0, 1}
     assert result.trainable_params == 2 * 128 * 64  # down_proj of layers 0 and 1
     from safetensors.torch import load_file

@@ -17,19 +17,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import pipeline as pl
-from conftest import ROOT, SMALL_DATA, assert_refused, config, rows, run_cli, run_sweep, smoketest_args
+from conftest import ROOT, SMALL_DATA, assert_refused, config, planned, rows, run_cli, run_sweep, smoketest_args
+from toolkit.planner import Plan
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
-def planned(tiny, root, *extra) -> pl.Plan:
-    return pl.plan_sweep(config(overrides=smoketest_args(tiny, root, *extra)[1:]))
+def smoketest_plan(tiny, root, *extra) -> Plan:
+    return planned(config(overrides=smoketest_args(tiny, root, *extra)[1:]))
 
 
 def test_one_failing_run_stays_one_failure_and_a_rerun_finishes_only_what_is_missing(tiny_llama, tmp_path):
     args = smoketest_args(tiny_llama, tmp_path, "unlearn.lora_ranks=[1,2,4]", "ft.num_splits=1")
-    rank2 = planned(tiny_llama, tmp_path, "unlearn.lora_ranks=[1,2,4]", "ft.num_splits=1").runs[1]
+    rank2 = smoketest_plan(tiny_llama, tmp_path, "unlearn.lora_ranks=[1,2,4]", "ft.num_splits=1").runs[1]
     assert rank2.point.lora_rank == 2
     blocker = Path(rank2.model_path)  # a file where rank 2's checkpoint folder goes: saving it fails
     blocker.parent.mkdir(parents=True)

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-
 import pandas as pd
 
-import pipeline as pl
-from conftest import SMALL_DATA, config, run_sweep
+from conftest import SMALL_DATA, config, planned, run_sweep
 
 
 def test_taught_model_is_keyed_by_what_decides_it(tmp_path):
     base = [f"data_root={tmp_path}/data", f"models_dir={tmp_path}/m", "model_id=/x/tiny", "teach.enabled=true",
             *SMALL_DATA]
-    plan = pl.plan_sweep(config(overrides=base))
-    again = pl.plan_sweep(config(overrides=base))
-    other_lr = pl.plan_sweep(config(overrides=[*base, "teach.lr=3e-4"]))
+    plan = planned(config(overrides=base))
+    again = planned(config(overrides=base))
+    other_lr = planned(config(overrides=[*base, "teach.lr=3e-4"]))
     assert plan.teach and plan.teach.model_path == again.teach.model_path
     assert other_lr.teach.model_path != plan.teach.model_path
     assert plan.teach.model_path.startswith(f"{tmp_path}/m/taught/tiny-RANDOM_BD_ALL_SPLITS-")
     assert plan.unlearn_from == plan.teach.model_path
     assert {run.base_model for run in plan.runs} == {plan.teach.model_path}
     assert {job.base_model for job in plan.baseline_rtt} == set()  # smoketest: baseline_rtt=false
-    no_teach = pl.plan_sweep(config(overrides=[*base, "teach.enabled=false"]))
+    no_teach = planned(config(overrides=[*base, "teach.enabled=false"]))
     assert no_teach.teach is None and no_teach.unlearn_from == "/x/tiny"
 
 

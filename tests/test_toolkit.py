@@ -7,64 +7,95 @@ import random
 import pytest
 import torch
 
-import unlearn_corpus as uc
-from pipeline import LossType, UnlearnType
+from toolkit import device
+from toolkit.data import McqRow
+from toolkit.device import (
+    BF16_MIN_SPEEDUP,
+    Capabilities,
+    DevicePolicy,
+    bf16_matmul_speedup,
+    cpu_has_native_bf16,
+    resolve_device_policy,
+)
+from toolkit.evaluation import QuestionFile, letter_logits, score_letter_logits
+from toolkit.losses import mean_token_nll
+from toolkit.models import (
+    DEFAULT_LORA_TARGETS,
+    adapter_base,
+    attach_lora,
+    is_peft,
+    load_model,
+    load_tokenizer,
+    lora_layers,
+    save_checkpoint,
+)
+from toolkit.names import IGNORE_INDEX, LossType, UnlearnType
+from toolkit.prompts import (
+    MCQ_EXAMPLE_BUILDERS,
+    Encoded,
+    TextPair,
+    answer_letter_token_ids,
+    collate,
+    encode,
+    shuffled_batches,
+)
+from toolkit.training import freeze_embeddings, make_optimizer, warmup_then_constant
 
 
 def test_answer_tokens_byte_level(byte_level_tokenizer):
-    ids = uc.answer_letter_token_ids(byte_level_tokenizer)
+    ids = answer_letter_token_ids(byte_level_tokenizer)
     assert byte_level_tokenizer.convert_ids_to_tokens(ids) == ["ĠA", "ĠB", "ĠC", "ĠD"]
 
 
 def test_answer_tokens_sentencepiece(sentencepiece_tokenizer):
-    ids = uc.answer_letter_token_ids(sentencepiece_tokenizer)
+    ids = answer_letter_token_ids(sentencepiece_tokenizer)
     assert sentencepiece_tokenizer.convert_ids_to_tokens(ids) == ["▁A", "▁B", "▁C", "▁D"]
 
 
 @pytest.mark.parametrize("fixture", ["byte_level_tokenizer", "sentencepiece_tokenizer"])
 def test_answer_token_is_what_follows_answer_in_a_prompt(fixture, request):
     tokenizer = request.getfixturevalue(fixture)
-    row = uc.McqRow("When was Aaron Abernathy born?", ("1961", "1958", "1965", "1994"), 2)
-    pair = uc.MCQ_EXAMPLE_BUILDERS[LossType.LETTER](row)
-    encoded = uc.encode(tokenizer, pair, 256)
-    first_target = next(i for i, label in zip(encoded.input_ids, encoded.labels) if label != uc.IGNORE_INDEX)
-    assert first_target == uc.answer_letter_token_ids(tokenizer)[2]
+    row = McqRow("When was Aaron Abernathy born?", ("1961", "1958", "1965", "1994"), 2)
+    pair = MCQ_EXAMPLE_BUILDERS[LossType.LETTER](row)
+    encoded = encode(tokenizer, pair, 256)
+    first_target = next(i for i, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX)
+    assert first_target == answer_letter_token_ids(tokenizer)[2]
 
 
 def test_encode_masks_prefix_and_collate_masks_padding(byte_level_tokenizer):
     tok = byte_level_tokenizer
-    short = uc.encode(tok, uc.TextPair("Q:", " yes"), 64)
-    long = uc.encode(tok, uc.TextPair("", "Aaron Abernathy was born in 1965."), 64)
-    assert short.labels[: len(tok("Q:").input_ids)] == [uc.IGNORE_INDEX] * len(tok("Q:").input_ids)
-    assert all(label != uc.IGNORE_INDEX for label in long.labels)
-    batch = uc.collate([short, long], tok.pad_token_id)
+    short = encode(tok, TextPair("Q:", " yes"), 64)
+    long = encode(tok, TextPair("", "Aaron Abernathy was born in 1965."), 64)
+    assert short.labels[: len(tok("Q:").input_ids)] == [IGNORE_INDEX] * len(tok("Q:").input_ids)
+    assert all(label != IGNORE_INDEX for label in long.labels)
+    batch = collate([short, long], tok.pad_token_id)
     n = len(short.input_ids)
     assert batch["attention_mask"][0, :n].all() and not batch["attention_mask"][0, n:].any()
-    assert (batch["labels"][0, n:] == uc.IGNORE_INDEX).all()
+    assert (batch["labels"][0, n:] == IGNORE_INDEX).all()
     assert (batch["input_ids"][0, n:] == tok.pad_token_id).all()
 
 
 def test_nll_excludes_padding(tiny_llama, byte_level_tokenizer):
     """A padded batch gives the token-weighted mean of the rows' own NLLs."""
     tok = byte_level_tokenizer
-    model = uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}))
-    a = uc.encode(tok, uc.TextPair("", "In 1965, Aaron Abernathy was born."), 64)
-    b = uc.encode(tok, uc.TextPair("", "Yara Zabala"), 64)
+    model = load_model(str(tiny_llama), resolve_device_policy({"device": "cpu"}))
+    a = encode(tok, TextPair("", "In 1965, Aaron Abernathy was born."), 64)
+    b = encode(tok, TextPair("", "Yara Zabala"), 64)
     with torch.no_grad():
-        joint = uc.mean_token_nll(model, uc.collate([a, b], tok.pad_token_id)).item()
-        na = uc.mean_token_nll(model, uc.collate([a], tok.pad_token_id)).item()
-        nb = uc.mean_token_nll(model, uc.collate([b], tok.pad_token_id)).item()
+        joint = mean_token_nll(model, collate([a, b], tok.pad_token_id)).item()
+        na = mean_token_nll(model, collate([a], tok.pad_token_id)).item()
+        nb = mean_token_nll(model, collate([b], tok.pad_token_id)).item()
     ta, tb = len(a.input_ids) - 1, len(b.input_ids) - 1
     assert joint == pytest.approx((na * ta + nb * tb) / (ta + tb), rel=1e-4)
 
 
 def test_nll_matches_transformers_loss(tiny_llama, byte_level_tokenizer):
     tok = byte_level_tokenizer
-    model = uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}))
-    batch = uc.collate([uc.encode(tok, uc.TextPair("", "In 1965, Aaron Abernathy was born."), 64)], tok.pad_token_id)
+    model = load_model(str(tiny_llama), resolve_device_policy({"device": "cpu"}))
+    batch = collate([encode(tok, TextPair("", "In 1965, Aaron Abernathy was born."), 64)], tok.pad_token_id)
     with torch.no_grad():
         reference = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.item()
-        ours = uc.mean_token_nll(model, batch).item()
+        ours = mean_token_nll(model, batch).item()
     assert ours == pytest.approx(reference, rel=1e-5)
 
 
@@ -75,49 +106,54 @@ def test_calibrated_accuracy_removes_letter_bias():
     logits[:, 0] += 5.0
     for row, answer in enumerate(answers):
         logits[row, answer] += 1.0
-    score = uc.score_letter_logits(logits, answers)
+    score = score_letter_logits(logits, answers)
     assert score.acc == pytest.approx(0.25)
     assert score.calibrated_acc == pytest.approx(1.0)
 
 
 def test_evaluate_mcq_uses_last_prompt_position(tiny_llama, byte_level_tokenizer):
     """Batched (padded) evaluation gives the same letter logits as one row at a time."""
-    model = uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}))
-    rows = [uc.McqRow("When was Aaron Abernathy born?", ("1961", "1958", "1965", "1994"), 2),
-            uc.McqRow("When was Yara Zabala born?", ("2001", "1999", "1903", "1967"), 0)]
-    together = uc.mcq_letter_logits(model, byte_level_tokenizer, rows, batch_size=2)
-    one_by_one = torch.cat([uc.mcq_letter_logits(model, byte_level_tokenizer, [r], batch_size=1) for r in rows])
+    model = load_model(str(tiny_llama), resolve_device_policy({"device": "cpu"}))
+    rows = [McqRow("When was Aaron Abernathy born?", ("1961", "1958", "1965", "1994"), 2),
+            McqRow("When was Yara Zabala born?", ("2001", "1999", "1903", "1967"), 0)]
+    def scored(some_rows, batch_size):
+        prompts = QuestionFile.build(byte_level_tokenizer, "", some_rows).prompts
+        return letter_logits(model, prompts, answer_letter_token_ids(byte_level_tokenizer),
+                             byte_level_tokenizer.pad_token_id, batch_size)
+
+    together = scored(rows, 2)
+    one_by_one = torch.cat([scored([r], 1) for r in rows])
     assert torch.allclose(together, one_by_one, atol=1e-4)
 
 
 def test_batches_cover_every_item_once():
-    items = [uc.Encoded([0] * n, [0] * n) for n in (3, 9, 4, 8, 5, 7, 6)]
-    batches = uc.shuffled_batches(items, 3, random.Random(0))
+    items = [Encoded([0] * n, [0] * n) for n in (3, 9, 4, 8, 5, 7, 6)]
+    batches = shuffled_batches(items, 3, random.Random(0))
     assert sorted(len(e.input_ids) for b in batches for e in b) == [3, 4, 5, 6, 7, 8, 9]
     assert all(len(b) <= 3 for b in batches)
 
 
 # ---------------------------------------------------------------- device policy
 
-CPU_ONLY = uc.Capabilities(cuda=False, flash_attn=False, triton=False)
-CPU_BF16 = uc.Capabilities(cuda=False, flash_attn=False, triton=False, cpu_bf16=True)
-GPU_FULL = uc.Capabilities(cuda=True, flash_attn=True, triton=True)
-GPU_BARE = uc.Capabilities(cuda=True, flash_attn=False, triton=False)
+CPU_ONLY = Capabilities(cuda=False, flash_attn=False, triton=False)
+CPU_BF16 = Capabilities(cuda=False, flash_attn=False, triton=False, cpu_bf16=True)
+GPU_FULL = Capabilities(cuda=True, flash_attn=True, triton=True)
+GPU_BARE = Capabilities(cuda=True, flash_attn=False, triton=False)
 
 
 @pytest.mark.parametrize("caps, expected", [
-    (CPU_ONLY, uc.DevicePolicy("cpu", torch.float32, "sdpa", False)),
-    (GPU_FULL, uc.DevicePolicy("cuda", torch.bfloat16, "flash_attention_2", True)),
-    (GPU_BARE, uc.DevicePolicy("cuda", torch.bfloat16, "sdpa", False)),
+    (CPU_ONLY, DevicePolicy("cpu", torch.float32, "sdpa", False)),
+    (GPU_FULL, DevicePolicy("cuda", torch.bfloat16, "flash_attention_2", True)),
+    (GPU_BARE, DevicePolicy("cuda", torch.bfloat16, "sdpa", False)),
 ])
 def test_device_policy_from_capabilities(caps, expected):
-    assert uc.resolve_device_policy({}, caps) == expected
+    assert resolve_device_policy({}, caps) == expected
 
 
 def test_device_policy_overrides():
-    policy = uc.resolve_device_policy({"device": "cpu", "dtype": "bfloat16", "attn_implementation": "eager"}, GPU_FULL)
-    assert policy == uc.DevicePolicy("cpu", torch.bfloat16, "eager", False)
-    assert uc.resolve_device_policy({"triton_lion": False}, GPU_FULL).triton_lion is False
+    policy = resolve_device_policy({"device": "cpu", "dtype": "bfloat16", "attn_implementation": "eager"}, GPU_FULL)
+    assert policy == DevicePolicy("cpu", torch.bfloat16, "eager", False)
+    assert resolve_device_policy({"triton_lion": False}, GPU_FULL).triton_lion is False
 
 
 @pytest.mark.parametrize("overrides, caps, message", [
@@ -128,28 +164,28 @@ def test_device_policy_overrides():
 ])
 def test_device_policy_refuses_what_the_machine_lacks(overrides, caps, message):
     with pytest.raises(ValueError, match=message):
-        uc.resolve_device_policy(overrides, caps)
+        resolve_device_policy(overrides, caps)
 
 
 def test_a_gpu_machine_forced_to_cpu_gets_the_cpus_own_precision(monkeypatch):
     """The CPU's bf16 is detected whether or not CUDA is there: a CPU run on a
     GPU machine (device.device=cpu) uses autocast where that CPU is fast at bf16."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(uc, "importable", lambda module: False)
-    monkeypatch.setattr(uc, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(device, "importable", lambda module: False)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
     for speedup, autocast in ((2.0, torch.bfloat16), (0.5, None)):
-        monkeypatch.setattr(uc, "bf16_matmul_speedup", lambda threads=None, s=speedup: s)
-        caps = uc.Capabilities.detect()
-        assert caps == uc.Capabilities(cuda=True, flash_attn=False, triton=False, cpu_bf16=autocast is not None)
-        assert uc.resolve_device_policy({}, caps) == uc.DevicePolicy("cuda", torch.bfloat16, "sdpa", False)
-        assert uc.resolve_device_policy({"device": "cpu"}, caps).autocast_dtype == autocast
+        monkeypatch.setattr(device, "bf16_matmul_speedup", lambda threads=None, s=speedup: s)
+        caps = Capabilities.detect()
+        assert caps == Capabilities(cuda=True, flash_attn=False, triton=False, cpu_bf16=autocast is not None)
+        assert resolve_device_policy({}, caps) == DevicePolicy("cuda", torch.bfloat16, "sdpa", False)
+        assert resolve_device_policy({"device": "cpu"}, caps).autocast_dtype == autocast
 
 
 def test_detected_capabilities_on_this_machine_pick_a_runnable_policy():
-    policy = uc.resolve_device_policy()
+    policy = resolve_device_policy()
     if not torch.cuda.is_available():
-        fast_bf16 = uc.cpu_has_native_bf16() and uc.bf16_matmul_speedup() >= uc.BF16_MIN_SPEEDUP
-        assert policy == uc.DevicePolicy("cpu", torch.float32, "sdpa", False, torch.bfloat16 if fast_bf16 else None)
+        fast_bf16 = cpu_has_native_bf16() and bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
+        assert policy == DevicePolicy("cpu", torch.float32, "sdpa", False, torch.bfloat16 if fast_bf16 else None)
 
 
 def test_measuring_bf16_leaves_the_seeded_random_stream_alone():
@@ -160,25 +196,25 @@ def test_measuring_bf16_leaves_the_seeded_random_stream_alone():
     torch.manual_seed(0)
     expected = torch.rand(4)
     torch.manual_seed(0)
-    uc.bf16_matmul_speedup.__wrapped__()
+    bf16_matmul_speedup.__wrapped__()
     assert torch.equal(torch.rand(4), expected)
 
 
 def test_optimizer_sees_only_trainable_parameters(tiny_llama):
-    model = uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}))
-    uc.freeze_embeddings(model)
-    optimizer = uc.make_optimizer("lion", model, 1e-4, uc.resolve_device_policy({}, CPU_ONLY))
+    model = load_model(str(tiny_llama), resolve_device_policy({"device": "cpu"}))
+    freeze_embeddings(model)
+    optimizer = make_optimizer("lion", model, 1e-4, resolve_device_policy({}, CPU_ONLY))
     params = [p for group in optimizer.param_groups for p in group["params"]]
     assert all(p.requires_grad for p in params)
     assert all(p is not model.get_input_embeddings().weight for p in params)
     with pytest.raises(ValueError, match="optimizer='sgd' is not allowed"):
-        uc.make_optimizer("sgd", model, 1e-4, uc.resolve_device_policy({}, CPU_ONLY))
+        make_optimizer("sgd", model, 1e-4, resolve_device_policy({}, CPU_ONLY))
 
 
 def test_warmup_is_linear_then_constant():
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=1.0)
-    scheduler = uc.warmup_then_constant(optimizer, 4)
+    scheduler = warmup_then_constant(optimizer, 4)
     lrs = []
     for _ in range(6):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -191,19 +227,19 @@ def test_warmup_is_linear_then_constant():
 
 
 def _train_steps(model, tokenizer, steps=3, lr=1e-2):
-    optimizer = uc.make_optimizer("adamw", model, lr, uc.resolve_device_policy({}, CPU_ONLY))
-    batch = uc.collate([uc.encode(tokenizer, uc.TextPair("", "Aaron Abernathy was born in 1965."), 64)],
+    optimizer = make_optimizer("adamw", model, lr, resolve_device_policy({}, CPU_ONLY))
+    batch = collate([encode(tokenizer, TextPair("", "Aaron Abernathy was born in 1965."), 64)],
                        tokenizer.pad_token_id)
     for _ in range(steps):
         optimizer.zero_grad()
-        uc.mean_token_nll(model, batch).backward()
+        mean_token_nll(model, batch).backward()
         optimizer.step()
     return batch
 
 
 def test_lora_training_changes_only_adapters(tiny_llama, byte_level_tokenizer):
-    model = uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}))
-    peft_model = uc.attach_lora(model, rank=4)
+    model = load_model(str(tiny_llama), resolve_device_policy({"device": "cpu"}))
+    peft_model = attach_lora(model, rank=4)
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
     _train_steps(peft_model, byte_level_tokenizer)
     changed = {n for n, p in peft_model.named_parameters() if not torch.equal(p, before[n])}
@@ -217,12 +253,12 @@ def test_lora_training_changes_only_adapters(tiny_llama, byte_level_tokenizer):
 def test_merged_model_matches_peft_model_and_saves_plainly(tiny_llama, byte_level_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}))
-    peft_model = uc.attach_lora(model, rank=4)
+    model = load_model(str(tiny_llama), resolve_device_policy({"device": "cpu"}))
+    peft_model = attach_lora(model, rank=4)
     batch = _train_steps(peft_model, byte_level_tokenizer)
     with torch.no_grad():
         peft_logits = peft_model(input_ids=batch["input_ids"]).logits
-    saved = uc.save_checkpoint(peft_model, byte_level_tokenizer, tmp_path / "merged")
+    saved = save_checkpoint(peft_model, byte_level_tokenizer, tmp_path / "merged")
     files = {p.name for p in saved.iterdir()}
     assert "model.safetensors" in files
     assert not any("adapter" in name for name in files)
@@ -237,17 +273,17 @@ def test_merged_model_matches_peft_model_and_saves_plainly(tiny_llama, byte_leve
 
 
 def test_lora_alpha_defaults_to_twice_the_rank(tiny_llama):
-    model = uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}))
-    config = uc.attach_lora(model, rank=8).peft_config["default"]
+    model = load_model(str(tiny_llama), resolve_device_policy({"device": "cpu"}))
+    config = attach_lora(model, rank=8).peft_config["default"]
     assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 16, 0.0)
-    assert set(config.target_modules) == set(uc.DEFAULT_LORA_TARGETS)
+    assert set(config.target_modules) == set(DEFAULT_LORA_TARGETS)
 
 
 @pytest.mark.parametrize("use_rslora, expected", [(False, 16 / 16), (True, 16 / 4)])
 def test_rank_stabilised_scaling_divides_alpha_by_the_root_of_the_rank(tiny_llama, use_rslora, expected):
-    model = uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}))
-    peft_model = uc.attach_lora(model, rank=16, alpha=16, use_rslora=use_rslora)
-    assert {layer.scaling["default"] for layer in uc.lora_layers(peft_model)} == {expected}
+    model = load_model(str(tiny_llama), resolve_device_policy({"device": "cpu"}))
+    peft_model = attach_lora(model, rank=16, alpha=16, use_rslora=use_rslora)
+    assert {layer.scaling["default"] for layer in lora_layers(peft_model)} == {expected}
 
 
 def test_lora_without_target_modules_names_what_the_model_has(tmp_path):
@@ -256,47 +292,52 @@ def test_lora_without_target_modules_names_what_the_model_has(tmp_path):
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=32))
     # GPT-2 uses Conv1D, not Linear, except the LM head.
     with pytest.raises(ValueError, match="match no module of this model; its linear modules are \\['lm_head'\\]"):
-        uc.attach_lora(model, rank=4)
+        attach_lora(model, rank=4)
 
 
 def test_checkpoint_save_is_atomic(tiny_llama, byte_level_tokenizer, tmp_path, monkeypatch):
-    model = uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}))
+    model = load_model(str(tiny_llama), resolve_device_policy({"device": "cpu"}))
 
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(type(byte_level_tokenizer), "save_pretrained", crash)
     with pytest.raises(RuntimeError):
-        uc.save_checkpoint(model, byte_level_tokenizer, tmp_path / "model")
+        save_checkpoint(model, byte_level_tokenizer, tmp_path / "model")
     assert not (tmp_path / "model").exists()
 
 
 def test_forget_objectives_by_method():
-    import pipeline as pl
+    import pipeline
 
-    sign = lambda name: pl.METHODS[name].objective.keywords["forget_sign"]  # noqa: E731
+    sign = lambda name: pipeline.METHODS[name].objective.keywords["forget_sign"]  # noqa: E731
     assert sign(UnlearnType.GD) == -1.0 and sign(UnlearnType.LORA) == -1.0  # ascent on the true facts
     assert sign(UnlearnType.WHP) == 1.0 and sign(UnlearnType.FWF) == 1.0  # descent on wrong answers
-    assert pl.METHODS[UnlearnType.GD].trains_on == "unlearn_files"
-    assert pl.METHODS[UnlearnType.FWF].trains_on == "fixed_wrong_unlearn_files"
+    assert pipeline.METHODS[UnlearnType.GD].trains_on == "unlearn_files"
+    assert pipeline.METHODS[UnlearnType.FWF].trains_on == "fixed_wrong_unlearn_files"
 
 
 def test_the_toolkit_imports_one_way():
-    """Importing the toolkit in a fresh interpreter loads none of the stages
-    above it, nor Hydra, Ray or pandas."""
+    """Importing every module of the toolkit in a fresh interpreter loads none
+    of the stages above it, nor Hydra, Ray or pandas; the stage modules load
+    the toolkit and nothing of the pipeline."""
     import subprocess
     import sys
     from pathlib import Path
 
-    code = ("import sys, unlearn_corpus; "
-            "print(sorted(m for m in ('pipeline', 'finetune_corpus', 'rmu', 'hydra', 'ray', 'pandas') if m in sys.modules))")
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
-    again = subprocess.run([sys.executable, "-c", "import pipeline; from pipeline import UnlearnType, LossType, DataFormat; "
-                            "import unlearn_corpus; assert pipeline.UnlearnType is unlearn_corpus.UnlearnType"],
-                           cwd=root, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-2000:]
+    above = ("pipeline", "unlearn_corpus", "finetune_corpus", "rmu", "analyze_recovery", "hydra", "omegaconf", "ray",
+             "pandas")
+    modules = sorted(f"toolkit.{p.stem}" for p in (root / "toolkit").glob("*.py") if p.stem != "__init__")
+    assert len(modules) >= 12
+
+    def loaded_after(imports: str, others: tuple) -> str:
+        code = f"import sys, {imports}; print(sorted(m for m in {others!r} if m in sys.modules))"
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    assert loaded_after(", ".join(modules), above) == "[]"
+    assert loaded_after("unlearn_corpus, finetune_corpus, rmu.unlearn_pipeline", above[:1] + above[4:]) == "[]"
 
 
 # ---------------------------------------------------------------- precision policy and numerics
@@ -310,27 +351,27 @@ def test_the_toolkit_imports_one_way():
     (GPU_FULL, "auto", None),  # CUDA keeps its policy: bf16 weights, no autocast
 ])
 def test_precision_policy_branches(caps, bf16_autocast, expected):
-    policy = uc.resolve_device_policy({"bf16_autocast": bf16_autocast}, caps)
+    policy = resolve_device_policy({"bf16_autocast": bf16_autocast}, caps)
     assert policy.autocast_dtype == expected
     assert policy.dtype == (torch.bfloat16 if caps.cuda else torch.float32)  # weights and optimizer state
 
 
 def test_precision_policy_refuses_a_bad_value():
     with pytest.raises(ValueError, match="device.bf16_autocast: 'sometimes' is not allowed; use auto, true or false"):
-        uc.resolve_device_policy({"bf16_autocast": "sometimes"}, CPU_BF16)
+        resolve_device_policy({"bf16_autocast": "sometimes"}, CPU_BF16)
 
 
 def _gd_loss(model, batch, policy):
     with policy.autocast():
-        return uc.mean_token_nll(model, batch)
+        return mean_token_nll(model, batch)
 
 
 def test_a_step_loss_under_bf16_autocast_is_close_to_fp32(tiny_llama, byte_level_tokenizer):
-    fp32 = uc.resolve_device_policy({"device": "cpu"}, CPU_ONLY)
-    bf16 = uc.resolve_device_policy({"device": "cpu"}, CPU_BF16)
-    model = uc.load_model(str(tiny_llama), fp32)
+    fp32 = resolve_device_policy({"device": "cpu"}, CPU_ONLY)
+    bf16 = resolve_device_policy({"device": "cpu"}, CPU_BF16)
+    model = load_model(str(tiny_llama), fp32)
     tok = byte_level_tokenizer
-    batch = uc.collate([uc.encode(tok, uc.TextPair("", t), 64) for t in
+    batch = collate([encode(tok, TextPair("", t), 64) for t in
                         ("Aaron Abernathy was born in 1965.", "In 1903, Yara Zabala was born.")], tok.pad_token_id)
     reference, mixed = _gd_loss(model, batch, fp32), _gd_loss(model, batch, bf16)
     assert mixed.dtype == torch.float32  # the loss itself is computed in fp32
@@ -350,23 +391,23 @@ def test_merged_lora_equals_the_peft_model_after_bf16_training(tiny_llama, byte_
     checkpoint must still be exactly base (fp32) + B A, in the precision it is saved in."""
     from transformers import AutoModelForCausalLM
 
-    bf16 = uc.resolve_device_policy({"device": "cpu"}, CPU_BF16)
-    model = uc.attach_lora(uc.load_model(str(tiny_llama), bf16), rank=4, frozen_dtype=torch.bfloat16)
-    assert {layer.base_layer.weight.dtype for layer in uc.lora_layers(model)} == {torch.bfloat16}
-    optimizer = uc.make_optimizer("adamw", model, 1e-2, bf16)
+    bf16 = resolve_device_policy({"device": "cpu"}, CPU_BF16)
+    model = attach_lora(load_model(str(tiny_llama), bf16), rank=4, frozen_dtype=torch.bfloat16)
+    assert {layer.base_layer.weight.dtype for layer in lora_layers(model)} == {torch.bfloat16}
+    optimizer = make_optimizer("adamw", model, 1e-2, bf16)
     tok = byte_level_tokenizer
-    batch = uc.collate([uc.encode(tok, uc.TextPair("", "Aaron Abernathy was born in 1965."), 64)], tok.pad_token_id)
+    batch = collate([encode(tok, TextPair("", "Aaron Abernathy was born in 1965."), 64)], tok.pad_token_id)
     for _ in range(3):
         optimizer.zero_grad()
         _gd_loss(model, batch, bf16).backward()
         optimizer.step()
     adapters = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     # The reference: the same adapters on the exact fp32 base, evaluated in fp32.
-    reference = uc.attach_lora(uc.load_model(str(tiny_llama), uc.resolve_device_policy({"device": "cpu"}, CPU_ONLY)), 4)
+    reference = attach_lora(load_model(str(tiny_llama), resolve_device_policy({"device": "cpu"}, CPU_ONLY)), 4)
     reference.load_state_dict(adapters, strict=False)
     with torch.no_grad():
         expected = reference(input_ids=batch["input_ids"]).logits
-    merged = uc.save_checkpoint(model, tok, tmp_path / "merged", "merged", str(tiny_llama))
+    merged = save_checkpoint(model, tok, tmp_path / "merged", "merged", str(tiny_llama))
     plain = AutoModelForCausalLM.from_pretrained(merged)
     assert {p.dtype for p in plain.parameters()} == {torch.float32}
     with torch.no_grad():
@@ -374,18 +415,18 @@ def test_merged_lora_equals_the_peft_model_after_bf16_training(tiny_llama, byte_
 
 
 def test_an_adapter_folder_loads_as_its_base_plus_the_adapter(tiny_llama, byte_level_tokenizer, tmp_path):
-    policy = uc.resolve_device_policy({"device": "cpu"}, CPU_ONLY)
-    model = uc.attach_lora(uc.load_model(str(tiny_llama), policy), rank=4)
+    policy = resolve_device_policy({"device": "cpu"}, CPU_ONLY)
+    model = attach_lora(load_model(str(tiny_llama), policy), rank=4)
     batch = _train_steps(model, byte_level_tokenizer)
     with torch.no_grad():
         expected = model(input_ids=batch["input_ids"]).logits
-    folder = uc.save_checkpoint(model, byte_level_tokenizer, tmp_path / "adapter", "adapter", str(tiny_llama))
+    folder = save_checkpoint(model, byte_level_tokenizer, tmp_path / "adapter", "adapter", str(tiny_llama))
     files = {p.name for p in folder.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json"} <= files and "model.safetensors" not in files
-    assert uc.adapter_base(folder) == str(tiny_llama)
-    loaded = uc.load_model(str(folder), policy)
-    assert not uc.is_peft(loaded)  # merged in memory: later stages see a plain model
+    assert adapter_base(folder) == str(tiny_llama)
+    loaded = load_model(str(folder), policy)
+    assert not is_peft(loaded)  # merged in memory: later stages see a plain model
     assert all(p.requires_grad for p in loaded.parameters())  # and can train it (RTT), like a plain checkpoint
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=batch["input_ids"]).logits, expected, atol=1e-5)
-    assert uc.load_tokenizer(str(folder)).vocab_size == byte_level_tokenizer.vocab_size
+    assert load_tokenizer(str(folder)).vocab_size == byte_level_tokenizer.vocab_size

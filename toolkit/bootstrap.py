@@ -1,0 +1,220 @@
+"""Paired bootstrap statistics for the recovery analysis (numpy only): one
+panel of draws over seeds, held-out splits and questions shared by every
+setting of a method and dataset, ratios of means, the trend per doubling of
+rank and the paired differences from the same draws, and prediction
+intervals for a slice of seeds."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from toolkit.names import CHANCE
+
+
+@dataclass
+class Unit:
+    """One unlearned model (one seed) and one of its forget files: every
+    measure's per-question correctness on that file."""
+
+    setting: tuple  # the analysis's Setting (method, dataset, lora_rank, lr, ...)
+    seed: int
+    file: str
+    split: int
+    vectors: dict[str, np.ndarray]
+    retain_before: float
+    retain_after: float
+    recovery_epoch: float
+    model_path: str
+
+
+@dataclass
+class Panel:
+    """The units of one (method, dataset): seeds x files, with the same
+    bootstrap draws for every setting in it (paired comparisons)."""
+
+    seeds: list[int]
+    files: list[str]
+    draws: int
+    rng_seed: int
+    question_draws: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self):
+        rng = np.random.default_rng(self.rng_seed)
+        self.seed_draw = rng.integers(0, len(self.seeds), size=(self.draws, len(self.seeds)))
+        self.file_draw = rng.integers(0, len(self.files), size=(self.draws, len(self.seeds), len(self.files)))
+        self.rng = rng
+
+    def questions(self, file: str, n: int) -> np.ndarray:
+        if (file, n) not in self.question_draws:
+            self.question_draws[(file, n)] = self.rng.integers(0, n, size=(self.draws, n))
+        return self.question_draws[(file, n)]
+
+    def replicate_means(self, units: list[Unit], measure: str) -> np.ndarray:
+        """[seeds, files, draws]: the measure's mean over resampled questions (NaN where absent)."""
+        out = np.full((len(self.seeds), len(self.files), self.draws), np.nan)
+        for unit in units:
+            vector = unit.vectors.get(measure)
+            if vector is None:
+                continue
+            s, f = self.seeds.index(unit.seed), self.files.index(unit.file)
+            out[s, f] = vector[self.questions(unit.file, len(vector))].mean(axis=1) if len(vector) > 1 else vector[0]
+        return out
+
+    def resample(self, per_unit: np.ndarray) -> np.ndarray:
+        """Average a [seeds, files, draws] array over resampled seeds and files: one value per draw."""
+        draws = np.arange(self.draws)[:, None, None]
+        picked = per_unit[self.seed_draw[:, :, None], self.file_draw, draws]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a draw may pick only units without this measure
+            return np.nanmean(picked.reshape(self.draws, -1), axis=1)
+
+
+def ratio(num: np.ndarray, sub: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        denominator = ref - sub
+        return np.where(np.abs(denominator) > 1e-12, (num - sub) / denominator, np.nan)
+
+
+def interval(values: np.ndarray) -> tuple[float, float]:
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return math.nan, math.nan
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def point_means(units: list[Unit], measure: str) -> np.ndarray:
+    return np.array([u.vectors[measure].mean() if measure in u.vectors else np.nan for u in units])
+
+
+def nanmean(values: np.ndarray) -> float:
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else math.nan
+
+
+def nanstd(values: np.ndarray) -> float:
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    return float(values.std()) if len(values) else math.nan
+
+
+def binomial_below_chance_p(correct: int, n: int, p: float = CHANCE) -> float:
+    """P(X <= correct) for X ~ Binomial(n, p): small when the model avoids the right answer."""
+    return float(sum(math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(correct + 1))) if n else math.nan
+
+
+@dataclass
+class Estimates:
+    row: dict
+    replicates: dict[str, np.ndarray]
+
+
+@dataclass
+class Trend:
+    method: str
+    dataset: str
+    measure: str
+    slope: float
+    lo: float
+    hi: float
+    ranks: list[int]
+
+    def sentence(self) -> str:
+        label = self.measure.replace("_", " ")
+        verdict = ("no detectable trend (the CI includes 0)" if self.lo <= 0 <= self.hi
+                   else "it rises with rank" if self.lo > 0 else "it falls with rank")
+        return (f"trend ({self.method}, {self.dataset}, ranks {', '.join(map(str, self.ranks))}): {label} changes by "
+                f"{self.slope:+.3f} per doubling of LoRA rank (95% CI {self.lo:+.3f} to {self.hi:+.3f}): {verdict}")
+
+
+@dataclass
+class Difference:
+    """A rank's recovered fraction minus the lowest rank's, from the same
+    bootstrap draws (paired: a seed or split that is hard at every rank moves
+    both terms together and cancels)."""
+
+    method: str
+    dataset: str
+    rank: int
+    lowest: int
+    value: float
+    lo: float
+    hi: float
+
+    def sentence(self) -> str:
+        verdict = ("no detectable difference (the CI includes 0)" if self.lo <= 0 <= self.hi
+                   else "higher at the larger rank" if self.lo > 0 else "lower at the larger rank")
+        return (f"paired difference ({self.method}, {self.dataset}): recovered fraction at rank {self.rank} minus rank "
+                f"{self.lowest} = {self.value:+.3f} (95% CI {self.lo:+.3f} to {self.hi:+.3f}): {verdict}")
+
+
+def paired_differences(method: str, dataset: str, ordered: list) -> list[Difference]:
+    """Each rank against the lowest, for the recovered fraction (ordered: [(setting, Estimates)] by rank)."""
+    (low_setting, low), rest = ordered[0], ordered[1:]
+    out = []
+    for setting, est in rest:
+        lo, hi = interval(est.replicates["recovered_fraction"] - low.replicates["recovered_fraction"])
+        out.append(Difference(method, dataset, setting.lora_rank, low_setting.lora_rank,
+                              est.row["recovered_fraction"] - low.row["recovered_fraction"], lo, hi))
+    return out
+
+
+def trend(ranks: Sequence[int], points: Sequence[float], replicates: Sequence[np.ndarray]) -> tuple[float, float, float]:
+    """Least-squares slope of a measure against log2(rank), with a bootstrap CI
+    (the replicates of every rank come from the same draws)."""
+    x = np.log2(np.asarray(ranks, dtype=float))
+    x = x - x.mean()
+    slope = float((x * (np.asarray(points) - np.mean(points))).sum() / (x ** 2).sum())
+    stacked = np.vstack(replicates)  # [ranks, draws]
+    ok = ~np.isnan(stacked).any(axis=0)
+    slopes = (x[:, None] * (stacked[:, ok] - stacked[:, ok].mean(axis=0))).sum(axis=0) / (x ** 2).sum()
+    lo, hi = interval(slopes)
+    return slope, lo, hi
+
+
+# Student's t, 97.5% quantile, by degrees of freedom.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def t975(df: int) -> float:
+    """Between tabled degrees of freedom, the smaller one's quantile (the wider interval)."""
+    return T975[max(d for d in T975 if d <= df)]
+
+
+def recovered_fraction_of(units: list[Unit]) -> float:
+    """(B - A) / (base - A) of the means over these units (as the table's point)."""
+    rtt = [u for u in units if "B" in u.vectors]
+    means = {m: np.mean([u.vectors[m].mean() for u in rtt]) for m in ("B", "A", "base")} if rtt else {}
+    return float(ratio(means["B"], means["A"], means["base"])) if rtt else math.nan
+
+
+@dataclass
+class Agreement:
+    """A slice of k seeds against the published rows of other seeds: a 95%
+    prediction interval for the mean of k seeds drawn from the published
+    per-seed spread (so the slice's own few seeds are counted, not only the
+    published mean's uncertainty)."""
+
+    rank: int
+    mine: float
+    my_seeds: list[int]
+    splits: str
+    published: float
+    lo: float
+    hi: float
+    n_published: int
+
+    def sentence(self) -> str:
+        seeds = ", ".join(map(str, self.my_seeds))
+        head = f"agreement, rank {self.rank}: this slice (seed {seeds}; splits {self.splits}) {self.mine:.2f}"
+        if self.n_published < 2 or math.isnan(self.mine):
+            return f"{head}; too few published seeds ({self.n_published}) to compare"
+        verdict = "agrees" if self.lo <= self.mine <= self.hi else "DOES NOT AGREE"
+        return (f"{head} vs published {self.published:.2f} over {self.n_published} other seeds; 95% prediction "
+                f"interval for {len(self.my_seeds)} seed(s) [{self.lo:.2f}, {self.hi:.2f}]: {verdict}")

@@ -1,0 +1,117 @@
+"""The dataset table: which files of the data root each dataset's forget
+corpus, wrong-answer corpora, question files and retain files are, and the
+made-up facts written when asked for and absent."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from toolkit.data import DataValidationError, check_data_files, missing_files
+from toolkit.facts import RandomBdSpec, write_random_bd_dataset
+from toolkit.names import DataFormat, Datasets
+from toolkit.settings import EvalFiles
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    """File names relative to the data root, without `.jsonl`."""
+
+    unlearn_files: tuple[str, ...]
+    wrong_unlearn_files: tuple[str, ...]
+    fixed_wrong_unlearn_files: tuple[str, ...]
+    val_files: tuple[str, ...]
+    retain_files: tuple[str, ...]
+    val_retain_files: tuple[str, ...]
+    dev_file: str
+    retain_dev_file: str
+    generated_dir: str | None = None  # a folder the project writes itself when absent
+
+    def training_files(self, data_format: DataFormat, corpus: str = "unlearn_files") -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(forget, retain) files to train on: the method's corpus, or with MCQ
+        the question files of the same facts."""
+        if data_format == DataFormat.MCQ:
+            return self.val_files, self.val_retain_files
+        return getattr(self, corpus), self.retain_files
+
+    def question_files(self) -> set[str]:
+        """Files read as multiple-choice questions (evaluation, k-shot, MCQ training)."""
+        return {*self.val_files, *self.val_retain_files} | {f for f in (self.dev_file, self.retain_dev_file) if f}
+
+    def text_files(self) -> set[str]:
+        """Training files, corpus or MCQ."""
+        return {*self.unlearn_files, *self.wrong_unlearn_files, *self.fixed_wrong_unlearn_files, *self.retain_files}
+
+    def all_files(self) -> list[str]:
+        return sorted(self.question_files() | self.text_files())
+
+    def evals(self, with_retain: bool = True, val_files: Sequence[str] | None = None) -> EvalFiles:
+        return EvalFiles(tuple(self.val_files if val_files is None else val_files),
+                            self.val_retain_files if with_retain else (), self.dev_file, self.retain_dev_file)
+
+
+MMLU_DIR = "mmlu_cats_random_trimmed"
+MMLU_FORGET_CATS = ("STEM", "business", "chemistry", "culture", "geography")
+MMLU_RETAIN_CATS = ("health", "history", "law", "philosophy", "social sciences")
+
+
+YEARS_DIR, RANDOM_BD_DIR, WMDP_DIR = "dates-years-trimmed", "random_bd", "wmdp-deduped"
+
+
+def _files(directory: str, pattern: str, keys: Iterable) -> tuple[str, ...]:
+    return tuple(f"{directory}/{pattern.format(k)}" for k in keys)
+
+
+MMLU_RETAIN = _files(MMLU_DIR, "corpus_mmlu_{}", MMLU_RETAIN_CATS)
+MMLU_VAL_RETAIN = _files(MMLU_DIR, "mmlu_{}", MMLU_RETAIN_CATS)
+
+
+FIVE, TEN = range(5), range(10)
+
+
+DATASETS: dict[Datasets, DatasetFiles] = {
+    Datasets.MMLU: DatasetFiles(
+        _files(MMLU_DIR, "corpus_mmlu_{}", MMLU_FORGET_CATS), _files(MMLU_DIR, "whp_corpus_mmlu_{}", MMLU_FORGET_CATS),
+        _files(MMLU_DIR, "fwf_corpus_mmlu_{}", MMLU_FORGET_CATS), _files(MMLU_DIR, "mmlu_{}", MMLU_FORGET_CATS),
+        MMLU_RETAIN, MMLU_VAL_RETAIN, f"{MMLU_DIR}/dev", f"{MMLU_DIR}/dev"),
+    Datasets.YEARS_MMLU_RETAIN: DatasetFiles(
+        _files(YEARS_DIR, "corpus_split_{}", FIVE), _files(YEARS_DIR, "whp_corpus_split_{}", FIVE),
+        _files(YEARS_DIR, "fwf_corpus_split_{}", FIVE), _files(YEARS_DIR, "split_{}", FIVE),
+        MMLU_RETAIN, MMLU_VAL_RETAIN, f"{YEARS_DIR}/dev", f"{MMLU_DIR}/dev"),
+    Datasets.RANDOM_BD_SAME_RETAIN: DatasetFiles(
+        _files(RANDOM_BD_DIR, "corpus_split_{}", FIVE), _files(RANDOM_BD_DIR, "whp_corpus_split_{}", FIVE),
+        _files(RANDOM_BD_DIR, "fwf_corpus_split_{}", FIVE), _files(RANDOM_BD_DIR, "split_{}", FIVE),
+        _files(RANDOM_BD_DIR, "corpus_split_{}", range(5, 10)), _files(RANDOM_BD_DIR, "split_{}", range(5, 10)),
+        f"{RANDOM_BD_DIR}/dev", f"{RANDOM_BD_DIR}/dev", generated_dir=RANDOM_BD_DIR),
+    Datasets.RANDOM_BD_ALL_SPLITS: DatasetFiles(
+        _files(RANDOM_BD_DIR, "corpus_split_{}", TEN), _files(RANDOM_BD_DIR, "whp_corpus_split_{}", TEN),
+        _files(RANDOM_BD_DIR, "fwf_corpus_split_{}", TEN), _files(RANDOM_BD_DIR, "split_{}", TEN),
+        (), (), f"{RANDOM_BD_DIR}/dev", f"{RANDOM_BD_DIR}/dev", generated_dir=RANDOM_BD_DIR),
+    # The paper's WMDP retain corpus (wikitext) was never published: MMLU retain stands in.
+    Datasets.WMDP_MCQ_CORPUS: DatasetFiles(
+        _files(WMDP_DIR, "corpus_split_{}", FIVE), _files(WMDP_DIR, "whp_corpus_split_{}", FIVE),
+        _files(WMDP_DIR, "fwf_corpus_split_{}", FIVE), _files(WMDP_DIR, "split_{}", FIVE),
+        MMLU_RETAIN, MMLU_VAL_RETAIN, f"{WMDP_DIR}/dev", f"{MMLU_DIR}/dev"),
+}
+
+
+def ensure_dataset(data_root: str, dataset: Datasets, made_up: RandomBdSpec) -> None:
+    """Write the made-up-facts dataset when it is asked for and absent; fail
+    with the list of missing files otherwise (the paper's registry points at
+    files that were never published); parse every file."""
+    files = DATASETS[dataset]
+    root = Path(data_root)
+    if files.generated_dir and not (root / files.generated_dir).exists():
+        spec = made_up
+        log.info("writing made-up facts to %s (%d splits x %d facts)", root / files.generated_dir,
+                 spec.num_splits, spec.facts_per_split)
+        write_random_bd_dataset(root / files.generated_dir, spec)
+    missing = missing_files(root, files.all_files())
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise DataValidationError(f"dataset {dataset.name} is missing {len(missing)} file(s) under {root}: {shown}")
+    check_data_files(root, sorted(files.question_files()), sorted(files.text_files() - files.question_files()))

@@ -1,0 +1,52 @@
+"""Names shared by every stage: the methods, loss types, data formats and
+datasets, and the answer letters."""
+
+from __future__ import annotations
+
+from enum import Enum, auto
+
+LETTERS = "ABCD"
+CHANCE = 1 / len(LETTERS)
+IGNORE_INDEX = -100
+
+
+class _Named(str, Enum):
+    """An enum whose members are their own names as strings, so a member and
+    its name compare equal and CSV cells and JSON need no conversion."""
+
+    @staticmethod
+    def _generate_next_value_(name, start, count, last_values):
+        return name
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class UnlearnType(_Named):
+    CUT = auto()
+    GD = auto()
+    WHP = auto()
+    FWF = auto()
+    LORA = auto()
+
+
+class LossType(_Named):
+    LETTER = auto()
+    CORPUS = auto()
+    LETTER_ANSWER = auto()
+    QUESTION_LETTER_ANSWER = auto()
+    QUESTION_ANSWER = auto()
+    NUMBER = auto()
+
+
+class DataFormat(_Named):
+    CORPUS = auto()
+    MCQ = auto()
+
+
+class Datasets(_Named):
+    YEARS_MMLU_RETAIN = auto()
+    MMLU = auto()
+    RANDOM_BD_SAME_RETAIN = auto()
+    RANDOM_BD_ALL_SPLITS = auto()
+    WMDP_MCQ_CORPUS = auto()

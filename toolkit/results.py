@@ -1,0 +1,233 @@
+"""The results schema, in one place: the table of each stage (its folder
+and key column), the columns of each row, a row written whole, and rows read
+back with their keys as text. The pipeline writes through it and the analysis
+reads through it."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+from toolkit.device import provenance, resolve_device_policy
+from toolkit.evaluation import Evaluator
+from toolkit.jobs import QuantJob, RttJob, Run
+from toolkit.settings import ConfigError, first_line
+from toolkit.stage import StopOutcome
+
+if TYPE_CHECKING:  # the stage modules import the toolkit, never the other way round
+    from finetune_corpus import FinetuneResult
+    from unlearn_corpus import UnlearnResult
+
+
+@dataclass(frozen=True)
+class Table:
+    """One stage's rows: one CSV file per finished job in `folder`."""
+
+    folder: str
+    key: str  # the column holding the job's key
+    settings: tuple[str, ...]  # what a key stands for, in columns that read the same on every machine
+    legacy: tuple[str, ...]  # what told rows apart before rows carried keys
+
+
+# The RTT folder keeps the paper's name, `ft`.
+TABLES = {
+    "unlearn": Table("unlearning", "run_key",
+                     ("unlearn_type", "dataset", "lora_rank", "lr", "epochs", "retain_coeff", "steering_coeff", "seed"),
+                     ("model_path", "data_seed", "unlearn_type", "dataset", "lora_rank", "lr", "epochs",
+                      "retain_coeff", "steering_coeff", "max_samples")),
+    "rtt": Table("ft", "rtt_key", ("condition", "dataset", "probe", "lr", "epochs", "skip_split", "seed"),
+                 ("base_model", "condition", "dataset", "lr", "epochs", "skip_split", "data_seed")),
+    "quant": Table("quant", "probe_key", ("condition", "dataset", "probe", "lora_rank", "seed"),
+                   ("model_path", "probe", "condition")),
+}
+# Read as text whatever they look like: a key or commit such as "07270824e702" is not a number.
+TEXT_COLUMNS = {"code_version", "torch_version", "machine_cpu", "machine_gpu", "model_path", "base_model",
+                "save_name", "project_name"} | {table.key for table in TABLES.values()} | {"upstream_key"}
+
+
+def table_dir(results_dir: str | os.PathLike, stage: str) -> Path:
+    return Path(results_dir) / TABLES[stage].folder
+
+
+def write_cell(value: Any) -> Any:
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=str)
+    return "" if value is None else value
+
+
+def read_cell(column: str, text: str) -> Any:
+    """A cell as written: JSON for dicts and lists, numbers, booleans, "" for None."""
+    if text == "":
+        return None
+    if column in TEXT_COLUMNS:
+        return text
+    if text[:1] in "{[":
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    if text in ("True", "False"):
+        return text == "True"
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    return text
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Rows written to a temporary file and renamed: a crash never leaves a
+    torn file, and concurrent workers never interleave."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: write_cell(v) for k, v in row.items()} for row in rows)
+    os.replace(tmp, path)
+
+
+def write_result_csv(directory: str | os.PathLike, index: int, row: Mapping[str, Any]) -> Path:
+    """One job's row as `{time}--num{index}.csv` in `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S-%f")
+    path = directory / f"{stamp}--num{index}.csv"
+    write_csv(path, [row])
+    return path
+
+
+def write_row(results_dir: str | os.PathLike, stage: str, index: int, row: Mapping[str, Any],
+              replaces: Sequence[str] = ()) -> Path:
+    """Write a job's row, then remove the rows an earlier run with the same key
+    left, so a key has one row (analysis also keeps only the newest)."""
+    path = write_result_csv(table_dir(results_dir, stage), index, row)
+    for old in replaces:
+        Path(old).unlink(missing_ok=True)
+    return path
+
+
+FAILURES = "failures.csv"
+
+
+def write_failures(results_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], name: str, detail: str) -> None:
+    """The sweep's failures so far (one row each, rewritten whole) and the full
+    traceback of the latest, `failures/{name}.txt`, beside the results."""
+    directory = Path(results_dir)
+    (directory / "failures").mkdir(parents=True, exist_ok=True)
+    write_csv(directory / FAILURES, rows)
+    (directory / "failures" / f"{name}.txt").write_text(detail)
+
+
+def read_text_rows(path: Path) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ConfigError(f"results_dir: {path} cannot be read as a results row ({type(err).__name__}: "
+                          f"{first_line(err)}); move it out of {path.parent}") from None
+
+
+def read_rows(results_dir: str | os.PathLike, stage: str) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every row of a stage's table, oldest file first, with the file it came from."""
+    for path in sorted(table_dir(results_dir, stage).glob("*.csv")):
+        for row in read_text_rows(path):
+            yield path, {column: read_cell(column, text or "") for column, text in row.items() if column is not None}
+
+
+@dataclass
+class Recorded:
+    """The rows already written, {stage: {key: [csv paths]}}, and the runs
+    among them that the stop rule flagged (stopped short of its target)."""
+
+    keys: dict[str, dict[str, list[str]]]
+    flagged: set[str]
+
+
+def recorded_rows(results_dir: str | os.PathLike) -> Recorded:
+    recorded = Recorded({}, set())
+    for stage, table in TABLES.items():
+        keys = recorded.keys[stage] = {}
+        for path in sorted(table_dir(results_dir, stage).glob("*.csv")):
+            for row in read_text_rows(path):
+                key, reason = row.get(table.key), row.get("stop_reason")
+                if key:
+                    keys.setdefault(key, []).append(str(path))
+                    if reason and reason != StopOutcome.TARGET:
+                        recorded.flagged.add(key)
+    return recorded
+
+
+def drop_superseded_rows(results_dir: str | os.PathLike) -> int:
+    """Keep the newest row of each key. A driver killed mid-sweep leaves Ray
+    workers that can still write a row for a few seconds, after a quick rerun
+    has planned that job again; that rerun then writes a second row."""
+    superseded = [old for keys in recorded_rows(results_dir).keys.values() for paths in keys.values()
+                  for old in sorted(paths)[:-1]]  # file names start with their time
+    for path in superseded:
+        Path(path).unlink(missing_ok=True)
+    return len(superseded)
+
+
+def stop_columns(run: Run, result: UnlearnResult) -> dict:
+    rule, stop = run.settings.stop, result.stop
+    return {"stop_target": rule.stop_at_forget_acc, "stop_retain_floor": rule.stop_retain_floor,
+            "stop_step": stop.step if stop else None, "stop_reached": stop.reached if stop else None,
+            "stop_reason": stop.reason if stop else None, "stop_forget_acc": stop.forget_acc if stop else None,
+            "stop_retain_acc": stop.retain_acc if stop else None}
+
+
+def unlearning_row(run: Run, result: UnlearnResult) -> dict:
+    point, settings = run.point, run.settings
+    return {
+        "model_path": run.model_path if result.save_name else "", "dataset": point.dataset,
+        "unlearn_type": point.unlearn_type, "loss_type": point.loss_type, "lora_rank": point.lora_rank,
+        "lr": point.lr, "epochs": point.epochs, "retain_coeff": point.retain_coeff,
+        "steering_coeff": point.steering_coeff, "max_samples": point.max_samples,
+        "forget_accs": result.forget_accs, "forget_accs_calibrated": result.forget_accs_calibrated,
+        "retain_accs": result.retain_accs, "retain_accs_calibrated": result.retain_accs_calibrated,
+        "forget_correct": result.forget_correct, "trainable_params": result.trainable_params,
+        "base_model": run.base_model, "save_name": result.save_name, "save_format": result.save_format,
+        "val_files": settings.evals.val_files, "project_name": settings.train.wandb_project_name,
+        "data_seed": point.seed, "seed": point.seed, "just_eval": settings.train.epochs == 0, "steps": result.steps,
+        **stop_columns(run, result), "seconds": round(result.seconds, 1), "phase_seconds": result.phase_seconds,
+        "run_key": run.key,
+        **provenance(resolve_device_policy(settings.train.device)),
+    }
+
+
+def rtt_row(job: RttJob, result: FinetuneResult) -> dict:
+    lora = job.settings.lora
+    return {
+        "base_model": job.base_model, "condition": job.condition, "dataset": job.dataset,
+        "unlearn_type": job.unlearn_type, "lora_rank": job.lora_rank, "loss_type": job.loss_type,
+        "lr": job.lr, "epochs": job.epochs, "skip_split": job.skip_split,
+        "train_files": job.train_files, "val_files": [job.val_file],
+        "forget_accs_local": result.forget_accs_local,
+        "forget_accs_calibrated_local": result.forget_accs_calibrated_local,
+        "retain_accs_local": result.retain_accs_local,
+        "retain_accs_calibrated_local": result.retain_accs_calibrated_local,
+        "forget_correct_local": result.forget_correct_local, "probe": job.probe,
+        "attacker_rank": lora.lora_rank if lora else 0, "upstream_key": job.upstream,
+        "rtt_key": job.key, "data_seed": job.seed, "seed": job.seed,
+        "project_name": job.settings.train.wandb_project_name, "seconds": round(result.seconds, 1),
+        "phase_seconds": result.phase_seconds, **provenance(resolve_device_policy(job.settings.train.device)),
+    }
+
+
+def quant_row(job: QuantJob, evaluator: Evaluator) -> dict:
+    point = job.point
+    return {
+        "model_path": job.model_path, "condition": job.condition, "dataset": job.dataset,
+        "probe": f"quant{job.bits}", "bits": job.bits, "blocksize": job.blocksize,
+        "unlearn_type": point.unlearn_type if point else "", "lora_rank": point.lora_rank if point else 0,
+        "seed": point.seed if point else None, "forget_accs": evaluator.forget_log.accs,
+        "forget_correct": evaluator.forget_log.correct, "retain_accs": evaluator.retain_log.accs,
+        "upstream_key": job.upstream, "probe_key": job.key,
+        **provenance(resolve_device_policy(job.train.device)),
+    }

@@ -1,0 +1,288 @@
+"""The stage runner: one training loop for unlearning, RMU, RTT and
+teaching (load, evaluate, train under the stop rule, save), with its
+progress, phase clock and wandb run."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Mapping, Protocol, Sequence
+
+import torch
+
+from toolkit.device import DevicePolicy, resolve_device_policy
+from toolkit.evaluation import AccuracyLog, Evaluator
+from toolkit.models import is_peft, load_model, load_tokenizer, save_checkpoint
+from toolkit.names import LossType
+from toolkit.prompts import Encoded, collate, encode_files
+from toolkit.settings import EvalFiles, SaveSettings, StopRule, TrainSettings, UnlearnSettings, key_settings
+from toolkit.training import count_parameters, make_optimizer, seed_everything, warmup_then_constant
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage:
+    """What an objective gets to prepare its model and data."""
+
+    settings: TrainSettings
+    policy: DevicePolicy
+    tokenizer: Any
+    rng: random.Random
+
+    def encode(self, names: Sequence[str], loss_type: LossType, max_samples: int | None = None) -> list[Encoded]:
+        return encode_files(self.tokenizer, self.settings.data_root, names, loss_type, max_samples=max_samples,
+                            rng=self.rng, max_length=self.settings.max_length)
+
+    def batch(self, examples: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        return collate(examples, self.tokenizer.pad_token_id, self.policy.device)
+
+
+class Objective(Protocol):
+    """What a stage trains. `uses` names the optional unlearning settings it
+    honours ("lora", "freeze_layers"); the planner refuses the others when set."""
+
+    uses: frozenset[str]
+
+    def prepare(self, model, stage: Stage): ...  # returns the model to train (e.g. wrapped with LoRA)
+
+    def epoch_steps(self, epoch: int) -> Sequence: ...  # one item per optimizer step
+
+    def loss(self, model, step) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+OPTIONAL_SETTINGS = {"lora": "unlearn.lora_*", "freeze_layers": "unlearn.freeze_layers"}
+
+
+def unused_settings(settings: UnlearnSettings, uses: Iterable[str]) -> list[str]:
+    """The optional settings set for this run that its objective would ignore."""
+    return [key for name, key in OPTIONAL_SETTINGS.items() if getattr(settings, name) and name not in uses]
+
+
+@dataclass(frozen=True)
+class StopOutcome:
+    step: int  # optimizer steps taken
+    epoch: int
+    reason: str  # "target": forget accuracy reached it; "retain_floor": retain fell below it; "epochs": never stopped
+    forget_acc: float
+    retain_acc: float
+
+    TARGET: ClassVar[str] = "target"  # the one reason that is not a flag
+
+    @property
+    def reached(self) -> bool:
+        return self.reason == self.TARGET
+
+
+@dataclass
+class PhaseClock:
+    """Seconds spent per phase of a stage (load, evaluate, steps, checks,
+    save): where a run's time goes, written with its row."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - start
+
+    def rounded(self) -> dict[str, float]:
+        return {name: round(value, 1) for name, value in self.seconds.items()}
+
+
+@dataclass
+class StageResult:
+    forget: AccuracyLog
+    retain: AccuracyLog
+    trainable_params: int
+    steps: int
+    stop: StopOutcome | None
+    save_path: str | None
+    save_format: str | None
+    seconds: float
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Progress:
+    """A run's progress: a live bar (drawn by the Ray driver when inside a Ray
+    worker), a few log lines, or nothing."""
+
+    def __init__(self, mode: str, label: str, total: int | None):
+        self.label, self.bar = label, None
+        if mode == "auto":
+            mode = "bars" if sys.stderr.isatty() else "lines"
+        self.mode = mode
+        if mode == "bars":
+            self.bar = _progress_bar(label, total)
+
+    def expect(self, total: int) -> None:
+        """The number of steps, once the first epoch's batches are known."""
+        if self.bar is not None and self.bar.total is None:
+            self.bar.total = total
+
+    def step(self, metrics: Mapping[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def note(self, message: str) -> None:
+        if self.mode == "lines":
+            log.info("%s: %s", self.label, message)
+        elif self.bar is not None:
+            self.bar.set_description(f"{self.label} {message}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress_bar(label: str, total: int | None):
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        from ray.experimental import tqdm_ray
+
+        return tqdm_ray.tqdm(desc=label, total=total)
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=label, total=total, leave=False)
+
+
+@dataclass
+class Training:
+    """A stage set up to train: the prepared model, its optimizer and schedule."""
+
+    stage: Stage
+    model: torch.nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+    @classmethod
+    def setup(cls, train: TrainSettings, objective: Objective) -> "Training":
+        policy = resolve_device_policy(train.device)
+        tokenizer, model = load_tokenizer(train.model), load_model(train.model, policy)
+        # Seeded after loading: an adapter folder's load draws from the generator (a plain
+        # checkpoint's does not), and a LoRA attacker's init must not depend on the format.
+        stage = Stage(train, policy, tokenizer, seed_everything(train.seed))
+        model = objective.prepare(model, stage)
+        optimizer = make_optimizer(train.optimizer, model, train.lr, policy)
+        return cls(stage, model, objective, optimizer, warmup_then_constant(optimizer, train.warmup_steps))
+
+    def step(self, item) -> dict[str, float]:
+        """One optimizer step: the objective's loss under the precision policy, backward, update."""
+        with self.stage.policy.autocast():
+            loss, metrics = self.objective.loss(self.model, item)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"lr": self.scheduler.get_last_lr()[0], **metrics}
+
+
+def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
+              stop: StopRule | None = None, save: SaveSettings | None = None) -> StageResult:
+    """Load, prepare, evaluate before training, train `train.epochs` epochs
+    (evaluating every `eval_every` and after the last, stopping early under
+    the stop rule), save. Every stage's training loop is this one."""
+    started, clock = time.monotonic(), PhaseClock()
+    with clock.phase("load"):
+        training = Training.setup(train, objective)
+        model, tokenizer = training.model, training.stage.tokenizer
+        evaluator = Evaluator.build(tokenizer, evals, train.data_root, train.k_shot, train.val_batch_size,
+                                    training.stage.policy)
+    run = start_wandb(train.wandb_mode, train.wandb_project_name, train.label, key_settings(train))
+    trainable, _ = count_parameters(model)
+    progress = Progress(train.progress, train.label, total=None)
+    checker = StopChecker(stop, evaluator) if stop is not None and stop.active else None
+
+    def evaluate(epoch: int) -> None:
+        with clock.phase("evaluate"):
+            forget_acc, retain_acc = evaluator(model, epoch, step)
+        run.log({"epoch": epoch, "forget_acc": forget_acc, "retain_acc": retain_acc})
+        progress.note(f"epoch {epoch}: forget {forget_acc:.3f}, retain {retain_acc:.3f}")
+
+    step = 0
+    evaluate(0)
+    outcome = checker.check(model, 0, 0, first=True) if checker else None
+    model.train()
+    for epoch in range(1, train.epochs + 1):
+        if outcome is not None:
+            break
+        steps = objective.epoch_steps(epoch)
+        progress.expect(len(steps) * train.epochs)
+        for item in steps:
+            with clock.phase("steps"):
+                metrics = training.step(item)
+            step += 1
+            run.log({"epoch": epoch, **metrics})
+            progress.step(metrics)
+            if checker and step % stop.stop_check_every == 0:
+                with clock.phase("checks"):
+                    outcome = checker.check(model, step, epoch)
+                if outcome is not None:
+                    break
+        if outcome is not None or epoch % train.eval_every == 0 or epoch == train.epochs:
+            evaluate(epoch)
+    if checker and outcome is None:
+        last = train.epochs
+        outcome = StopOutcome(step, last, "epochs", evaluator.forget_log.mean_at(last), evaluator.retain_log.mean_at(last))
+    if outcome is not None:
+        progress.note(f"stopped at step {outcome.step} ({outcome.reason})")
+    progress.close()
+    run.finish()
+    saved = None
+    if save is not None and save.path:
+        with clock.phase("save"):
+            saved = str(save_checkpoint(model, tokenizer, save.path, save.save_format, train.model))
+    fmt = (save.save_format if is_peft(model) else "merged") if saved else None
+    return StageResult(evaluator.forget_log, evaluator.retain_log, trainable, step, outcome, saved, fmt,
+                       time.monotonic() - started, clock.rounded())
+
+
+@dataclass
+class StopChecker:
+    rule: StopRule
+    evaluator: Evaluator
+
+    def check(self, model, step: int, epoch: int, first: bool = False) -> StopOutcome | None:
+        """Stop at the first check at or below the forget target; a retain
+        accuracy below the floor stops (and flags) the run first."""
+        rule = self.rule
+        forget, retain = self.means(model, step, first)
+        if rule.stop_retain_floor is not None and retain < rule.stop_retain_floor:
+            return StopOutcome(step, epoch, "retain_floor", forget, retain)
+        if rule.stop_at_forget_acc is not None and forget <= rule.stop_at_forget_acc:
+            return StopOutcome(step, epoch, StopOutcome.TARGET, forget, retain)
+        return None
+
+    def means(self, model, step: int, first: bool) -> tuple[float, float]:
+        """Mean forget and retain accuracy now (at step 0 the evaluation before
+        training has already scored the files)."""
+        if first:
+            return self.evaluator.forget_log.mean_at(0), self.evaluator.retain_log.mean_at(0)
+        return self.evaluator.quick_means(model, self.rule.stop_retain_floor is not None, step)
+
+
+def start_wandb(mode: str, project: str, name: str, config: Mapping):
+    """wandb never prompts: its mode is always given (online/offline/disabled)."""
+    if mode == "disabled":
+        return _NoRun()
+    import wandb
+
+    return wandb.init(mode=mode, project=project, name=name, config=dict(config), reinit="create_new")
+
+
+class _NoRun:
+    """wandb disabled: a run that records nothing (and costs no import)."""
+
+    def log(self, *_args, **_kwargs) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
