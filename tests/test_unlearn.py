@@ -9,7 +9,7 @@ import torch
 
 import finetune_corpus
 from conftest import finetune_settings, made_up_facts, unlearn_settings
-from toolkit import models
+from toolkit import evaluation, models
 from toolkit.data import DataValidationError, load_mcq, load_training_rows, read_jsonl
 from toolkit.device import resolve_device_policy
 from toolkit.evaluation import Evaluator
@@ -227,30 +227,53 @@ def test_the_stop_rule_stops_at_the_first_check_at_or_below_the_target(tiny_llam
 
 def test_where_the_run_stops_the_checks_scores_are_recorded_not_scored_again(tiny_llama, facts, tmp_path,
                                                                             monkeypatch):
-    """The check at the stopping step has just scored the forget files: the
-    final evaluation records those scores and scores only what the check did
-    not (retain, with no retain floor)."""
+    """The check at the stopping step has scored the forget files (or as much
+    of them as its decision needed): the final evaluation finishes and records
+    that scoring and scores only what the check did not (retain, with no
+    retain floor), so each question is scored once at that step."""
     scored = []
-    real_score, real_means = Evaluator.score, StopChecker.means
+    real_batch, real_means = evaluation.batch_letter_logits, StopChecker.means
 
-    def score(self, model, files):
-        scored.append(tuple(f.name for f in files))
-        return real_score(self, model, files)
+    def batch_letter_logits(model, prompts, batch, *args, **kwargs):
+        scored.append(len(batch))
+        return real_batch(model, prompts, batch, *args, **kwargs)
 
     def means(self, model, step, first):
         forget, retain = real_means(self, model, step, first)
         return (0.9 if first else 0.0), retain  # the first check after step 0 stops the run
 
-    monkeypatch.setattr(Evaluator, "score", score)
+    monkeypatch.setattr(evaluation, "batch_letter_logits", batch_letter_logits)
     monkeypatch.setattr(StopChecker, "means", means)
-    result = run_unlearning(tiny_llama, facts, tmp_path, "GD", epochs=2, stop_at_forget_acc=0.3,
-                      stop_check_every=2)
+    result = run_unlearning(tiny_llama, facts, tmp_path, "GD", epochs=2, stop_at_forget_acc=0.3, stop_check_every=2)
     assert result.stop.step == 2
-    forget, retain = tuple(VAL), tuple(VAL_RETAIN)
-    # before training: forget and retain; the check at step 2: forget; the stop: retain only
-    assert scored == [forget, retain, forget, retain]
+    questions = 6 * (len(VAL) + len(VAL_RETAIN))  # 6 facts a split
+    assert sum(scored) == 2 * questions  # before training, and at the stop
     assert set(next(iter(result.forget_accs.values()))) == {0, 1}
     assert set(next(iter(result.retain_accs.values()))) == {0, 1}
+
+
+def test_a_check_scores_only_what_its_decision_needs_and_the_rest_later(tiny_llama, facts):
+    """A bounded scoring stops once the mean is certainly above (or at least)
+    a threshold and returns a bound that decides the same; finished later it
+    gives exactly the scores of one pass."""
+    policy = resolve_device_policy({"device": "cpu"})
+    model = load_model(str(tiny_llama), policy)
+    files = EvalFiles(tuple(VAL), (), "", "")
+    evaluator = Evaluator.build(load_tokenizer(str(tiny_llama)), files, str(facts), 0, 2, policy)
+    whole = evaluator.score(model, evaluator.forget)
+    exact = sum(s.acc for s in whole.values()) / len(whole)
+    total = sum(len(f.prompts) for f in evaluator.forget)
+
+    easy = evaluator.scoring(model, evaluator.forget)
+    bound = easy.above(-1.0)  # any mean is above -1: decided before scoring anything
+    assert easy.questions == 0 and bound > -1.0 and bound <= exact
+    low = min(s.acc for s in whole.values()) / 2
+    partial = evaluator.scoring(model, evaluator.forget)
+    assert partial.at_least(low) >= low
+    assert partial.questions < total or not 0 < low  # it stopped early unless it had to score everything
+    assert partial.finish() == whole and partial.questions == total  # the rest, then exactly one pass's scores
+    hard = evaluator.scoring(model, evaluator.forget)
+    assert hard.above(1.0) == exact and hard.questions == total  # undecidable early: scored in full, exact
 
 
 def test_a_model_already_at_the_target_takes_no_step(tiny_llama, facts, tmp_path, monkeypatch):

@@ -41,26 +41,39 @@ class QuestionFile:
         return cls(name, prompts, tuple(r.answer for r in rows))
 
 
+def length_sorted_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices in batches of similar length (little padding)."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
+def batch_letter_logits(model, prompts: Sequence[Sequence[int]], batch: Sequence[int], letter_ids: Sequence[int],
+                        pad_token_id: int,
+                        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                        ) -> torch.Tensor:
+    """Logits of the four answer letters at the last position of each prompt
+    in `batch` (indices into `prompts`), [len(batch), 4]; the LM head runs on
+    one position per prompt."""
+    device = next(model.parameters()).device
+    _, head = decoder_and_head(model)
+    letters = torch.tensor(list(letter_ids), device=device)
+    inputs = collate([Encoded(list(prompts[i]), list(prompts[i])) for i in batch], pad_token_id, device)
+    with autocast():
+        hidden = hidden_states(model, inputs)
+        last = inputs["attention_mask"].sum(1) - 1
+        final = hidden[torch.arange(len(batch), device=device), last]
+        return head(final)[:, letters].float().cpu()
+
+
 def letter_logits(model, prompts: Sequence[Sequence[int]], letter_ids: Sequence[int], pad_token_id: int,
                   batch_size: int, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
                   ) -> torch.Tensor:
     """Logits of the four answer letters at each prompt's last position, [N, 4],
-    in prompt order. Batches hold prompts of similar length (little padding)
-    and the LM head runs on one position per prompt."""
-    device = next(model.parameters()).device
-    _, head = decoder_and_head(model)
-    letters = torch.tensor(list(letter_ids), device=device)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    in prompt order."""
     out = torch.empty(len(prompts), len(letter_ids))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = collate([Encoded(list(prompts[i]), list(prompts[i])) for i in chunk], pad_token_id, device)
-        with autocast():
-            hidden = hidden_states(model, batch)
-            last = batch["attention_mask"].sum(1) - 1
-            final = hidden[torch.arange(len(chunk), device=device), last]
-            out[chunk] = head(final)[:, letters].float().cpu()
+    for batch in length_sorted_batches(prompts, batch_size):
+        out[batch] = batch_letter_logits(model, prompts, batch, letter_ids, pad_token_id, autocast)
     return out
 
 
@@ -117,9 +130,7 @@ class Evaluator:
     autocast: Callable[[], contextlib.AbstractContextManager]
     forget_log: AccuracyLog = field(default_factory=AccuracyLog)
     retain_log: AccuracyLog = field(default_factory=AccuracyLog)
-    # The stop rule's last check: (step, forget scores, retain scores or None).
-    # An evaluation at that same step records them instead of scoring again.
-    last_check: tuple[int, dict[str, McqScore], dict[str, McqScore] | None] | None = None
+    last_check: "Check | None" = None  # the stop rule's latest scoring
 
     @classmethod
     def build(cls, tokenizer, evals: EvalFiles, data_root: str, k_shot: int, batch_size: int,
@@ -131,33 +142,111 @@ class Evaluator:
         return cls(files(evals.val_files, evals.dev_file), files(evals.val_retain_files, evals.retain_dev_file),
                    answer_letter_token_ids(tokenizer), tokenizer.pad_token_id, batch_size, policy.autocast)
 
+    def scoring(self, model, files: Sequence[QuestionFile]) -> "Scoring":
+        return Scoring(self, model, list(files))
+
     def score(self, model, files: Sequence[QuestionFile]) -> dict[str, McqScore]:
-        was_training = model.training
-        model.eval()
-        try:
-            return {f.name: score_letter_logits(letter_logits(model, f.prompts, self.letter_ids, self.pad_token_id,
-                                                              self.batch_size, self.autocast), f.answers)
-                    for f in files}
-        finally:
-            model.train(was_training)
+        return self.scoring(model, files).finish()
 
     def __call__(self, model, epoch: int, step: int | None = None) -> tuple[float, float]:
-        """Score every file at `epoch` (reusing the stop rule's check when it
+        """Score every file at `epoch` (finishing the stop rule's check when it
         scored the model at this same `step`); returns the mean forget and
         retain accuracy."""
-        checked = self.last_check if self.last_check and step is not None and self.last_check[0] == step else None
-        forget = checked[1] if checked else self.score(model, self.forget)
-        retain = checked[2] if checked and checked[2] is not None else self.score(model, self.retain)
+        checked = self.last_check if self.last_check and step is not None and self.last_check.step == step else None
+        forget = checked.forget.finish() if checked else self.score(model, self.forget)
+        retain = checked.retain.finish() if checked and checked.retain else self.score(model, self.retain)
         for log_, scores in ((self.forget_log, forget), (self.retain_log, retain)):
             for name, score in scores.items():
                 log_.record(name, epoch, score)
         return self.forget_log.mean_at(epoch), self.retain_log.mean_at(epoch)
 
-    def quick_means(self, model, with_retain: bool, step: int) -> tuple[float, float]:
-        """Mean forget (and retain) accuracy at optimizer step `step` (the stop
-        rule's check), kept but not recorded: an evaluation at the same step uses it."""
-        forget = self.score(model, self.forget)
-        retain = self.score(model, self.retain) if with_retain else None
-        self.last_check = (step, forget, retain)
-        mean = lambda scores: sum(s.acc for s in scores) / len(scores) if scores else float("nan")  # noqa: E731
-        return mean(list(forget.values())), mean(list((retain or {}).values()))
+
+@dataclass
+class Check:
+    """The stop rule's scoring at one optimizer step (possibly unfinished); an
+    evaluation at that same step finishes and records it instead of scoring again."""
+
+    step: int
+    forget: "Scoring"
+    retain: "Scoring | None"
+
+
+# A bound decides only when it clears the threshold by more than float32
+# rounding of an accuracy could move the exact mean.
+MARGIN = 1e-6
+
+
+@dataclass
+class Scoring:
+    """Question files scored a batch at a time, so that the stop rule can stop
+    scoring once its decision is certain (`until`) and an evaluation at the
+    same step can finish the rest (`finish`). The batches are `letter_logits`'s,
+    so every question's logits are those of one pass."""
+
+    evaluator: Evaluator
+    model: Any
+    files: list[QuestionFile]
+    logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    correct: dict[str, int] = field(default_factory=dict)
+    left: dict[str, int] = field(default_factory=dict)
+    pending: list = field(default_factory=list)  # (file, batch of prompt indices) not scored yet
+    questions: int = 0  # scored so far
+
+    def __post_init__(self):
+        for f in self.files:
+            self.logits[f.name] = torch.empty(len(f.prompts), len(self.evaluator.letter_ids))
+            self.correct[f.name], self.left[f.name] = 0, len(f.prompts)
+            self.pending += [(f, batch) for batch in length_sorted_batches(f.prompts, self.evaluator.batch_size)]
+
+    @property
+    def complete(self) -> bool:
+        return not self.pending
+
+    def bounds(self) -> tuple[float, float]:
+        """The lowest and highest mean accuracy (over files) the questions not
+        yet scored could still give."""
+        sizes = {f.name: len(f.prompts) for f in self.files}
+        if not sizes or not all(sizes.values()):
+            return float("nan"), float("nan")
+        low = sum(self.correct[n] / sizes[n] for n in sizes) / len(sizes)
+        high = sum((self.correct[n] + self.left[n]) / sizes[n] for n in sizes) / len(sizes)
+        return low, high
+
+    def until(self, decided: Callable[[float, float], bool] = lambda low, high: False) -> "Scoring":
+        """Score batches until `decided(low, high)` holds, or all are scored."""
+        ev, model = self.evaluator, self.model
+        was_training = model.training
+        model.eval()
+        try:
+            while self.pending and not decided(*self.bounds()):
+                f, batch = self.pending.pop(0)
+                logits = batch_letter_logits(model, f.prompts, batch, ev.letter_ids, ev.pad_token_id, ev.autocast)
+                self.logits[f.name][batch] = logits
+                answers = torch.tensor([f.answers[i] for i in batch])
+                self.correct[f.name] += int((logits.argmax(1) == answers).sum())
+                self.left[f.name] -= len(batch)
+                self.questions += len(batch)
+        finally:
+            model.train(was_training)
+        return self
+
+    def finish(self) -> dict[str, McqScore]:
+        self.until()
+        return {f.name: score_letter_logits(self.logits[f.name], f.answers) for f in self.files}
+
+    def mean(self) -> float:
+        """The mean accuracy over files, as an evaluation computes it (finishing first)."""
+        scores = list(self.finish().values())
+        return sum(s.acc for s in scores) / len(scores) if scores else float("nan")
+
+    def at_least(self, threshold: float) -> float:
+        """The mean accuracy, or, once the mean is certainly at least
+        `threshold`, a lower bound that is (scoring stops there)."""
+        self.until(lambda low, high: low >= threshold + MARGIN)
+        return self.mean() if self.complete else self.bounds()[0]
+
+    def above(self, threshold: float) -> float:
+        """The mean accuracy, or, once the mean is certainly above `threshold`,
+        a lower bound that is (scoring stops there)."""
+        self.until(lambda low, high: low > threshold + MARGIN)
+        return self.mean() if self.complete else self.bounds()[0]

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Iterable, Mapping, Protocol, Sequence
 import torch
 
 from toolkit.device import DevicePolicy, resolve_device_policy
-from toolkit.evaluation import AccuracyLog, Evaluator
+from toolkit.evaluation import AccuracyLog, Check, Evaluator
 from toolkit.models import is_peft, load_model, load_tokenizer, save_checkpoint
 from toolkit.names import LossType
 from toolkit.prompts import Encoded, collate, encode_files
@@ -262,11 +262,26 @@ class StopChecker:
         return None
 
     def means(self, model, step: int, first: bool) -> tuple[float, float]:
-        """Mean forget and retain accuracy now (at step 0 the evaluation before
-        training has already scored the files)."""
+        """Mean forget and retain accuracy now, as far as the rule needs them:
+        exact where the run stops (or could), else a bound that already
+        decides it, so a check scores only the questions its decision needs
+        (same decision, same recorded values; the rest is scored only if an
+        evaluation at this step needs it). At step 0 the evaluation before
+        training has already scored the files."""
+        ev, rule = self.evaluator, self.rule
         if first:
-            return self.evaluator.forget_log.mean_at(0), self.evaluator.retain_log.mean_at(0)
-        return self.evaluator.quick_means(model, self.rule.stop_retain_floor is not None, step)
+            return ev.forget_log.mean_at(0), ev.retain_log.mean_at(0)
+        floor, target = rule.stop_retain_floor, rule.stop_at_forget_acc
+        check = ev.last_check = Check(step, ev.scoring(model, ev.forget),
+                                      ev.scoring(model, ev.retain) if floor is not None else None)
+        retain = check.retain.at_least(floor) if check.retain else float("nan")
+        below_floor = check.retain is not None and check.retain.complete and retain < floor
+        if below_floor or target is None:
+            return check.forget.mean(), retain  # a stop records both exactly
+        forget = check.forget.above(target)
+        if check.forget.complete and forget <= target and check.retain is not None:
+            retain = check.retain.mean()  # it stops here: the retain accuracy is recorded too
+        return forget, retain
 
 
 def start_wandb(mode: str, project: str, name: str, config: Mapping):
