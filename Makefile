@@ -8,6 +8,8 @@ PY     := $(VENV)/bin/python
 # The CPU wheel that lies on these machines; GPU users: TORCH="torch" (or their CUDA build).
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# Hydra overrides for the demo's sweep, e.g. ARGS="device.bf16_autocast=false" (the fp32 path).
+ARGS   ?=
 
 .PHONY: setup demo study test bench clean
 
@@ -22,7 +24,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) pipeline.py --config-name=demo_cpu
+	$(PY) pipeline.py --config-name=demo_cpu $(ARGS)
 	$(PY) analyze_recovery.py --results-dir evals/demo_cpu --compare results/rank_study
 
 # One invocation per seed: each finished seed is a whole slice (its rows can be committed).
