@@ -222,8 +222,21 @@ def control_vector(rtt_rows: pd.DataFrame, condition: str, dataset: str, split: 
     return np.mean(vectors, axis=0)
 
 
-def units_of(results: Results, options: Options) -> tuple[list[Unit], list[str]]:
-    """Per unlearned model and forget file; with the runs left out (stop rule) as printed lines."""
+class LeftOut(NamedTuple):
+    """An unlearning run the stop rule flagged: left out of the matched comparison."""
+
+    unlearn_type: str
+    lora_rank: int | None
+    seed: int
+    reason: str
+    line: str
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def units_of(results: Results, options: Options) -> tuple[list[Unit], list[LeftOut]]:
+    """Per unlearned model and forget file; with the runs left out (stop rule)."""
     out, left_out = [], []
     rtt_rows, quant = results.rtt, results.quant
     for _, run in results.unlearning.iterrows():
@@ -233,9 +246,11 @@ def units_of(results: Results, options: Options) -> tuple[list[Unit], list[str]]
         seed = int(seed if pd.notna(seed) else run.get("data_seed", 0))
         reached = run.get("stop_reached", np.nan)
         if pd.notna(reached) and str(reached) == "False":
-            left_out.append(f"left out of matched comparison: {run.unlearn_type} rank {run.lora_rank} seed {seed} "
-                            f"({run.get('stop_reason')}: forget {float(run.get('stop_forget_acc', math.nan)):.3f} "
-                            f"vs target {float(run.get('stop_target', math.nan)):.3f}) {run.model_path}")
+            rank = int(run.lora_rank) if pd.notna(run.lora_rank) else None
+            line = (f"left out of matched comparison: {run.unlearn_type} rank {run.lora_rank} seed {seed} "
+                    f"({run.get('stop_reason')}: forget {float(run.get('stop_forget_acc', math.nan)):.3f} "
+                    f"vs target {float(run.get('stop_target', math.nan)):.3f}) {run.model_path}")
+            left_out.append(LeftOut(run.unlearn_type, rank, seed, str(run.get("stop_reason")), line))
             continue
         setting = Setting(*(run[k] if pd.notna(run[k]) else None for k in SETTING))
         retain = {f: _by_epoch(a) for f, a in (run.retain_accs or {}).items()}
@@ -317,7 +332,7 @@ def estimate(units: list[Unit], panel: Panel) -> Estimates:
 class Analysis:
     table: pd.DataFrame
     trends: list[Trend]
-    left_out: list[str]
+    left_out: list[LeftOut]
     differences: list[Difference] = field(default_factory=list)
 
 
@@ -523,7 +538,7 @@ def compare(results_dir: str | Path, published_dir: str | Path, options: Options
     """Print the published table beside this slice's (already printed) and one
     agreement line per rank."""
     stream = stream or sys.stdout
-    mine, _ = units_of(load_results(results_dir), options)
+    mine, my_left_out = units_of(load_results(results_dir), options)
     published, left_out = units_of(load_results(published_dir), options)
     table = summarize(published, options).table
     print(f"\npublished ({published_dir}; {len(left_out)} flagged run(s) left out):", file=stream)
@@ -531,7 +546,21 @@ def compare(results_dir: str | Path, published_dir: str | Path, options: Options
     found = agreements(mine, published)
     for a in found:
         print(a.sentence(), file=stream)
+    compared = {a.rank for a in found}
+    for run in my_left_out:
+        if run.lora_rank not in compared:
+            print(left_out_sentence(run, published, left_out), file=stream)
     return found
+
+
+def left_out_sentence(run: LeftOut, published: list[Unit], published_left_out: list[LeftOut]) -> str:
+    """A rank the slice cannot compare: its run was flagged, as the study's
+    own runs sometimes are (how often says whether that is itself unusual)."""
+    flagged = sum(1 for r in published_left_out if (r.unlearn_type, r.lora_rank) == (run.unlearn_type, run.lora_rank))
+    kept = len({u.seed for u in published if (u.setting.unlearn_type, u.setting.lora_rank) == (run.unlearn_type, run.lora_rank)})
+    return (f"agreement, rank {run.lora_rank}: this slice's run (seed {run.seed}) was flagged ({run.reason}) and left "
+            f"out, so there is nothing to compare (published runs at this rank: {flagged} of {flagged + kept} "
+            f"flagged)")
 
 
 README_BEGIN, README_END = "<!-- rank-study:begin (analyze_recovery.py --update-readme) -->", "<!-- rank-study:end -->"
@@ -560,7 +589,7 @@ def update_readme(readme: str | Path, results_dir: str | Path, options: Options 
                     encoding="utf-8")
 
 
-def nothing_to_compare(results_dir: str | Path, results: Results, left_out: Sequence[str]) -> str:
+def nothing_to_compare(results_dir: str | Path, results: Results, left_out: Sequence[LeftOut]) -> str:
     """Why the table is empty, in the terms of what the results directory holds."""
     if left_out and len(left_out) == len(results.unlearning):
         return (f"all {len(left_out)} unlearned run(s) under {results_dir} were left out of the matched comparison "

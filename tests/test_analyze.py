@@ -375,3 +375,20 @@ def test_the_readmes_headline_is_what_the_published_rows_give():
     inner = text.split(analyze_recovery.README_BEGIN, 1)[1].split(analyze_recovery.README_END, 1)[0]
     block = inner.strip().removeprefix("```text").removesuffix("```").strip()
     assert analyze_recovery.headline(root / "results" / "rank_study") == block
+
+
+def test_a_rank_whose_slice_run_was_flagged_gets_a_line_saying_so(tmp_path, capsys):
+    """The demo on another numeric path can flag a run the published seed
+    did not: that rank says why it is not compared, and how often the study's
+    own runs at that rank were flagged."""
+    published, mine = tmp_path / "published", tmp_path / "mine"
+    for seed, b in enumerate((11, 12, 13, 12)):
+        seeded_run(published, seed, seed, 8, ["s0"], base=20, a=4, b=b)
+        seeded_run(published, 10 + seed, seed, 64, ["s0"], base=20, a=4 if seed else 15, b=b, stop_reached=seed > 0)
+    seeded_run(mine, 0, 0, 8, ["s0"], base=20, a=4, b=12)
+    seeded_run(mine, 1, 0, 64, ["s0"], base=20, a=15, b=18, stop_reached=False)
+    found = analyze_recovery.compare(mine, published, analyze_recovery.Options(bootstrap=200))
+    assert [a.rank for a in found] == [8]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == ("agreement, rank 64: this slice's run (seed 0) was flagged (epochs) and left out, so there is "
+                    "nothing to compare (published runs at this rank: 1 of 4 flagged)")
