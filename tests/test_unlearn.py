@@ -97,15 +97,16 @@ def test_finetune_can_teach_facts(tiny_llama, facts, bf16_autocast):
     """Training on a split's MCQs raises accuracy on that split: the training and
     evaluation formats agree on the answer token. Each numeric path is given,
     not measured (the automatic choice times the CPU, so it can change with
-    load), and the last ten epochs are judged together: on 6 questions a tiny
-    model wobbles (under bf16 it once held 1.0 for nine epochs, then 0.5)."""
+    load), and the original bar of 0.8 applies to the mean of the last ten
+    epochs: on 6 questions a tiny model wobbles (under bf16 it once held 1.0
+    for nine epochs, then 0.5 at the last)."""
     result = finetune_corpus.finetune(finetune_settings(
         tiny_llama, facts, train_files=VAL[:1], val_files=VAL[:1], lr=3e-3, epochs=30,
         overrides=["ft.batch_size=2", "ft.loss_types=[LETTER]", "ft.optimizer=adamw",
                    f"device.bf16_autocast={bf16_autocast}"]))
     accs = result.forget_accs_local
     late = [accs[epoch] for epoch in range(21, 31)]
-    assert accs[0] < 0.5 and max(late) >= 0.8 and np.mean(late) >= 0.6, accs
+    assert accs[0] < 0.5 and np.mean(late) >= 0.8, accs
 
 
 # ---------------------------------------------------------------- made-up facts
