@@ -235,6 +235,17 @@ class LeftOut(NamedTuple):
         return self.line
 
 
+def machine_of(run: pd.Series) -> str:
+    """The machine and numeric path a run's provenance columns name (CPU, GPU,
+    device, weight dtype, bf16 autocast): runs that read alike here ran alike."""
+    cpu, gpu = run.get("machine_cpu"), run.get("machine_gpu")
+    if not isinstance(cpu, str) or not cpu:
+        return "machine not recorded"
+    where = f"{cpu} + {gpu}" if isinstance(gpu, str) and gpu else cpu
+    autocast = " + bf16 autocast" if str(run.get("bf16_autocast")) == "True" else ""
+    return f"{where}; {run.get('device')} {run.get('dtype')}{autocast}"
+
+
 def units_of(results: Results, options: Options) -> tuple[list[Unit], list[LeftOut]]:
     """Per unlearned model and forget file; with the runs left out (stop rule)."""
     out, left_out = [], []
@@ -283,7 +294,7 @@ def units_of(results: Results, options: Options) -> tuple[list[Unit], list[LeftO
                 if accs is not None:
                     vectors[row.probe] = _vector(row.forget_correct, file, 0, float(_by_epoch(accs)[0]))
             out.append(Unit(setting, seed, file, split, vectors, retain_before, retain_after, epoch_to_recover,
-                            run.model_path))
+                            run.model_path, machine_of(run)))
     return out, left_out
 
 
@@ -534,6 +545,50 @@ def agreements(mine: list[Unit], published: list[Unit]) -> list[Agreement]:
     return out
 
 
+def seed_ranges(seeds: Sequence[int]) -> str:
+    """0, 2, 5-9: consecutive seeds as ranges."""
+    spans: list[list[int]] = []
+    for seed in sorted(set(seeds)):
+        if spans and seed == spans[-1][1] + 1:
+            spans[-1][1] = seed
+        else:
+            spans.append([seed, seed])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+@dataclass
+class MachineCheck:
+    """One machine's seeds against the prediction intervals from the other
+    machines' seeds, per rank: a study that mixes machines says whether they
+    tell the same story."""
+
+    machine: str
+    seeds: list[int]
+    found: list[Agreement]
+
+    def sentence(self) -> str:
+        ranks = "; ".join(f"rank {a.rank} {a.mine:.2f} in [{a.lo:.2f}, {a.hi:.2f}]" if a.comparable else
+                          f"rank {a.rank} {a.mine:.2f} (too few other seeds)" for a in self.found)
+        missed = [str(a.rank) for a in self.found if a.comparable and not a.agrees]
+        verdict = (f"DOES NOT AGREE at rank {', '.join(missed)}" if missed else
+                   "agrees at every rank" if all(a.comparable for a in self.found) else "agrees where comparable")
+        return f"machine {self.machine} (seeds {seed_ranges(self.seeds)}): {ranks}: {verdict}"
+
+
+def by_machine(units: list[Unit]) -> list[MachineCheck]:
+    """Where the rows come from more than one machine or numeric path: each
+    one's seeds against the others' (empty when there is one)."""
+    machines = sorted({u.machine for u in units})
+    if len(machines) < 2:
+        return []
+    return [MachineCheck(m, sorted({u.seed for u in units if u.machine == m}),
+                         agreements([u for u in units if u.machine == m], [u for u in units if u.machine != m]))
+            for m in machines]
+
+
+MACHINES_HEAD = "by machine, each one's seeds against a 95% prediction interval from the other machines' seeds:"
+
+
 def compare(results_dir: str | Path, published_dir: str | Path, options: Options, stream=None) -> list[Agreement]:
     """Print the published table beside this slice's (already printed) and one
     agreement line per rank."""
@@ -575,6 +630,8 @@ def headline(results_dir: str | Path, options: Options = Options()) -> str:
              f"95% bootstrap CIs ({options.bootstrap} draws)", format_table(analysis.table)]
     lines += [t.sentence() for t in analysis.trends if t.measure == "recovered_fraction"]
     lines += [d.sentence() for d in analysis.differences]
+    checks = by_machine(units)
+    lines += [MACHINES_HEAD, *[c.sentence() for c in checks]] if checks else []
     return "\n".join(lines)
 
 
@@ -630,6 +687,9 @@ def analyze(results_dir: str | Path, options: Options = Options(), out_dir: str 
     if options.match_target is None:
         for d in analysis.differences:
             print(d.sentence(), file=stream)
+        checks = by_machine(units)
+        for line in [MACHINES_HEAD, *[c.sentence() for c in checks]] if checks else []:
+            print(line, file=stream)
     flagged = table[table.too_little_forgetting]
     if len(flagged):
         print(f"flagged: {len(flagged)} row(s) forgot less than {options.min_forgetting} (base - A); their recovery "

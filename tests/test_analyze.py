@@ -167,11 +167,13 @@ def bits(correct: int, n: int) -> str:
 
 
 def seeded_run(results, index, seed, rank, files, *, base, a, b, c=None, floor=None, n=20, stop_reached=None,
-               quant4=None, lora_rtt=None, retain_after=0.9, key=None):
-    """A hand-made run: per file, base/A/B (and C, floor, probes) correct counts out of n."""
+               quant4=None, lora_rtt=None, retain_after=0.9, key=None, machine=None):
+    """A hand-made run: per file, base/A/B (and C, floor, probes) correct counts out of n;
+    `machine`: the CPU named in its provenance columns (bf16 autocast on)."""
     key = key or f"key-r{rank}-s{seed}"
     model = f"/m/r{rank}-s{seed}"
-    write_result_csv(results / "unlearning", index, {
+    provenance = {"machine_cpu": machine, "device": "cpu", "dtype": "float32", "bf16_autocast": True} if machine else {}
+    write_result_csv(results / "unlearning", index, {**provenance,
         "model_path": model, "dataset": "D", "unlearn_type": "LORA", "lora_rank": rank, "lr": 1e-3, "epochs": 5,
         "retain_coeff": 2.0, "steering_coeff": None, "max_samples": 100, "seed": seed, "data_seed": seed,
         "forget_accs": {f: {0: base / n, 5: a / n} for f in files},
@@ -392,3 +394,36 @@ def test_a_rank_whose_slice_run_was_flagged_gets_a_line_saying_so(tmp_path, caps
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == ("agreement, rank 64: this slice's run (seed 0) was flagged (epochs) and left out, so there is "
                     "nothing to compare (published runs at this rank: 1 of 4 flagged)")
+
+
+def test_rows_from_two_machines_are_checked_against_each_other(tmp_path, capsys):
+    """A study that mixes machines says, per machine, whether its seeds tell
+    the others' story; rows from one machine print no such lines."""
+    for seed, b in enumerate((11, 12, 13, 12, 11, 13)):
+        seeded_run(tmp_path, seed, seed, 8, ["s0"], base=20, a=4, b=b, machine="CPU one")
+    analyze_recovery.analyze(tmp_path, analyze_recovery.Options(bootstrap=200))
+    assert "by machine" not in capsys.readouterr().out
+    assert "by machine" not in analyze_recovery.headline(tmp_path, analyze_recovery.Options(bootstrap=200))
+    for seed, b in zip(range(6, 9), (12, 11, 13)):
+        seeded_run(tmp_path, seed, seed, 8, ["s0"], base=20, a=4, b=b, machine="CPU two")
+    [one, two] = analyze_recovery.by_machine(analyze_recovery.units_of(
+        analyze_recovery.load_results(tmp_path), analyze_recovery.Options())[0])
+    assert (one.machine, one.seeds, two.machine, two.seeds) == \
+        ("CPU one; cpu float32 + bf16 autocast", [0, 1, 2, 3, 4, 5], "CPU two; cpu float32 + bf16 autocast", [6, 7, 8])
+    others = (np.array([11, 12, 13, 12, 11, 13]) - 4) / 16
+    half = 2.571 * others.std(ddof=1) * (1 / 3 + 1 / 6) ** 0.5  # t(5), three seeds against six
+    [a] = two.found
+    assert a.mine == pytest.approx(0.5) and (a.lo, a.hi) == pytest.approx((others.mean() - half, others.mean() + half))
+    assert two.sentence() == (f"machine CPU two; cpu float32 + bf16 autocast (seeds 6-8): rank 8 0.50 in "
+                              f"[{a.lo:.2f}, {a.hi:.2f}]: agrees at every rank")
+    for seed in range(6, 9):  # the second machine brings nothing back
+        seeded_run(tmp_path, seed, seed, 8, ["s0"], base=20, a=4, b=4, machine="CPU two")
+    headline = analyze_recovery.headline(tmp_path, analyze_recovery.Options(bootstrap=200)).splitlines()
+    assert headline[-3] == analyze_recovery.MACHINES_HEAD
+    assert headline[-1].startswith("machine CPU two; cpu float32 + bf16 autocast (seeds 6-8): rank 8 0.00 in [")
+    assert headline[-1].endswith("DOES NOT AGREE at rank 8") and headline[-2].endswith("DOES NOT AGREE at rank 8")
+
+
+def test_seed_ranges():
+    assert analyze_recovery.seed_ranges([5, 0, 2, 6, 7, 9]) == "0, 2, 5-7, 9"
+    assert analyze_recovery.seed_ranges([3]) == "3"

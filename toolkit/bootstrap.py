@@ -30,6 +30,7 @@ class Unit:
     retain_after: float
     recovery_epoch: float
     model_path: str
+    machine: str = ""  # the machine and numeric path that produced the run (its provenance columns)
 
 
 @dataclass
@@ -210,11 +211,19 @@ class Agreement:
     hi: float
     n_published: int
 
+    @property
+    def comparable(self) -> bool:
+        return self.n_published >= 2 and not math.isnan(self.mine)
+
+    @property
+    def agrees(self) -> bool:
+        return self.comparable and self.lo <= self.mine <= self.hi
+
     def sentence(self) -> str:
         seeds = ", ".join(map(str, self.my_seeds))
         head = f"agreement, rank {self.rank}: this slice (seed {seeds}; splits {self.splits}) {self.mine:.2f}"
-        if self.n_published < 2 or math.isnan(self.mine):
+        if not self.comparable:
             return f"{head}; too few published seeds ({self.n_published}) to compare"
-        verdict = "agrees" if self.lo <= self.mine <= self.hi else "DOES NOT AGREE"
+        verdict = "agrees" if self.agrees else "DOES NOT AGREE"
         return (f"{head} vs published {self.published:.2f} over {self.n_published} other seeds; 95% prediction "
                 f"interval for {len(self.my_seeds)} seed(s) [{self.lo:.2f}, {self.hi:.2f}]: {verdict}")
