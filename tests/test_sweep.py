@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ROOT, SMALL_DATA, assert_refused, config, planned, rows, run_cli, run_sweep, smoketest_args
+from conftest import (SMALL_DATA, assert_refused, config, pipeline_command, planned, rows, run_cli, run_sweep,
+                      smoketest_args)
 from toolkit.planner import Plan
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -67,7 +67,7 @@ def test_one_failing_run_stays_one_failure_and_a_rerun_finishes_only_what_is_mis
 
 def test_a_driver_killed_mid_sweep_and_rerun_leaves_no_duplicate_or_torn_rows(tiny_llama, tmp_path):
     args = smoketest_args(tiny_llama, tmp_path, "unlearn.lora_ranks=[1,2,4,8]", "ft.num_splits=2", "baseline_rtt=true")
-    driver = subprocess.Popen([sys.executable, str(ROOT / "pipeline.py"), *args], cwd=tmp_path,
+    driver = subprocess.Popen(pipeline_command(args), cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while not list((tmp_path / "evals" / "unlearning").glob("*.csv")) and time.monotonic() < deadline:

@@ -4,6 +4,8 @@ LoRA adapters attached and merged."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -30,6 +32,33 @@ def adapter_base(path: str | os.PathLike) -> str | None:
     """The base model an adapter folder points at, or None for a plain checkpoint."""
     config = Path(path) / ADAPTER_CONFIG
     return json.loads(config.read_text())["base_model_name_or_path"] if config.is_file() else None
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin")
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """A short SHA-1 of a model folder's weight files ("" where there are
+    none, e.g. a hub id): two runs under the same key started from the same
+    weights only where these agree (a model taught on another CPU has the
+    same key, not always the same bits). For one file it is the start of
+    what `sha1sum` prints."""
+    folder = Path(path)
+    files = sorted(f for pattern in WEIGHT_FILES for f in folder.glob(pattern)) if folder.is_dir() else []
+    return _digest(tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
+    """Keyed by path, time and size: a worker hashes a model it starts from once."""
+    if not files:
+        return ""
+    sha = hashlib.sha1()
+    for name, _, _ in files:
+        with open(name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                sha.update(block)
+    return sha.hexdigest()[:12]
 
 
 def load_tokenizer(path: str):
