@@ -424,6 +424,20 @@ def test_rows_from_two_machines_are_checked_against_each_other(tmp_path, capsys)
     assert headline[-1].endswith("DOES NOT AGREE at rank 8") and headline[-2].endswith("DOES NOT AGREE at rank 8")
 
 
+def test_several_ranks_compared_say_how_often_one_misses_by_chance(tmp_path, capsys):
+    published, mine = tmp_path / "published", tmp_path / "mine"
+    for seed, b in enumerate((11, 12, 13, 12)):
+        for index, rank in enumerate((1, 8, 64)):
+            seeded_run(published, 10 * seed + index, seed, rank, ["s0"], base=20, a=4, b=b)
+    for index, rank in enumerate((1, 8, 64)):
+        seeded_run(mine, index, 0, rank, ["s0"], base=20, a=4, b=12)
+    found = analyze_recovery.compare(mine, published, analyze_recovery.Options(bootstrap=200))
+    assert [a.rank for a in found] == [1, 8, 64] and all(a.agrees for a in found)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "3 ranks checked at 95% each: where the slice and the published rows differ only by chance, at least one "
+        "of them misses in about 14% of slices")
+
+
 def test_seed_ranges():
     assert analyze_recovery.seed_ranges([5, 0, 2, 6, 7, 9]) == "0, 2, 5-7, 9"
     assert analyze_recovery.seed_ranges([3]) == "3"
