@@ -235,12 +235,15 @@ class LeftOut(NamedTuple):
         return self.line
 
 
+UNRECORDED = "machine not recorded"
+
+
 def machine_of(run: pd.Series) -> str:
     """The machine and numeric path a run's provenance columns name (CPU, GPU,
     device, weight dtype, bf16 autocast): runs that read alike here ran alike."""
     cpu, gpu = run.get("machine_cpu"), run.get("machine_gpu")
     if not isinstance(cpu, str) or not cpu:
-        return "machine not recorded"
+        return UNRECORDED
     where = f"{cpu} + {gpu}" if isinstance(gpu, str) and gpu else cpu
     autocast = " + bf16 autocast" if str(run.get("bf16_autocast")) == "True" else ""
     return f"{where}; {run.get('device')} {run.get('dtype')}{autocast}"
@@ -589,15 +592,53 @@ def by_machine(units: list[Unit]) -> list[MachineCheck]:
 MACHINES_HEAD = "by machine, each one's seeds against a 95% prediction interval from the other machines' seeds:"
 
 
+# What a job's row says it found (beside its settings and provenance): two rows
+# of one key that agree here ran the same job to the same answers.
+OUTCOMES = {"unlearning": ("stop_step", "forget_correct", "retain_accs"), "rtt": ("forget_correct_local",),
+            "quant": ("forget_correct",)}
+STAGE_OF_FOLDER = {"unlearning": "unlearn", "rtt": "rtt", "quant": "quant"}  # Results' fields -> TABLES
+
+
+def same_key_sentence(mine: Results, published: Results) -> str | None:
+    """How many of the slice's jobs the published rows hold under the same key,
+    and how many of those came out identical (every stop and every answer):
+    the strongest check a slice can give; the machines of both sides are
+    named, since the same job on another CPU need not give the same bits."""
+    counts, machines = [], set()
+    for stage, outcome in OUTCOMES.items():
+        a, b = getattr(mine, stage), getattr(published, stage)
+        key = TABLES[STAGE_OF_FOLDER[stage]].key
+        if a.empty or b.empty or key not in a or key not in b:
+            continue
+        shared = a.merge(b, on=key, suffixes=("", "_published"))
+        if shared.empty:
+            continue
+        same = pd.Series(True, index=shared.index)
+        for column in (c for c in outcome if c in a and c in b):
+            same &= shared[column].map(str) == shared[f"{column}_published"].map(str)
+        counts.append(f"{int(same.sum())} of {len(shared)} {'RTT' if stage == 'rtt' else stage} rows")
+        if stage == "unlearning":
+            where = {side: {row[key]: machine_of(row) for _, row in frame.iterrows()} for side, frame in (("a", a), ("b", b))}
+            machines = {(where["a"][k], where["b"][k]) for k in shared[key]} - {(UNRECORDED, UNRECORDED)}
+    if not counts:
+        return None
+    sides = "; ".join(f"this slice on {m}, published on {p}" for m, p in sorted(machines))
+    return f"same keys as published rows: {', '.join(counts)} identical" + (f" ({sides})" if sides else "")
+
+
 def compare(results_dir: str | Path, published_dir: str | Path, options: Options, stream=None) -> list[Agreement]:
-    """Print the published table beside this slice's (already printed) and one
-    agreement line per rank."""
+    """Print the published table beside this slice's (already printed), how
+    many of its jobs came out exactly as published, and one agreement line per
+    rank."""
     stream = stream or sys.stdout
-    mine, my_left_out = units_of(load_results(results_dir), options)
-    published, left_out = units_of(load_results(published_dir), options)
+    my_results, published_results = load_results(results_dir), load_results(published_dir)
+    mine, my_left_out = units_of(my_results, options)
+    published, left_out = units_of(published_results, options)
     table = summarize(published, options).table
     print(f"\npublished ({published_dir}; {len(left_out)} flagged run(s) left out):", file=stream)
     print(format_table(table) if not table.empty else "(no published rows yet)", file=stream)
+    if sentence := same_key_sentence(my_results, published_results):
+        print(sentence, file=stream)
     found = agreements(mine, published)
     for a in found:
         print(a.sentence(), file=stream)

@@ -362,6 +362,8 @@ def test_a_slice_is_compared_with_a_prediction_interval_from_the_published_seeds
     assert (agreement.lo, agreement.hi) == pytest.approx((others.mean() - half, others.mean() + half))
     out = capsys.readouterr().out
     assert "published (" in out and "agreement, rank 8: this slice (seed 0; splits 0) 0.50 vs published 0.50" in out
+    # seed 0 shares its keys with the published seed 0: the same unlearning, another RTT answer
+    assert "same keys as published rows: 1 of 1 unlearning rows, 0 of 1 RTT rows identical\n" in out
     assert out.strip().endswith(": agrees")
     seeded_run(mine, 0, 0, 8, ["s0"], base=20, a=4, b=4)  # nothing came back: far below every published seed
     [far] = analyze_recovery.compare(mine, published, analyze_recovery.Options(bootstrap=200), stream=open("/dev/null", "w"))
