@@ -45,6 +45,7 @@ from toolkit.bootstrap import (
     Difference,
     Estimates,
     Panel,
+    SameSeeds,
     Trend,
     Unit,
     binomial_below_chance_p,
@@ -55,6 +56,7 @@ from toolkit.bootstrap import (
     point_means,
     ratio,
     recovered_fraction_of,
+    same_seeds,
     t975,
     trend,
 )
@@ -626,10 +628,26 @@ def same_key_sentence(mine: Results, published: Results) -> str | None:
     return f"same keys as published rows: {', '.join(counts)} identical" + (f" ({sides})" if sides else "")
 
 
+def same_seed_checks(mine: list[Unit], published: list[Unit]) -> list[SameSeeds]:
+    """Per setting of the slice: its seeds against the published rows of the
+    same seeds, on the held-out splits the slice has."""
+    out = []
+    for setting in sorted({u.setting for u in mine}, key=lambda s: (str(s.unlearn_type), str(s.dataset), s.lora_rank or 0, str(s[3:]))):
+        my_units = [u for u in mine if u.setting == setting and "B" in u.vectors]
+        files = {u.file for u in my_units}
+        per_seed = [{seed: recovered_fraction_of([u for u in units if u.seed == seed]) for seed in {u.seed for u in units}}
+                    for units in (my_units, [u for u in published if u.setting == setting and u.file in files])]
+        if check := same_seeds(setting.lora_rank, *per_seed):
+            out.append(check)
+    return out
+
+
 def compare(results_dir: str | Path, published_dir: str | Path, options: Options, stream=None) -> list[Agreement]:
     """Print the published table beside this slice's (already printed), how
-    many of its jobs came out exactly as published, and one agreement line per
-    rank."""
+    many of its jobs came out exactly as published, where the published rows
+    hold the slice's own seeds one line per rank comparing the rerun with
+    them (did the same seeds come out alike?), and one agreement line per
+    rank (is the slice like the published seeds it lacks?)."""
     stream = stream or sys.stdout
     my_results, published_results = load_results(results_dir), load_results(published_dir)
     mine, my_left_out = units_of(my_results, options)
@@ -639,6 +657,8 @@ def compare(results_dir: str | Path, published_dir: str | Path, options: Options
     print(format_table(table) if not table.empty else "(no published rows yet)", file=stream)
     if sentence := same_key_sentence(my_results, published_results):
         print(sentence, file=stream)
+    for check in same_seed_checks(mine, published):
+        print(check.sentence(), file=stream)
     found = agreements(mine, published)
     for a in found:
         print(a.sentence(), file=stream)

@@ -440,6 +440,30 @@ def test_several_ranks_compared_say_how_often_one_misses_by_chance(tmp_path, cap
         "of them misses in about 14% of slices")
 
 
+def test_a_rerun_of_published_seeds_is_paired_with_them(tmp_path, capsys):
+    """A slice that reran published seeds is compared with those same seeds
+    (paired t over seeds), whatever the other seeds say: here the published
+    seeds 0-2 are far above the rest, and the rerun reproduces them."""
+    published, mine = tmp_path / "published", tmp_path / "mine"
+    for seed, b in enumerate((16, 17, 18, 8, 9, 8, 9)):
+        seeded_run(published, seed, seed, 8, ["s0"], base=20, a=4, b=b, machine="CPU one")
+    for seed, b in enumerate((17, 17, 16)):  # per-seed differences +1, 0, -2 questions of 16
+        seeded_run(mine, seed, seed, 8, ["s0"], base=20, a=4, b=b, machine="CPU two")
+    [agreement] = analyze_recovery.compare(mine, published, analyze_recovery.Options(bootstrap=200))
+    assert not agreement.agrees  # unlike the seeds it lacks...
+    out = capsys.readouterr().out.strip().splitlines()
+    differences = np.array([1, 0, -2]) / 16
+    half = 4.303 * differences.std(ddof=1) / 3 ** 0.5  # t(2)
+    assert out[-2] == (f"same seeds, rank 8: this slice {38 / 48:.2f} vs published {39 / 48:.2f} on seed 0, 1, 2: "
+                       f"difference {-1 / 48:+.2f} (95% CI {-1 / 48 - half:+.2f} to {-1 / 48 + half:+.2f}, paired over "
+                       "3 seeds): no detectable difference (the CI includes 0)")  # ...like the seeds it reran
+    units = {d: analyze_recovery.units_of(analyze_recovery.load_results(d), analyze_recovery.Options())[0]
+             for d in (mine, published)}
+    [one] = analyze_recovery.same_seed_checks([u for u in units[mine] if u.seed == 0], units[published])
+    assert one.seeds == [0] and one.sentence() == ("same seeds, rank 8: this slice 0.81 vs published 0.75 on seed 0; "
+                                                   "one pair gives no interval")
+
+
 def test_seed_ranges():
     assert analyze_recovery.seed_ranges([5, 0, 2, 6, 7, 9]) == "0, 2, 5-7, 9"
     assert analyze_recovery.seed_ranges([3]) == "3"

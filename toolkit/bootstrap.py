@@ -227,3 +227,43 @@ class Agreement:
         verdict = "agrees" if self.agrees else "DOES NOT AGREE"
         return (f"{head} vs published {self.published:.2f} over {self.n_published} other seeds; 95% prediction "
                 f"interval for {len(self.my_seeds)} seed(s) [{self.lo:.2f}, {self.hi:.2f}]: {verdict}")
+
+
+@dataclass
+class SameSeeds:
+    """A slice that reran published seeds (on another machine, say) against
+    the published rows of those same seeds: the per-seed differences in
+    recovered fraction, with a paired t interval over seeds (a seed that is
+    easy on every machine cancels, so this asks about the rerun, not about
+    whether these seeds are typical)."""
+
+    rank: int
+    seeds: list[int]
+    mine: float  # means over the paired seeds of per-seed recovered fractions
+    published: float
+    lo: float  # 95% CI of the mean difference
+    hi: float
+
+    def sentence(self) -> str:
+        seeds = ", ".join(map(str, self.seeds))
+        head = (f"same seeds, rank {self.rank}: this slice {self.mine:.2f} vs published {self.published:.2f} "
+                f"on seed {seeds}")
+        if len(self.seeds) < 2:
+            return f"{head}; one pair gives no interval"
+        verdict = "no detectable difference (the CI includes 0)" if self.lo <= 0 <= self.hi else "DIFFERS"
+        return (f"{head}: difference {self.mine - self.published:+.2f} (95% CI {self.lo:+.2f} to {self.hi:+.2f}, "
+                f"paired over {len(self.seeds)} seeds): {verdict}")
+
+
+def same_seeds(rank: int, mine: dict[int, float], published: dict[int, float]) -> SameSeeds | None:
+    """Per-seed values of a slice and of the published rows ({seed: value}),
+    paired on the seeds both have a value for; None when they share none."""
+    seeds = sorted(s for s in mine if s in published and not (math.isnan(mine[s]) or math.isnan(published[s])))
+    if not seeds:
+        return None
+    differences = np.array([mine[s] - published[s] for s in seeds])
+    k = len(seeds)
+    half = t975(k - 1) * float(differences.std(ddof=1)) / math.sqrt(k) if k >= 2 else math.nan
+    centre = float(differences.mean())
+    return SameSeeds(rank, seeds, float(np.mean([mine[s] for s in seeds])),
+                     float(np.mean([published[s] for s in seeds])), centre - half, centre + half)
