@@ -527,12 +527,17 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def setting_order(setting: Setting) -> tuple:
+    """Method, dataset, then rank: the order slice checks print in."""
+    return str(setting.unlearn_type), str(setting.dataset), setting.lora_rank or 0, str(setting[3:])
+
+
 def agreements(mine: list[Unit], published: list[Unit]) -> list[Agreement]:
     """Per setting of the slice: its recovered fraction against a prediction
     interval from the per-seed recovered fractions of the published seeds it
     lacks, on the held-out splits it has (a slice may hold out fewer)."""
     out = []
-    for setting in sorted({u.setting for u in mine}, key=lambda s: (str(s.unlearn_type), str(s.dataset), s.lora_rank or 0, str(s[3:]))):
+    for setting in sorted({u.setting for u in mine}, key=setting_order):
         my_units = [u for u in mine if u.setting == setting and "B" in u.vectors]
         my_seeds, my_files = sorted({u.seed for u in my_units}), {u.file for u in my_units}
         theirs: dict[int, list[Unit]] = {}
@@ -591,14 +596,18 @@ def by_machine(units: list[Unit]) -> list[MachineCheck]:
             for m in machines]
 
 
-MACHINES_HEAD = "by machine, each one's seeds against a 95% prediction interval from the other machines' seeds:"
+def machine_lines(units: list[Unit]) -> list[str]:
+    """The by-machine check as printed (nothing where the rows name one machine)."""
+    checks = by_machine(units)
+    head = "by machine, each one's seeds against a 95% prediction interval from the other machines' seeds:"
+    return [head, *[c.sentence() for c in checks]] if checks else []
 
 
 # What a job's row says it found (beside its settings and provenance): two rows
 # of one key that agree here ran the same job to the same answers.
 OUTCOMES = {"unlearning": ("stop_step", "forget_correct", "retain_accs"), "rtt": ("forget_correct_local",),
             "quant": ("forget_correct",)}
-STAGE_OF_FOLDER = {"unlearning": "unlearn", "rtt": "rtt", "quant": "quant"}  # Results' fields -> TABLES
+TABLE_OF = {"unlearning": TABLES["unlearn"], "rtt": TABLES["rtt"], "quant": TABLES["quant"]}  # by Results' fields
 
 
 def same_key_sentence(mine: Results, published: Results) -> str | None:
@@ -609,7 +618,7 @@ def same_key_sentence(mine: Results, published: Results) -> str | None:
     counts, machines = [], set()
     for stage, outcome in OUTCOMES.items():
         a, b = getattr(mine, stage), getattr(published, stage)
-        key = TABLES[STAGE_OF_FOLDER[stage]].key
+        key = TABLE_OF[stage].key
         if a.empty or b.empty or key not in a or key not in b:
             continue
         shared = a.merge(b, on=key, suffixes=("", "_published"))
@@ -620,8 +629,8 @@ def same_key_sentence(mine: Results, published: Results) -> str | None:
             same &= shared[column].map(str) == shared[f"{column}_published"].map(str)
         counts.append(f"{int(same.sum())} of {len(shared)} {'RTT' if stage == 'rtt' else stage} rows")
         if stage == "unlearning":
-            where = {side: {row[key]: machine_of(row) for _, row in frame.iterrows()} for side, frame in (("a", a), ("b", b))}
-            machines = {(where["a"][k], where["b"][k]) for k in shared[key]} - {(UNRECORDED, UNRECORDED)}
+            ours, theirs = ({row[key]: machine_of(row) for _, row in frame.iterrows()} for frame in (a, b))
+            machines = {(ours[k], theirs[k]) for k in shared[key]} - {(UNRECORDED, UNRECORDED)}
     if not counts:
         return None
     sides = "; ".join(f"this slice on {m}, published on {p}" for m, p in sorted(machines))
@@ -632,7 +641,7 @@ def same_seed_checks(mine: list[Unit], published: list[Unit]) -> list[SameSeeds]
     """Per setting of the slice: its seeds against the published rows of the
     same seeds, on the held-out splits the slice has."""
     out = []
-    for setting in sorted({u.setting for u in mine}, key=lambda s: (str(s.unlearn_type), str(s.dataset), s.lora_rank or 0, str(s[3:]))):
+    for setting in sorted({u.setting for u in mine}, key=setting_order):
         my_units = [u for u in mine if u.setting == setting and "B" in u.vectors]
         files = {u.file for u in my_units}
         per_seed = [{seed: recovered_fraction_of([u for u in units if u.seed == seed]) for seed in {u.seed for u in units}}
@@ -700,8 +709,7 @@ def headline(results_dir: str | Path, options: Options = Options()) -> str:
              f"95% bootstrap CIs ({options.bootstrap} draws)", format_table(analysis.table)]
     lines += [t.sentence() for t in analysis.trends if t.measure == "recovered_fraction"]
     lines += [d.sentence() for d in analysis.differences]
-    checks = by_machine(units)
-    lines += [MACHINES_HEAD, *[c.sentence() for c in checks]] if checks else []
+    lines += machine_lines(units)
     return "\n".join(lines)
 
 
@@ -757,8 +765,7 @@ def analyze(results_dir: str | Path, options: Options = Options(), out_dir: str 
     if options.match_target is None:
         for d in analysis.differences:
             print(d.sentence(), file=stream)
-        checks = by_machine(units)
-        for line in [MACHINES_HEAD, *[c.sentence() for c in checks]] if checks else []:
+        for line in machine_lines(units):
             print(line, file=stream)
     flagged = table[table.too_little_forgetting]
     if len(flagged):
