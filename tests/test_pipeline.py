@@ -14,7 +14,7 @@ from conftest import ROOT, assert_refused, config, made_up_facts, planned, run_c
 from rmu import unlearn_pipeline
 from toolkit.data import DataValidationError, load_mcq, missing_files
 from toolkit.datasets import DATASETS
-from toolkit.device import cpu_model
+from toolkit.device import cpu_features, cpu_model
 from toolkit.facts import write_random_bd_dataset
 from toolkit.grid import GridPoint, dataset_grid, get_log_range, unlearned_model_path
 from toolkit.names import Datasets, LossType, UnlearnType
@@ -300,6 +300,7 @@ def test_lora_smoketest_end_to_end(merged_sweep, tiny_llama):
 
     for frame in (unlearning, ft):  # every row says where, how and by which code it ran, and where its time went
         assert set(frame.machine_cpu) == {cpu_model()} and set(frame.torch_version) == {torch.__version__}
+        assert set(frame.machine_cpu_features.fillna("")) == {cpu_features()}  # what picks its kernels
         assert set(frame.device) == {"cpu"} and set(frame.dtype) == {"float32"}
         assert set(frame.bf16_autocast) == {False} and frame.code_version.str.len().min() >= 12  # the suite's path
         assert all({"load", "evaluate", "steps"} <= set(json.loads(p)) for p in frame.phase_seconds)

@@ -33,11 +33,25 @@ def cpu_has_native_bf16() -> bool:
         check = getattr(torch.cpu, name, None)
         if check is not None and check():
             return True
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16", "bf16"))
+        return frozenset()
+
+
+# The features that pick a CPU's float and bf16 kernels: VMs often report one
+# model name ("Intel(R) Xeon(R) Processor") for CPUs that differ here.
+NUMERIC_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "bf16")
+
+
+def cpu_features() -> str:
+    return " ".join(f for f in NUMERIC_FEATURES if f in cpu_flags())
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,7 +150,7 @@ def provenance(policy: DevicePolicy) -> dict:
     """Which machine and numeric path produced a result row: results from
     several machines mix openly, and bf16 autocast is on where the CPU
     computes bf16 fast, so two machines can take different steps."""
-    return {"machine_cpu": cpu_model(), "machine_threads": torch.get_num_threads(),
+    return {"machine_cpu": cpu_model(), "machine_cpu_features": cpu_features(), "machine_threads": torch.get_num_threads(),
             "machine_gpu": torch.cuda.get_device_name() if policy.device == "cuda" else "",
             "torch_version": torch.__version__, "device": policy.device,
             "dtype": str(policy.dtype).removeprefix("torch."), "bf16_autocast": policy.autocast_dtype is not None,

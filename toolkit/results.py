@@ -47,8 +47,8 @@ TABLES = {
                    ("model_path", "probe", "condition")),
 }
 # Read as text whatever they look like: a key or commit such as "07270824e702" is not a number.
-TEXT_COLUMNS = {"code_version", "torch_version", "machine_cpu", "machine_gpu", "model_path", "base_model",
-                "start_weights", "save_name", "project_name"} | {table.key for table in TABLES.values()} | {"upstream_key"}
+TEXT_COLUMNS = {"code_version", "torch_version", "machine_cpu", "machine_cpu_features", "machine_gpu", "model_path",
+                "base_model", "start_weights", "save_name", "project_name"} | {table.key for table in TABLES.values()} | {"upstream_key"}
 
 
 def table_dir(results_dir: str | os.PathLike, stage: str) -> Path:
