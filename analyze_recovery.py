@@ -532,6 +532,14 @@ def setting_order(setting: Setting) -> tuple:
     return str(setting.unlearn_type), str(setting.dataset), setting.lora_rank or 0, str(setting[3:])
 
 
+def recovered_per_seed(units: list[Unit]) -> dict[int, float]:
+    """Each seed's recovered fraction over its units (a ratio of its means)."""
+    by_seed: dict[int, list[Unit]] = {}
+    for u in units:
+        by_seed.setdefault(u.seed, []).append(u)
+    return {seed: recovered_fraction_of(group) for seed, group in by_seed.items()}
+
+
 def agreements(mine: list[Unit], published: list[Unit]) -> list[Agreement]:
     """Per setting of the slice: its recovered fraction against a prediction
     interval from the per-seed recovered fractions of the published seeds it
@@ -540,11 +548,8 @@ def agreements(mine: list[Unit], published: list[Unit]) -> list[Agreement]:
     for setting in sorted({u.setting for u in mine}, key=setting_order):
         my_units = [u for u in mine if u.setting == setting and "B" in u.vectors]
         my_seeds, my_files = sorted({u.seed for u in my_units}), {u.file for u in my_units}
-        theirs: dict[int, list[Unit]] = {}
-        for u in published:
-            if u.setting == setting and u.seed not in my_seeds and u.file in my_files:
-                theirs.setdefault(u.seed, []).append(u)
-        per_seed = np.array([recovered_fraction_of(us) for us in theirs.values()])
+        theirs = [u for u in published if u.setting == setting and u.seed not in my_seeds and u.file in my_files]
+        per_seed = np.array(list(recovered_per_seed(theirs).values()))
         per_seed = per_seed[~np.isnan(per_seed)]
         n, k = len(per_seed), len(my_seeds)
         centre = float(per_seed.mean()) if n else math.nan
@@ -630,7 +635,8 @@ def same_key_sentence(mine: Results, published: Results) -> str | None:
         counts.append(f"{int(same.sum())} of {len(shared)} {'RTT' if stage == 'rtt' else stage} rows")
         if stage == "unlearning":
             ours, theirs = ({row[key]: machine_of(row) for _, row in frame.iterrows()} for frame in (a, b))
-            machines = {(ours[k], theirs[k]) for k in shared[key]} - {(UNRECORDED, UNRECORDED)}
+            machines = {(ours[k], theirs[k]) for k in shared[key]}
+    machines -= {(UNRECORDED, UNRECORDED)}
     if not counts:
         return None
     sides = "; ".join(f"this slice on {m}, published on {p}" for m, p in sorted(machines))
@@ -644,9 +650,8 @@ def same_seed_checks(mine: list[Unit], published: list[Unit]) -> list[SameSeeds]
     for setting in sorted({u.setting for u in mine}, key=setting_order):
         my_units = [u for u in mine if u.setting == setting and "B" in u.vectors]
         files = {u.file for u in my_units}
-        per_seed = [{seed: recovered_fraction_of([u for u in units if u.seed == seed]) for seed in {u.seed for u in units}}
-                    for units in (my_units, [u for u in published if u.setting == setting and u.file in files])]
-        if check := same_seeds(setting.lora_rank, *per_seed):
+        theirs = [u for u in published if u.setting == setting and u.file in files]
+        if check := same_seeds(setting.lora_rank, recovered_per_seed(my_units), recovered_per_seed(theirs)):
             out.append(check)
     return out
 

@@ -150,7 +150,8 @@ def provenance(policy: DevicePolicy) -> dict:
     """Which machine and numeric path produced a result row: results from
     several machines mix openly, and bf16 autocast is on where the CPU
     computes bf16 fast, so two machines can take different steps."""
-    return {"machine_cpu": cpu_model(), "machine_cpu_features": cpu_features(), "machine_threads": torch.get_num_threads(),
+    return {"machine_cpu": cpu_model(), "machine_cpu_features": cpu_features(),
+            "machine_threads": torch.get_num_threads(),
             "machine_gpu": torch.cuda.get_device_name() if policy.device == "cuda" else "",
             "torch_version": torch.__version__, "device": policy.device,
             "dtype": str(policy.dtype).removeprefix("torch."), "bf16_autocast": policy.autocast_dtype is not None,

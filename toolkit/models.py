@@ -45,7 +45,7 @@ def weights_digest(path: str | os.PathLike) -> str:
     what `sha1sum` prints."""
     folder = Path(path)
     files = sorted(f for pattern in WEIGHT_FILES for f in folder.glob(pattern)) if folder.is_dir() else []
-    return _digest(tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+    return _digest(tuple((str(f), stat.st_mtime_ns, stat.st_size) for f in files for stat in [f.stat()]))
 
 
 @functools.lru_cache(maxsize=8)

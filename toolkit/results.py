@@ -48,7 +48,8 @@ TABLES = {
 }
 # Read as text whatever they look like: a key or commit such as "07270824e702" is not a number.
 TEXT_COLUMNS = {"code_version", "torch_version", "machine_cpu", "machine_cpu_features", "machine_gpu", "model_path",
-                "base_model", "start_weights", "save_name", "project_name"} | {table.key for table in TABLES.values()} | {"upstream_key"}
+                "base_model", "start_weights", "save_name", "project_name", "upstream_key",
+                *(table.key for table in TABLES.values())}
 
 
 def table_dir(results_dir: str | os.PathLike, stage: str) -> Path:
@@ -193,7 +194,8 @@ def unlearning_row(run: Run, result: UnlearnResult) -> dict:
         "forget_accs": result.forget_accs, "forget_accs_calibrated": result.forget_accs_calibrated,
         "retain_accs": result.retain_accs, "retain_accs_calibrated": result.retain_accs_calibrated,
         "forget_correct": result.forget_correct, "trainable_params": result.trainable_params,
-        "base_model": run.base_model, "start_weights": weights_digest(run.base_model), "save_name": result.save_name, "save_format": result.save_format,
+        "base_model": run.base_model, "start_weights": weights_digest(run.base_model),
+        "save_name": result.save_name, "save_format": result.save_format,
         "val_files": settings.evals.val_files, "project_name": settings.train.wandb_project_name,
         "data_seed": point.seed, "seed": point.seed, "just_eval": settings.train.epochs == 0, "steps": result.steps,
         **stop_columns(run, result), "seconds": round(result.seconds, 1), "phase_seconds": result.phase_seconds,
