@@ -31,6 +31,7 @@ never reached the stop rule's target is left out, with a printed line.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import sys
 from dataclasses import dataclass, field
@@ -41,11 +42,9 @@ import numpy as np
 import pandas as pd
 
 from toolkit.bootstrap import (
-    Agreement,
     Difference,
     Estimates,
     Panel,
-    SameSeeds,
     Trend,
     Unit,
     binomial_below_chance_p,
@@ -55,12 +54,20 @@ from toolkit.bootstrap import (
     paired_differences,
     point_means,
     ratio,
-    recovered_fraction_of,
-    same_seeds,
-    t975,
     trend,
 )
-from toolkit.names import CHANCE
+from toolkit.comparison import (
+    Agreement,
+    agreements,
+    left_out_sentence,
+    machine_lines,
+    machine_of,
+    same_key_sentence,
+    same_seed_checks,
+    verdict_sentence,
+)
+from toolkit.names import CHANCE, PROBES
+from toolkit.plots import plot
 from toolkit.results import TABLES, Table, read_rows, table_dir
 
 
@@ -78,7 +85,6 @@ class Setting(NamedTuple):
 
 SETTING = list(Setting._fields)
 MEASURES = ("base", "A", "B", "C", "floor", "lora_rtt", "quant8", "quant4")
-PROBES = ("lora_rtt", "quant8", "quant4")
 
 
 # ratio name -> (numerator, subtrahend, reference): (num - sub) / (ref - sub), per seed and split
@@ -106,9 +112,19 @@ def _by_epoch(mapping: dict) -> dict[int, float]:
     return {int(k): float(v) for k, v in mapping.items()}
 
 
+# The columns the analysis reads from each stage's rows: a row without one of them is refused, naming its file.
+NEEDS = {"unlearn": ("model_path", "unlearn_type", "dataset", "lora_rank", "forget_accs", "val_files"),
+         "rtt": ("base_model", "condition", "dataset", "skip_split", "forget_accs_local"),
+         "quant": ("probe", "forget_accs")}
+
+
 def read_table(results_dir: Path, stage: str) -> pd.DataFrame:
     """A stage's rows (through the results schema), each with the file it came from."""
     rows = [{**row, "_file": str(path)} for path, row in read_rows(results_dir, stage)]
+    for row in rows:
+        if missing := [c for c in NEEDS[stage] if c not in row]:
+            raise ValueError(f"{row['_file']} is no {TABLES[stage].folder} row: it lacks {', '.join(missing)}; "
+                             f"move it out of {Path(row['_file']).parent}")
     frame = pd.DataFrame(rows)
     for column in frame.columns:  # dicts and lists stay Python objects
         if frame[column].map(lambda v: isinstance(v, (dict, list))).any():
@@ -235,20 +251,6 @@ class LeftOut(NamedTuple):
 
     def __str__(self) -> str:
         return self.line
-
-
-UNRECORDED = "machine not recorded"
-
-
-def machine_of(run: pd.Series) -> str:
-    """The machine and numeric path a run's provenance columns name (CPU, GPU,
-    device, weight dtype, bf16 autocast): runs that read alike here ran alike."""
-    cpu, gpu = run.get("machine_cpu"), run.get("machine_gpu")
-    if not isinstance(cpu, str) or not cpu:
-        return UNRECORDED
-    where = f"{cpu} + {gpu}" if isinstance(gpu, str) and gpu else cpu
-    autocast = " + bf16 autocast" if str(run.get("bf16_autocast")) == "True" else ""
-    return f"{where}; {run.get('device')} {run.get('dtype')}{autocast}"
 
 
 def units_of(results: Results, options: Options) -> tuple[list[Unit], list[LeftOut]]:
@@ -429,6 +431,11 @@ def _with_ci(table: pd.DataFrame, name: str) -> pd.Series:
     return table.apply(cell, axis=1)
 
 
+def figure_source(table: pd.DataFrame) -> str:
+    """What a figure draws, as a digest of the printed table (kept in the PNG)."""
+    return "table sha256 " + hashlib.sha256(format_table(table).encode()).hexdigest()[:16]
+
+
 def format_table(table: pd.DataFrame) -> str:
     shown = pd.DataFrame({"method": table.unlearn_type, "rank": table.lora_rank, "lr": table.lr,
                           "rc": table.retain_coeff, "seeds": table.n_seeds, "splits": table.n_splits,
@@ -451,217 +458,13 @@ def format_table(table: pd.DataFrame) -> str:
     return shown.to_string(index=False)
 
 
-def _series(lora: pd.DataFrame):
-    """(label, rows) per plotted line: one per method, dataset and epochs. The
-    lr and retain coefficient split the line only where a rank has several runs;
-    per-rank settings (a matched-forgetting sweep) would otherwise break it into points."""
-    for (method, dataset, epochs), group in lora.groupby(["unlearn_type", "dataset", "epochs"]):
-        name = f"{method} {dataset} epochs={epochs}"
-        if group.lora_rank.is_unique:
-            yield f"{name} ({_setting('lr', group.lr)}, {_setting('rc', group.retain_coeff)})", group.sort_values("lora_rank")
-            continue
-        for (lr, rc), same in group.groupby(["lr", "retain_coeff"]):
-            yield f"{name} lr={lr:g} rc={rc:g}", same.sort_values("lora_rank")
-
-
-def _setting(name: str, values: pd.Series) -> str:
-    return f"per-rank {name}" if values.nunique() > 1 else f"{name}={values.iloc[0]:g}"
-
-
-def _errorbar(axis, rows: pd.DataFrame, name: str, **style) -> None:
-    lo = (rows[name] - rows[f"{name}_lo"]).clip(lower=0)
-    hi = (rows[f"{name}_hi"] - rows[name]).clip(lower=0)
-    axis.errorbar(rows.lora_rank, rows[name], yerr=[lo.fillna(0), hi.fillna(0)], capsize=3, **style)
-
-
-def plot(table: pd.DataFrame, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 5))
-    lora = table[table.lora_rank > 0]
-    for label, group in _series(lora):
-        _errorbar(left, group, "recovered_fraction", marker="o", label=f"RTT: {label}")
-        if group.recovered_above_floor.notna().any():
-            _errorbar(left, group, "recovered_above_floor", marker="s", linestyle="--", label="RTT above the floor")
-        for measure, marker in (("A", "o"), ("B", "s"), ("C", "^"), ("floor", "v")):
-            if group[measure].notna().any():
-                _errorbar(middle, group, measure, marker=marker, label=measure)
-        avoided = group[group.answer_avoided]
-        middle.scatter(avoided.lora_rank, avoided.A, s=160, facecolors="none", edgecolors="red",
-                       label="A below chance (answer avoided)" if len(avoided) else None)
-        for probe, marker in zip(PROBES, ("D", "P", "X")):
-            if group[f"{probe}_recovered"].notna().any():
-                _errorbar(right, group, f"{probe}_recovered", marker=marker, label=probe)
-        _errorbar(right, group, "recovered_fraction", marker="o", linestyle=":", label="rtt (all weights)")
-        flagged = group[group.too_little_forgetting]
-        left.scatter(flagged.lora_rank, flagged.recovered_fraction, s=140, facecolors="none", edgecolors="orange",
-                     label="too little forgetting" if len(flagged) else None)
-        damaged = group[group.retain_damaged]
-        left.scatter(damaged.lora_rank, damaged.recovered_fraction, s=220, marker="s", facecolors="none",
-                     edgecolors="purple", label="retain damaged (not selective)" if len(damaged) else None)
-    for _, row in table[table.lora_rank == 0].iterrows():
-        left.axhline(row.recovered_fraction, linestyle=":", color="gray")
-        left.annotate(f"{row.unlearn_type} (full)", (1, row.recovered_fraction), fontsize=8, color="gray")
-    for axis in (left, middle, right):
-        if len(lora):
-            axis.set_xscale("log", base=2)
-            axis.set_xlim(lora.lora_rank.min() / 1.5, lora.lora_rank.max() * 1.5)
-        axis.set_xlabel("LoRA rank")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
-    left.axhline(0, color="black", linewidth=0.8)
-    left.set_ylabel("recovered fraction (95% CI)")
-    left.set_title("RTT recovery vs LoRA rank")
-    middle.axhline(CHANCE, color="black", linewidth=0.8, linestyle=":")
-    middle.set_ylabel("accuracy on held-out splits (95% CI)")
-    middle.set_title("A unlearned, B +RTT, C RTT only, floor never taught")
-    right.axhline(0, color="black", linewidth=0.8)
-    right.set_ylabel("recovered fraction (95% CI)")
-    right.set_title("Probes: quantization and LoRA relearning")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def setting_order(setting: Setting) -> tuple:
-    """Method, dataset, then rank: the order slice checks print in."""
-    return str(setting.unlearn_type), str(setting.dataset), setting.lora_rank or 0, str(setting[3:])
-
-
-def recovered_per_seed(units: list[Unit]) -> dict[int, float]:
-    """Each seed's recovered fraction over its units (a ratio of its means)."""
-    by_seed: dict[int, list[Unit]] = {}
-    for u in units:
-        by_seed.setdefault(u.seed, []).append(u)
-    return {seed: recovered_fraction_of(group) for seed, group in by_seed.items()}
-
-
-def agreements(mine: list[Unit], published: list[Unit]) -> list[Agreement]:
-    """Per setting of the slice: its recovered fraction against a prediction
-    interval from the per-seed recovered fractions of the published seeds it
-    lacks, on the held-out splits it has (a slice may hold out fewer)."""
-    out = []
-    for setting in sorted({u.setting for u in mine}, key=setting_order):
-        my_units = [u for u in mine if u.setting == setting and "B" in u.vectors]
-        my_seeds, my_files = sorted({u.seed for u in my_units}), {u.file for u in my_units}
-        theirs = [u for u in published if u.setting == setting and u.seed not in my_seeds and u.file in my_files]
-        per_seed = np.array(list(recovered_per_seed(theirs).values()))
-        per_seed = per_seed[~np.isnan(per_seed)]
-        n, k = len(per_seed), len(my_seeds)
-        centre = float(per_seed.mean()) if n else math.nan
-        half = t975(n - 1) * float(per_seed.std(ddof=1)) * math.sqrt(1 / k + 1 / n) if n >= 2 else math.nan
-        splits = ", ".join(map(str, sorted({u.split for u in my_units})))
-        out.append(Agreement(setting.lora_rank, recovered_fraction_of(my_units), my_seeds, splits, centre, centre - half,
-                             centre + half, n))
-    return out
-
-
-def seed_ranges(seeds: Sequence[int]) -> str:
-    """0, 2, 5-9: consecutive seeds as ranges."""
-    spans: list[list[int]] = []
-    for seed in sorted(set(seeds)):
-        if spans and seed == spans[-1][1] + 1:
-            spans[-1][1] = seed
-        else:
-            spans.append([seed, seed])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
-
-
-@dataclass
-class MachineCheck:
-    """One machine's seeds against the prediction intervals from the other
-    machines' seeds, per rank: a study that mixes machines says whether they
-    tell the same story."""
-
-    machine: str
-    seeds: list[int]
-    found: list[Agreement]
-
-    def sentence(self) -> str:
-        ranks = "; ".join(f"rank {a.rank} {a.mine:.2f} in [{a.lo:.2f}, {a.hi:.2f}]" if a.comparable else
-                          f"rank {a.rank} {a.mine:.2f} (too few other seeds)" for a in self.found)
-        missed = [str(a.rank) for a in self.found if a.comparable and not a.agrees]
-        verdict = (f"DOES NOT AGREE at rank {', '.join(missed)}" if missed else
-                   "agrees at every rank" if all(a.comparable for a in self.found) else "agrees where comparable")
-        return f"machine {self.machine} (seeds {seed_ranges(self.seeds)}): {ranks}: {verdict}"
-
-
-def by_machine(units: list[Unit]) -> list[MachineCheck]:
-    """Where the rows come from more than one machine or numeric path: each
-    one's seeds against the others' (empty when there is one)."""
-    machines = sorted({u.machine for u in units})
-    if len(machines) < 2:
-        return []
-    return [MachineCheck(m, sorted({u.seed for u in units if u.machine == m}),
-                         agreements([u for u in units if u.machine == m], [u for u in units if u.machine != m]))
-            for m in machines]
-
-
-def machine_lines(units: list[Unit]) -> list[str]:
-    """The by-machine check as printed (nothing where the rows name one machine)."""
-    checks = by_machine(units)
-    head = "by machine, each one's seeds against a 95% prediction interval from the other machines' seeds:"
-    return [head, *[c.sentence() for c in checks]] if checks else []
-
-
-# What a job's row says it found (beside its settings and provenance): two rows
-# of one key that agree here ran the same job to the same answers.
-OUTCOMES = {"unlearning": ("stop_step", "forget_correct", "retain_accs"), "rtt": ("forget_correct_local",),
-            "quant": ("forget_correct",)}
-TABLE_OF = {"unlearning": TABLES["unlearn"], "rtt": TABLES["rtt"], "quant": TABLES["quant"]}  # by Results' fields
-
-
-def same_key_sentence(mine: Results, published: Results) -> str | None:
-    """How many of the slice's jobs the published rows hold under the same key,
-    and how many of those came out identical (every stop and every answer):
-    the strongest check a slice can give; the machines of both sides are
-    named, since the same job on another CPU need not give the same bits."""
-    counts, machines = [], set()
-    for stage, outcome in OUTCOMES.items():
-        a, b = getattr(mine, stage), getattr(published, stage)
-        key = TABLE_OF[stage].key
-        if a.empty or b.empty or key not in a or key not in b:
-            continue
-        shared = a.merge(b, on=key, suffixes=("", "_published"))
-        if shared.empty:
-            continue
-        same = pd.Series(True, index=shared.index)
-        for column in (c for c in outcome if c in a and c in b):
-            same &= shared[column].map(str) == shared[f"{column}_published"].map(str)
-        counts.append(f"{int(same.sum())} of {len(shared)} {'RTT' if stage == 'rtt' else stage} rows")
-        if stage == "unlearning":
-            ours, theirs = ({row[key]: machine_of(row) for _, row in frame.iterrows()} for frame in (a, b))
-            machines = {(ours[k], theirs[k]) for k in shared[key]}
-    machines -= {(UNRECORDED, UNRECORDED)}
-    if not counts:
-        return None
-    sides = "; ".join(f"this slice on {m}, published on {p}" for m, p in sorted(machines))
-    return f"same keys as published rows: {', '.join(counts)} identical" + (f" ({sides})" if sides else "")
-
-
-def same_seed_checks(mine: list[Unit], published: list[Unit]) -> list[SameSeeds]:
-    """Per setting of the slice: its seeds against the published rows of the
-    same seeds, on the held-out splits the slice has."""
-    out = []
-    for setting in sorted({u.setting for u in mine}, key=setting_order):
-        my_units = [u for u in mine if u.setting == setting and "B" in u.vectors]
-        files = {u.file for u in my_units}
-        theirs = [u for u in published if u.setting == setting and u.file in files]
-        if check := same_seeds(setting.lora_rank, recovered_per_seed(my_units), recovered_per_seed(theirs)):
-            out.append(check)
-    return out
-
-
 def compare(results_dir: str | Path, published_dir: str | Path, options: Options, stream=None) -> list[Agreement]:
     """Print the published table beside this slice's (already printed), how
     many of its jobs came out exactly as published, where the published rows
     hold the slice's own seeds one line per rank comparing the rerun with
-    them (did the same seeds come out alike?), and one agreement line per
-    rank (is the slice like the published seeds it lacks?)."""
+    them (did the same seeds come out alike?), one agreement line per rank
+    (is the slice like the published seeds it lacks?), and last the verdict
+    over every rank together (family-wise 95%, Holm)."""
     stream = stream or sys.stdout
     my_results, published_results = load_results(results_dir), load_results(published_dir)
     mine, my_left_out = units_of(my_results, options)
@@ -677,29 +480,12 @@ def compare(results_dir: str | Path, published_dir: str | Path, options: Options
     for a in found:
         print(a.sentence(), file=stream)
     compared = {a.rank for a in found}
+    flagged = sorted({run.lora_rank for run in my_left_out if run.lora_rank not in compared})
     for run in my_left_out:
         if run.lora_rank not in compared:
             print(left_out_sentence(run, published, left_out), file=stream)
-    if (k := sum(a.comparable for a in found)) > 1:
-        print(family_sentence(k), file=stream)
+    print(verdict_sentence(found, flagged), file=stream)
     return found
-
-
-def family_sentence(k: int) -> str:
-    """How often k checks at 95% miss somewhere when nothing differs: a reader
-    of one miss among several needs that number."""
-    return (f"{k} ranks checked at 95% each: where the slice and the published rows differ only by chance, at least "
-            f"one of them misses in about {1 - 0.95 ** k:.0%} of slices")
-
-
-def left_out_sentence(run: LeftOut, published: list[Unit], published_left_out: list[LeftOut]) -> str:
-    """A rank the slice cannot compare: its run was flagged, as the study's
-    own runs sometimes are (how often says whether that is itself unusual)."""
-    flagged = sum(1 for r in published_left_out if (r.unlearn_type, r.lora_rank) == (run.unlearn_type, run.lora_rank))
-    kept = len({u.seed for u in published if (u.setting.unlearn_type, u.setting.lora_rank) == (run.unlearn_type, run.lora_rank)})
-    return (f"agreement, rank {run.lora_rank}: this slice's run (seed {run.seed}) was flagged ({run.reason}) and left "
-            f"out, so there is nothing to compare (published runs at this rank: {flagged} of {flagged + kept} "
-            f"flagged)")
 
 
 README_BEGIN, README_END = "<!-- rank-study:begin (analyze_recovery.py --update-readme) -->", "<!-- rank-study:end -->"
@@ -787,14 +573,27 @@ def analyze(results_dir: str | Path, options: Options = Options(), out_dir: str 
               "is avoided, so the information is likely still present", file=stream)
     if table.missing_baseline.any():
         print("note: no baseline RTT (C) for some rows; relative_to_baseline_rtt is empty there", file=stream)
-    plot(table, out / "recovery_vs_rank.png", title)
+    plot(table, out / "recovery_vs_rank.png", title, source=figure_source(table))
     print(f"wrote {out / 'recovery_vs_rank.csv'} and {out / 'recovery_vs_rank.png'} "
           f"(95% CIs: {options.bootstrap} bootstrap draws over seeds, held-out splits and questions)", file=stream)
     return table
 
 
+class Parser(argparse.ArgumentParser):
+    """Bad input is one `error:` line (exit 2), as in the pipeline."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+# option -> (low, high, what it is): every number the analysis takes is a fraction or an accuracy
+FRACTIONS = {"min_forgetting": "base - A, an accuracy difference", "min_retain_kept": "a fraction of retain kept",
+             "recovery_threshold": "a fraction of base accuracy (or, with --absolute-threshold, an accuracy)",
+             "match_forgetting": "an accuracy", "match_tolerance": "an accuracy difference"}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results-dir", default="evals/pipeline", help="the pipeline's results_dir")
     parser.add_argument("--out-dir", default=None, help="where to write the CSV and PNG (default: results dir)")
     parser.add_argument("--min-forgetting", type=float, default=0.1,
@@ -811,18 +610,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "tolerance of TARGET and the least retain damage")
     parser.add_argument("--match-tolerance", type=float, default=0.05)
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws for the CIs (default 2000)")
-    parser.add_argument("--update-readme", default=None, metavar="README",
-                        help="write the headline (table, trend, paired differences) into README's rank-study block")
+    parser.add_argument("--update-readme", default=None, metavar="DOC",
+                        help="write the headline (table, trend, paired differences) into DOC's rank-study block "
+                             "(docs/rank_study.md)")
     parser.add_argument("--compare", default=None, metavar="PUBLISHED_DIR",
                         help="also print the table of published rows (e.g. results/rank_study) and, per rank, "
                              "whether this slice agrees with them")
     args = parser.parse_args(argv)
-    for name in ("min_forgetting", "min_retain_kept", "recovery_threshold", "match_tolerance"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed; use a value >= 0")
+    for name, what in FRACTIONS.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and 0 <= value <= 1):
+            parser.error(f"--{name.replace('_', '-')}={value:g} is not allowed; it is {what}: use a value in [0, 1]")
     if args.bootstrap < 100:
         parser.error(f"--bootstrap={args.bootstrap} is not allowed; use 100 or more draws")
     return args
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Everything the command will read, checked before it writes anything."""
+    load_results(args.results_dir)
+    if args.compare:
+        if not Path(args.compare).is_dir():
+            raise FileNotFoundError(f"--compare: {args.compare} is not a folder; name the published results "
+                                    "folder (e.g. results/rank_study)")
+        load_results(args.compare)
+    if args.update_readme:
+        path = Path(args.update_readme)
+        if not path.is_file() or README_BEGIN not in (text := path.read_text(encoding="utf-8")) or README_END not in text:
+            raise ValueError(f"--update-readme: {path} has no {README_BEGIN} ... {README_END} block to fill")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -832,6 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       match_target=args.match_forgetting, match_tolerance=args.match_tolerance,
                       bootstrap=args.bootstrap)
     try:
+        check_inputs(args)
         analyze(args.results_dir, options, args.out_dir)
         if args.compare:
             compare(args.results_dir, args.compare, options)

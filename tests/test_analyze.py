@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import analyze_recovery
+from toolkit import comparison, plots
 from toolkit.results import write_result_csv
 
 VAL = ["random_bd/split_0", "random_bd/split_1"]
@@ -150,11 +151,11 @@ def test_no_results_is_a_clear_error(tmp_path, capsys):
 def test_plot_lines_join_per_rank_settings_and_split_repeated_ranks():
     per_rank = pd.DataFrame({"unlearn_type": "LORA", "dataset": "D", "epochs": 5, "lora_rank": [1, 2, 4],
                              "lr": [3.6e-3, 2.2e-3, 1.7e-3], "retain_coeff": [5.0, 2.0, 2.0]})
-    [(label, rows)] = list(analyze_recovery._series(per_rank))
+    [(label, rows)] = list(plots.series(per_rank))
     assert label == "LORA D epochs=5 (per-rank lr, per-rank rc)" and list(rows.lora_rank) == [1, 2, 4]
     grid = pd.DataFrame({"unlearn_type": "LORA", "dataset": "D", "epochs": 5, "lora_rank": [4, 1, 4, 1],
                          "lr": [1e-3, 1e-3, 2e-3, 2e-3], "retain_coeff": 2.0})
-    lines = list(analyze_recovery._series(grid))
+    lines = list(plots.series(grid))
     assert [label for label, _ in lines] == ["LORA D epochs=5 lr=0.001 rc=2", "LORA D epochs=5 lr=0.002 rc=2"]
     assert all(list(rows.lora_rank) == [1, 4] for _, rows in lines)
 
@@ -357,14 +358,16 @@ def test_a_slice_is_compared_with_a_prediction_interval_from_the_published_seeds
     analyze_recovery.analyze(mine, analyze_recovery.Options(bootstrap=200), stream=open("/dev/null", "w"))
     [agreement] = analyze_recovery.compare(mine, published, analyze_recovery.Options(bootstrap=200))
     others = (np.array([11, 12, 13, 12, 11, 13]) - 4) / 16
-    half = 2.571 * others.std(ddof=1) * (1 / 1 + 1 / 6) ** 0.5  # t(5), one seed in the slice
+    half = comparison.t_quantile(0.975, 5) * others.std(ddof=1) * (1 / 1 + 1 / 6) ** 0.5  # t(5), one seed in the slice
     assert agreement.n_published == 6 and agreement.mine == pytest.approx(0.5)
     assert (agreement.lo, agreement.hi) == pytest.approx((others.mean() - half, others.mean() + half))
     out = capsys.readouterr().out
     assert "published (" in out and "agreement, rank 8: this slice (seed 0; splits 0) 0.50 vs published 0.50" in out
     # seed 0 shares its keys with the published seed 0: the same unlearning, another RTT answer
     assert "same keys as published rows: 1 of 1 unlearning rows, 0 of 1 RTT rows identical\n" in out
-    assert out.strip().endswith(": agrees")
+    assert out.strip().splitlines()[-2].endswith(": agrees")
+    assert out.strip().splitlines()[-1] == ("verdict: your run agrees with the published study at every rank (1 rank "
+                                            "checked together at a family-wise 95% level, Holm)")
     seeded_run(mine, 0, 0, 8, ["s0"], base=20, a=4, b=4)  # nothing came back: far below every published seed
     [far] = analyze_recovery.compare(mine, published, analyze_recovery.Options(bootstrap=200), stream=open("/dev/null", "w"))
     assert far.mine == 0.0 and "DOES NOT AGREE" in far.sentence()
@@ -393,7 +396,9 @@ def test_a_rank_whose_slice_run_was_flagged_gets_a_line_saying_so(tmp_path, caps
     seeded_run(mine, 1, 0, 64, ["s0"], base=20, a=15, b=18, stop_reached=False)
     found = analyze_recovery.compare(mine, published, analyze_recovery.Options(bootstrap=200))
     assert [a.rank for a in found] == [8]
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    *_, last, verdict = capsys.readouterr().out.strip().splitlines()
+    assert verdict == ("verdict: your run agrees with the published study at every rank it could compare (1 rank "
+                       "checked together at a family-wise 95% level, Holm; rank 64 not compared (flagged))")
     assert last == ("agreement, rank 64: this slice's run (seed 0) was flagged (epochs) and left out, so there is "
                     "nothing to compare (published runs at this rank: 1 of 4 flagged)")
 
@@ -408,12 +413,12 @@ def test_rows_from_two_machines_are_checked_against_each_other(tmp_path, capsys)
     assert "by machine" not in analyze_recovery.headline(tmp_path, analyze_recovery.Options(bootstrap=200))
     for seed, b in zip(range(6, 9), (12, 11, 13)):
         seeded_run(tmp_path, seed, seed, 8, ["s0"], base=20, a=4, b=b, machine="CPU two")
-    [one, two] = analyze_recovery.by_machine(analyze_recovery.units_of(
+    [one, two] = comparison.by_machine(analyze_recovery.units_of(
         analyze_recovery.load_results(tmp_path), analyze_recovery.Options())[0])
     assert (one.machine, one.seeds, two.machine, two.seeds) == \
         ("CPU one; cpu float32 + bf16 autocast", [0, 1, 2, 3, 4, 5], "CPU two; cpu float32 + bf16 autocast", [6, 7, 8])
     others = (np.array([11, 12, 13, 12, 11, 13]) - 4) / 16
-    half = 2.571 * others.std(ddof=1) * (1 / 3 + 1 / 6) ** 0.5  # t(5), three seeds against six
+    half = comparison.t_quantile(0.975, 5) * others.std(ddof=1) * (1 / 3 + 1 / 6) ** 0.5  # t(5), three seeds against six
     [a] = two.found
     assert a.mine == pytest.approx(0.5) and (a.lo, a.hi) == pytest.approx((others.mean() - half, others.mean() + half))
     assert two.sentence() == (f"machine CPU two; cpu float32 + bf16 autocast (seeds 6-8): rank 8 0.50 in "
@@ -436,8 +441,8 @@ def test_several_ranks_compared_say_how_often_one_misses_by_chance(tmp_path, cap
     found = analyze_recovery.compare(mine, published, analyze_recovery.Options(bootstrap=200))
     assert [a.rank for a in found] == [1, 8, 64] and all(a.agrees for a in found)
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
-        "3 ranks checked at 95% each: where the slice and the published rows differ only by chance, at least one "
-        "of them misses in about 14% of slices")
+        "verdict: your run agrees with the published study at every rank (3 ranks checked together at a "
+        "family-wise 95% level, Holm)")
 
 
 def test_a_rerun_of_published_seeds_is_paired_with_them(tmp_path, capsys):
@@ -453,17 +458,18 @@ def test_a_rerun_of_published_seeds_is_paired_with_them(tmp_path, capsys):
     assert not agreement.agrees  # unlike the seeds it lacks...
     out = capsys.readouterr().out.strip().splitlines()
     differences = np.array([1, 0, -2]) / 16
-    half = 4.303 * differences.std(ddof=1) / 3 ** 0.5  # t(2)
-    assert out[-2] == (f"same seeds, rank 8: this slice {38 / 48:.2f} vs published {39 / 48:.2f} on seed 0, 1, 2: "
+    half = comparison.t_quantile(0.975, 2) * differences.std(ddof=1) / 3 ** 0.5  # t(2)
+    assert out[-1].startswith("verdict: your run disagrees with the published study at rank 8, beyond chance")
+    assert out[-3] == (f"same seeds, rank 8: this slice {38 / 48:.2f} vs published {39 / 48:.2f} on seed 0, 1, 2: "
                        f"difference {-1 / 48:+.2f} (95% CI {-1 / 48 - half:+.2f} to {-1 / 48 + half:+.2f}, paired over "
                        "3 seeds): no detectable difference (the CI includes 0)")  # ...like the seeds it reran
     units = {d: analyze_recovery.units_of(analyze_recovery.load_results(d), analyze_recovery.Options())[0]
              for d in (mine, published)}
-    [one] = analyze_recovery.same_seed_checks([u for u in units[mine] if u.seed == 0], units[published])
+    [one] = comparison.same_seed_checks([u for u in units[mine] if u.seed == 0], units[published])
     assert one.seeds == [0] and one.sentence() == ("same seeds, rank 8: this slice 0.81 vs published 0.75 on seed 0; "
                                                    "one pair gives no interval")
 
 
 def test_seed_ranges():
-    assert analyze_recovery.seed_ranges([5, 0, 2, 6, 7, 9]) == "0, 2, 5-7, 9"
-    assert analyze_recovery.seed_ranges([3]) == "3"
+    assert comparison.seed_ranges([5, 0, 2, 6, 7, 9]) == "0, 2, 5-7, 9"
+    assert comparison.seed_ranges([3]) == "3"

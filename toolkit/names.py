@@ -7,6 +7,8 @@ from enum import Enum, auto
 
 LETTERS = "ABCD"
 CHANCE = 1 / len(LETTERS)
+# The probes beside RTT, as named in the rows and the table's columns.
+PROBES = ("lora_rtt", "quant8", "quant4")
 IGNORE_INDEX = -100
 
 

@@ -127,12 +127,22 @@ def write_failures(results_dir: str | os.PathLike, rows: Sequence[Mapping[str, A
 
 
 def read_text_rows(path: Path) -> list[dict[str, str]]:
+    """A results file's rows; a file that is no whole results row (not UTF-8,
+    not CSV, a header without a row, a row cut short or with extra cells) is
+    refused naming it: rows are written whole, so such a file came from elsewhere."""
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as err:
         raise ConfigError(f"results_dir: {path} cannot be read as a results row ({type(err).__name__}: "
                           f"{first_line(err)}); move it out of {path.parent}") from None
+    width = len(reader.fieldnames or ())
+    torn = next((i for i, row in enumerate(rows, 2) if None in row or None in row.values()), None)
+    if not rows or torn is not None:
+        what = "has no row under its header" if not rows else f"line {torn} does not have the header's {width} cells"
+        raise ConfigError(f"results_dir: {path} is not a whole results row ({what}); move it out of {path.parent}")
+    return rows
 
 
 def read_rows(results_dir: str | os.PathLike, stage: str) -> Iterator[tuple[Path, dict[str, Any]]]:

@@ -1,0 +1,353 @@
+"""A slice of the study against the published rows: the same keys (did the
+same job give the same answers?), the same seeds (paired over seeds), the
+other seeds (a prediction interval for a new seed), each machine against the
+others, and one verdict over every rank at a family-wise 95% level.
+
+Works on the analysis's units (toolkit.bootstrap.Unit) and on the row
+frames the analysis reads; it never imports pandas itself."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from scipy import stats
+
+from toolkit.bootstrap import Unit, recovered_fraction_of
+from toolkit.results import TABLES
+
+LEVEL = 0.95
+
+
+def t_quantile(p: float, df: int) -> float:
+    return float(stats.t.ppf(p, df))
+
+
+# --------------------------------------------------------------------------
+# Another seed: a prediction interval from the published per-seed spread
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Agreement:
+    """A slice of k seeds against the published rows of n other seeds: a
+    prediction interval for the mean of k new seeds drawn from the published
+    per-seed spread (centre +- t * sd * sqrt(1/k + 1/n)), so the slice's own
+    few seeds are counted, not only the published mean's uncertainty."""
+
+    rank: int
+    mine: float
+    my_seeds: list[int]
+    splits: str
+    published: float
+    spread: float  # sd * sqrt(1/k + 1/n): the interval's scale
+    n_published: int
+
+    @property
+    def comparable(self) -> bool:
+        return self.n_published >= 2 and not math.isnan(self.mine)
+
+    def bounds(self, level: float = LEVEL) -> tuple[float, float]:
+        half = t_quantile(1 - (1 - level) / 2, self.n_published - 1) * self.spread if self.n_published >= 2 else math.nan
+        return self.published - half, self.published + half
+
+    @property
+    def lo(self) -> float:
+        return self.bounds()[0]
+
+    @property
+    def hi(self) -> float:
+        return self.bounds()[1]
+
+    @property
+    def agrees(self) -> bool:
+        return self.comparable and self.lo <= self.mine <= self.hi
+
+    @property
+    def p_value(self) -> float:
+        """Two-sided: how unusual the slice is for new seeds of the published spread."""
+        if not self.comparable:
+            return math.nan
+        if self.spread == 0:
+            return 1.0 if self.mine == self.published else 0.0
+        return float(2 * stats.t.sf(abs(self.mine - self.published) / self.spread, self.n_published - 1))
+
+    def sentence(self) -> str:
+        seeds = ", ".join(map(str, self.my_seeds))
+        head = f"agreement, rank {self.rank}: this slice (seed {seeds}; splits {self.splits}) {self.mine:.2f}"
+        if not self.comparable:
+            return f"{head}; too few published seeds ({self.n_published}) to compare"
+        verdict = "agrees" if self.agrees else "DOES NOT AGREE"
+        return (f"{head} vs published {self.published:.2f} over {self.n_published} other seeds; 95% prediction "
+                f"interval for {len(self.my_seeds)} seed(s) [{self.lo:.2f}, {self.hi:.2f}]: {verdict}")
+
+
+def predict(rank: int, mine: float, my_seeds: list[int], splits: str, others: Iterable[float]) -> Agreement:
+    """The slice's value against the per-seed values of the seeds it lacks."""
+    values = np.array([v for v in others if not math.isnan(v)], dtype=float)
+    n, k = len(values), max(1, len(my_seeds))
+    centre = float(values.mean()) if n else math.nan
+    spread = float(values.std(ddof=1)) * math.sqrt(1 / k + 1 / n) if n >= 2 else math.nan
+    return Agreement(rank, mine, my_seeds, splits, centre, spread, n)
+
+
+def setting_order(setting: tuple) -> tuple:
+    """Method, dataset, then rank: the order slice checks print in."""
+    return str(setting.unlearn_type), str(setting.dataset), setting.lora_rank or 0, str(setting[3:])
+
+
+def recovered_per_seed(units: list[Unit]) -> dict[int, float]:
+    """Each seed's recovered fraction over its units (a ratio of its means)."""
+    by_seed: dict[int, list[Unit]] = {}
+    for u in units:
+        by_seed.setdefault(u.seed, []).append(u)
+    return {seed: recovered_fraction_of(group) for seed, group in by_seed.items()}
+
+
+def agreements(mine: list[Unit], published: list[Unit]) -> list[Agreement]:
+    """Per setting of the slice: its recovered fraction against a prediction
+    interval from the published seeds it lacks, on the held-out splits it has
+    (a slice may hold out fewer)."""
+    out = []
+    for setting in sorted({u.setting for u in mine}, key=setting_order):
+        my_units = [u for u in mine if u.setting == setting and "B" in u.vectors]
+        my_seeds, my_files = sorted({u.seed for u in my_units}), {u.file for u in my_units}
+        theirs = [u for u in published if u.setting == setting and u.seed not in my_seeds and u.file in my_files]
+        splits = ", ".join(map(str, sorted({u.split for u in my_units})))
+        out.append(predict(setting.lora_rank, recovered_fraction_of(my_units), my_seeds, splits,
+                           recovered_per_seed(theirs).values()))
+    return out
+
+
+# --------------------------------------------------------------------------
+# One verdict over every rank (Holm, family-wise 95%)
+# --------------------------------------------------------------------------
+
+
+def holm_misses(found: Sequence[Agreement], level: float = LEVEL) -> list[Agreement]:
+    """The ranks that disagree beyond chance with all ranks tested together:
+    Holm's step-down on the prediction-interval p-values keeps the chance
+    that a faithful slice is called different at any rank below 1 - level."""
+    alpha = 1 - level
+    ordered = sorted((a for a in found if a.comparable), key=lambda a: a.p_value)
+    misses = []
+    for i, a in enumerate(ordered):
+        if a.p_value > alpha / (len(ordered) - i):
+            break
+        misses.append(a)
+    return misses
+
+
+def verdict_sentence(found: Sequence[Agreement], not_compared: Sequence[int] = (), level: float = LEVEL) -> str:
+    """The demo's last line, for a newcomer."""
+    compared = [a for a in found if a.comparable]
+    if not compared:
+        return "verdict: nothing to compare (no rank of this run has published seeds to compare with)"
+    n = len(compared)
+    how = (f"{n} rank{'s' if n > 1 else ''} checked together at a family-wise {level:.0%} level, Holm"
+           + (f"; rank {', '.join(map(str, not_compared))} not compared (flagged)" if not_compared else ""))
+    misses = holm_misses(found, level)
+    if not misses:
+        every = "every rank" if not not_compared else "every rank it could compare"
+        return f"verdict: your run agrees with the published study at {every} ({how})"
+    ranks = ", ".join(str(a.rank) for a in sorted(misses, key=lambda a: a.rank))
+    ps = ", ".join(f"p = {a.p_value:.3g}" for a in sorted(misses, key=lambda a: a.rank))
+    return f"verdict: your run disagrees with the published study at rank {ranks}, beyond chance ({ps}; {how})"
+
+
+def agreement_rate(values: Mapping[int, float], centre: Mapping[int, float], others: Mapping[int, Sequence[float]],
+                   rho: float, draws: int, rng: np.random.Generator, level: float = LEVEL) -> float:
+    """How often a faithful rerun of one published seed agrees at every rank
+    under the verdict's test, by simulation: per rank, the rerun is
+    mean + rho * (its published value - mean) + sqrt(1 - rho^2) * sd * z,
+    where rho is how much of a seed's draw carries over to another machine
+    (0: a new seed; 1: the same bits) and mean and sd are the other seeds'."""
+    ranks = sorted(values)
+    agree = 0
+    for _ in range(draws):
+        found = []
+        for rank in ranks:
+            spread = float(np.std(others[rank], ddof=1))
+            draw = centre[rank] + rho * (values[rank] - centre[rank]) + math.sqrt(1 - rho ** 2) * spread * rng.normal()
+            found.append(predict(rank, draw, [0], "", others[rank]))
+        agree += not holm_misses(found, level)
+    return agree / draws
+
+
+# --------------------------------------------------------------------------
+# The same seeds (a rerun of published seeds, on another machine say)
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class SameSeeds:
+    """A slice that reran published seeds against the published rows of those
+    same seeds: the per-seed differences in recovered fraction, with a paired
+    t interval over seeds (a seed that is easy on every machine cancels, so
+    this asks about the rerun, not about whether these seeds are typical)."""
+
+    rank: int
+    seeds: list[int]
+    mine: float  # means over the paired seeds of per-seed recovered fractions
+    published: float
+    lo: float  # 95% CI of the mean difference
+    hi: float
+
+    def sentence(self) -> str:
+        seeds = ", ".join(map(str, self.seeds))
+        head = (f"same seeds, rank {self.rank}: this slice {self.mine:.2f} vs published {self.published:.2f} "
+                f"on seed {seeds}")
+        if len(self.seeds) < 2:
+            return f"{head}; one pair gives no interval"
+        verdict = "no detectable difference (the CI includes 0)" if self.lo <= 0 <= self.hi else "DIFFERS"
+        return (f"{head}: difference {self.mine - self.published:+.2f} (95% CI {self.lo:+.2f} to {self.hi:+.2f}, "
+                f"paired over {len(self.seeds)} seeds): {verdict}")
+
+
+def same_seeds(rank: int, mine: dict[int, float], published: dict[int, float]) -> SameSeeds | None:
+    """Per-seed values of a slice and of the published rows ({seed: value}),
+    paired on the seeds both have a value for; None when they share none."""
+    seeds = sorted(s for s in mine if s in published and not (math.isnan(mine[s]) or math.isnan(published[s])))
+    if not seeds:
+        return None
+    differences = np.array([mine[s] - published[s] for s in seeds])
+    k = len(seeds)
+    half = t_quantile(0.975, k - 1) * float(differences.std(ddof=1)) / math.sqrt(k) if k >= 2 else math.nan
+    centre = float(differences.mean())
+    return SameSeeds(rank, seeds, float(np.mean([mine[s] for s in seeds])),
+                     float(np.mean([published[s] for s in seeds])), centre - half, centre + half)
+
+
+def same_seed_checks(mine: list[Unit], published: list[Unit]) -> list[SameSeeds]:
+    """Per setting of the slice: its seeds against the published rows of the
+    same seeds, on the held-out splits the slice has."""
+    out = []
+    for setting in sorted({u.setting for u in mine}, key=setting_order):
+        my_units = [u for u in mine if u.setting == setting and "B" in u.vectors]
+        files = {u.file for u in my_units}
+        theirs = [u for u in published if u.setting == setting and u.file in files]
+        if check := same_seeds(setting.lora_rank, recovered_per_seed(my_units), recovered_per_seed(theirs)):
+            out.append(check)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Machines: which one a row ran on, and each one's seeds against the others'
+# --------------------------------------------------------------------------
+
+UNRECORDED = "machine not recorded"
+
+
+def machine_of(run: Mapping[str, Any]) -> str:
+    """The machine and numeric path a run's provenance columns name (CPU, GPU,
+    device, weight dtype, bf16 autocast): runs that read alike here ran alike."""
+    cpu, gpu = run.get("machine_cpu"), run.get("machine_gpu")
+    if not isinstance(cpu, str) or not cpu:
+        return UNRECORDED
+    where = f"{cpu} + {gpu}" if isinstance(gpu, str) and gpu else cpu
+    autocast = " + bf16 autocast" if str(run.get("bf16_autocast")) == "True" else ""
+    return f"{where}; {run.get('device')} {run.get('dtype')}{autocast}"
+
+
+def seed_ranges(seeds: Sequence[int]) -> str:
+    """0, 2, 5-9: consecutive seeds as ranges."""
+    spans: list[list[int]] = []
+    for seed in sorted(set(seeds)):
+        if spans and seed == spans[-1][1] + 1:
+            spans[-1][1] = seed
+        else:
+            spans.append([seed, seed])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+@dataclass
+class MachineCheck:
+    """One machine's seeds against the prediction intervals from the other
+    machines' seeds, per rank: a study that mixes machines says whether they
+    tell the same story."""
+
+    machine: str
+    seeds: list[int]
+    found: list[Agreement]
+
+    def sentence(self) -> str:
+        ranks = "; ".join(f"rank {a.rank} {a.mine:.2f} in [{a.lo:.2f}, {a.hi:.2f}]" if a.comparable else
+                          f"rank {a.rank} {a.mine:.2f} (too few other seeds)" for a in self.found)
+        missed = [str(a.rank) for a in self.found if a.comparable and not a.agrees]
+        verdict = (f"DOES NOT AGREE at rank {', '.join(missed)}" if missed else
+                   "agrees at every rank" if all(a.comparable for a in self.found) else "agrees where comparable")
+        return f"machine {self.machine} (seeds {seed_ranges(self.seeds)}): {ranks}: {verdict}"
+
+
+def by_machine(units: list[Unit]) -> list[MachineCheck]:
+    """Where the rows come from more than one machine or numeric path: each
+    one's seeds against the others' (empty when there is one)."""
+    machines = sorted({u.machine for u in units})
+    if len(machines) < 2:
+        return []
+    return [MachineCheck(m, sorted({u.seed for u in units if u.machine == m}),
+                         agreements([u for u in units if u.machine == m], [u for u in units if u.machine != m]))
+            for m in machines]
+
+
+def machine_lines(units: list[Unit]) -> list[str]:
+    """The by-machine check as printed (nothing where the rows name one machine)."""
+    checks = by_machine(units)
+    head = "by machine, each one's seeds against a 95% prediction interval from the other machines' seeds:"
+    return [head, *[c.sentence() for c in checks]] if checks else []
+
+
+# --------------------------------------------------------------------------
+# The same keys: did the same job give the same answers?
+# --------------------------------------------------------------------------
+
+# What a job's row says it found (beside its settings and provenance): two rows
+# of one key that agree here ran the same job to the same answers.
+OUTCOMES = {"unlearning": ("stop_step", "forget_correct", "retain_accs"), "rtt": ("forget_correct_local",),
+            "quant": ("forget_correct",)}
+TABLE_OF = {"unlearning": TABLES["unlearn"], "rtt": TABLES["rtt"], "quant": TABLES["quant"]}  # by Results' fields
+
+
+def same_key_sentence(mine, published) -> str | None:
+    """How many of the slice's jobs the published rows hold under the same key,
+    and how many of those came out identical (every stop and every answer):
+    the strongest check a slice can give; the machines of both sides are
+    named, since the same job on another CPU need not give the same bits.
+    `mine` and `published` are the analysis's Results (frames per stage)."""
+    counts, machines = [], set()
+    for stage, outcome in OUTCOMES.items():
+        a, b = getattr(mine, stage), getattr(published, stage)
+        key = TABLE_OF[stage].key
+        if a.empty or b.empty or key not in a or key not in b:
+            continue
+        shared = a.merge(b, on=key, suffixes=("", "_published"))
+        if shared.empty:
+            continue
+        identical = len(shared)
+        columns = [c for c in outcome if c in a and c in b]
+        if columns:
+            same = np.logical_and.reduce([(shared[c].map(str) == shared[f"{c}_published"].map(str)).to_numpy()
+                                          for c in columns])
+            identical = int(same.sum())
+        counts.append(f"{identical} of {len(shared)} {'RTT' if stage == 'rtt' else stage} rows")
+        if stage == "unlearning":
+            ours, theirs = ({row[key]: machine_of(row) for _, row in frame.iterrows()} for frame in (a, b))
+            machines = {(ours[k], theirs[k]) for k in shared[key]}
+    machines -= {(UNRECORDED, UNRECORDED)}
+    if not counts:
+        return None
+    sides = "; ".join(f"this slice on {m}, published on {p}" for m, p in sorted(machines))
+    return f"same keys as published rows: {', '.join(counts)} identical" + (f" ({sides})" if sides else "")
+
+
+def left_out_sentence(run, published: list[Unit], published_left_out: Sequence) -> str:
+    """A rank the slice cannot compare: its run was flagged, as the study's
+    own runs sometimes are (how often says whether that is itself unusual).
+    `run` and `published_left_out` are the analysis's LeftOut records."""
+    flagged = sum(1 for r in published_left_out if (r.unlearn_type, r.lora_rank) == (run.unlearn_type, run.lora_rank))
+    kept = len({u.seed for u in published if (u.setting.unlearn_type, u.setting.lora_rank) == (run.unlearn_type, run.lora_rank)})
+    return (f"agreement, rank {run.lora_rank}: this slice's run (seed {run.seed}) was flagged ({run.reason}) and left "
+            f"out, so there is nothing to compare (published runs at this rank: {flagged} of {flagged + kept} "
+            f"flagged)")

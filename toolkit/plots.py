@@ -1,0 +1,87 @@
+"""The analysis's figure: recovered fraction, accuracies and probes against
+LoRA rank, one line per method, dataset and epochs (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from toolkit.names import CHANCE, PROBES
+
+
+def series(lora):
+    """(label, rows) per plotted line: one per method, dataset and epochs. The
+    lr and retain coefficient split the line only where a rank has several runs;
+    per-rank settings (a matched-forgetting sweep) would otherwise break it into points."""
+    for (method, dataset, epochs), group in lora.groupby(["unlearn_type", "dataset", "epochs"]):
+        name = f"{method} {dataset} epochs={epochs}"
+        if group.lora_rank.is_unique:
+            yield f"{name} ({_setting('lr', group.lr)}, {_setting('rc', group.retain_coeff)})", group.sort_values("lora_rank")
+            continue
+        for (lr, rc), same in group.groupby(["lr", "retain_coeff"]):
+            yield f"{name} lr={lr:g} rc={rc:g}", same.sort_values("lora_rank")
+
+
+def _setting(name: str, values) -> str:
+    return f"per-rank {name}" if values.nunique() > 1 else f"{name}={values.iloc[0]:g}"
+
+
+def _errorbar(axis, rows, name: str, **style) -> None:
+    lo = (rows[name] - rows[f"{name}_lo"]).clip(lower=0)
+    hi = (rows[f"{name}_hi"] - rows[name]).clip(lower=0)
+    axis.errorbar(rows.lora_rank, rows[name], yerr=[lo.fillna(0), hi.fillna(0)], capsize=3, **style)
+
+
+def plot(table, path: Path, title: str, source: str = "") -> None:
+    """The table's recovered fractions, accuracies and probes against rank;
+    `source` (the digest of the table drawn) goes into the PNG's metadata, so
+    a committed figure can be checked against the rows it claims to show."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 5))
+    lora = table[table.lora_rank > 0]
+    for label, group in series(lora):
+        _errorbar(left, group, "recovered_fraction", marker="o", label=f"RTT: {label}")
+        if group.recovered_above_floor.notna().any():
+            _errorbar(left, group, "recovered_above_floor", marker="s", linestyle="--", label="RTT above the floor")
+        for measure, marker in (("A", "o"), ("B", "s"), ("C", "^"), ("floor", "v")):
+            if group[measure].notna().any():
+                _errorbar(middle, group, measure, marker=marker, label=measure)
+        avoided = group[group.answer_avoided]
+        middle.scatter(avoided.lora_rank, avoided.A, s=160, facecolors="none", edgecolors="red",
+                       label="A below chance (answer avoided)" if len(avoided) else None)
+        for probe, marker in zip(PROBES, ("D", "P", "X")):
+            if group[f"{probe}_recovered"].notna().any():
+                _errorbar(right, group, f"{probe}_recovered", marker=marker, label=probe)
+        _errorbar(right, group, "recovered_fraction", marker="o", linestyle=":", label="rtt (all weights)")
+        flagged = group[group.too_little_forgetting]
+        left.scatter(flagged.lora_rank, flagged.recovered_fraction, s=140, facecolors="none", edgecolors="orange",
+                     label="too little forgetting" if len(flagged) else None)
+        damaged = group[group.retain_damaged]
+        left.scatter(damaged.lora_rank, damaged.recovered_fraction, s=220, marker="s", facecolors="none",
+                     edgecolors="purple", label="retain damaged (not selective)" if len(damaged) else None)
+    for _, row in table[table.lora_rank == 0].iterrows():
+        left.axhline(row.recovered_fraction, linestyle=":", color="gray")
+        left.annotate(f"{row.unlearn_type} (full)", (1, row.recovered_fraction), fontsize=8, color="gray")
+    for axis in (left, middle, right):
+        if len(lora):
+            axis.set_xscale("log", base=2)
+            axis.set_xlim(lora.lora_rank.min() / 1.5, lora.lora_rank.max() * 1.5)
+        axis.set_xlabel("LoRA rank")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    left.axhline(0, color="black", linewidth=0.8)
+    left.set_ylabel("recovered fraction (95% CI)")
+    left.set_title("RTT recovery vs LoRA rank")
+    middle.axhline(CHANCE, color="black", linewidth=0.8, linestyle=":")
+    middle.set_ylabel("accuracy on held-out splits (95% CI)")
+    middle.set_title("A unlearned, B +RTT, C RTT only, floor never taught")
+    right.axhline(0, color="black", linewidth=0.8)
+    right.set_ylabel("recovered fraction (95% CI)")
+    right.set_title("Probes: quantization and LoRA relearning")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, metadata={"Source": source} if source else None)
+    plt.close(fig)
