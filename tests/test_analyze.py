@@ -373,12 +373,12 @@ def test_a_slice_is_compared_with_a_prediction_interval_from_the_published_seeds
     assert far.mine == 0.0 and "DOES NOT AGREE" in far.sentence()
 
 
-def test_the_readmes_headline_is_what_the_published_rows_give():
-    """README.md's rank-study block is analyze_recovery.py's output on the
+def test_the_studys_headline_block_is_what_the_published_rows_give():
+    """docs/rank_study.md's block is analyze_recovery.py's output on the
     committed rows of results/rank_study (--update-readme writes it)."""
     root = Path(__file__).resolve().parents[1]
-    text = (root / "README.md").read_text(encoding="utf-8")
-    assert analyze_recovery.README_BEGIN in text, "README.md has no rank-study block"
+    text = (root / "docs" / "rank_study.md").read_text(encoding="utf-8")
+    assert analyze_recovery.README_BEGIN in text, "docs/rank_study.md has no rank-study block"
     inner = text.split(analyze_recovery.README_BEGIN, 1)[1].split(analyze_recovery.README_END, 1)[0]
     block = inner.strip().removeprefix("```text").removesuffix("```").strip()
     assert analyze_recovery.headline(root / "results" / "rank_study") == block
@@ -473,3 +473,78 @@ def test_a_rerun_of_published_seeds_is_paired_with_them(tmp_path, capsys):
 def test_seed_ranges():
     assert comparison.seed_ranges([5, 0, 2, 6, 7, 9]) == "0, 2, 5-7, 9"
     assert comparison.seed_ranges([3]) == "3"
+
+
+def written_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def refused(argv: list[str], capsys) -> str:
+    assert analyze_recovery.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert "recovery_vs_rank" not in captured.out
+    return lines[0]
+
+
+def test_a_torn_results_row_is_refused_naming_the_file(tmp_path, capsys):
+    """A header and half a row ends in one error line, not a KeyError; nothing is written."""
+    seeded_run(tmp_path, 0, 0, 8, ["s0"], base=20, a=4, b=12)
+    torn = tmp_path / "unlearning" / "2099-01-01--num9.csv"
+    torn.write_text("model_path,dataset,unlearn_type,lora_rank\n/m/x,RANDOM_BD\n")
+    before = written_files(tmp_path)
+    line = refused(["--results-dir", str(tmp_path)], capsys)
+    assert line == (f"error: results_dir: {torn} is not a whole results row (line 2 does not have the header's 4 "
+                    f"cells); move it out of {torn.parent}")
+    torn.write_text("model_path,dataset,unlearn_type,lora_rank\n")  # a header alone
+    assert "has no row under its header" in refused(["--results-dir", str(tmp_path)], capsys)
+    assert written_files(tmp_path) == before
+
+
+def test_a_row_without_the_columns_the_analysis_reads_is_refused(tmp_path, capsys):
+    seeded_run(tmp_path, 0, 0, 8, ["s0"], base=20, a=4, b=12)
+    other = write_result_csv(tmp_path / "unlearning", 5, {"model_path": "/m", "note": "some other table"})
+    line = refused(["--results-dir", str(tmp_path)], capsys)
+    assert line.startswith(f"error: {other} is no unlearning row: it lacks unlearn_type, dataset, lora_rank")
+
+
+def test_a_compare_folder_that_does_not_exist_is_refused_before_anything_is_written(tmp_path, capsys):
+    seeded_run(tmp_path, 0, 0, 8, ["s0"], base=20, a=4, b=12)
+    before = written_files(tmp_path)
+    line = refused(["--results-dir", str(tmp_path), "--compare", str(tmp_path / "nowhere")], capsys)
+    assert line.startswith(f"error: --compare: {tmp_path / 'nowhere'} is not a folder")
+    (tmp_path / "empty").mkdir()
+    assert "no unlearning CSVs under" in refused(["--results-dir", str(tmp_path), "--compare", str(tmp_path / "empty")],
+                                                 capsys)
+    doc = tmp_path / "doc.md"
+    doc.write_text("no block here\n")
+    assert refused(["--results-dir", str(tmp_path), "--update-readme", str(doc)], capsys).startswith(
+        f"error: --update-readme: {doc} has no")
+    assert written_files(tmp_path) == sorted([*before, "doc.md"])
+
+
+@pytest.mark.parametrize("option, value", [("--min-retain-kept", "7"), ("--min-forgetting", "-0.1"),
+                                           ("--recovery-threshold", "1.5"), ("--match-forgetting", "30"),
+                                           ("--match-tolerance", "nan"), ("--bootstrap", "10"),
+                                           ("--bootstrap", "many")])
+def test_every_analysis_option_outside_its_range_is_refused_in_one_line(option, value, tmp_path, capsys):
+    seeded_run(tmp_path, 0, 0, 8, ["s0"], base=20, a=4, b=12)
+    with pytest.raises(SystemExit) as stop:
+        analyze_recovery.main(["--results-dir", str(tmp_path), option, value])
+    assert stop.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and value in line
+    assert not (tmp_path / "recovery_vs_rank.csv").exists()
+
+
+def test_the_committed_figure_draws_the_committed_rows(tmp_path):
+    """results/rank_study/recovery_vs_rank.png (the README's figure) carries
+    the digest of the table it draws; the table the rows give now is that one."""
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1] / "results" / "rank_study"
+    table = analyze_recovery.analyze(root, out_dir=tmp_path, stream=open("/dev/null", "w"))
+    source = analyze_recovery.figure_source(table)
+    assert Image.open(root / "recovery_vs_rank.png").text.get("Source") == source
+    assert Image.open(tmp_path / "recovery_vs_rank.png").text.get("Source") == source

@@ -185,6 +185,41 @@ def test_a_results_file_that_cannot_be_read_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "models").exists() and [p.name for p in (tmp_path / "evals").rglob("*") if p.is_file()] == [bad.name]
 
 
+EMPTY_FILES = [("split_0", "random_bd/split_0.jsonl: the file has no rows; every split needs at least one question"),
+               ("corpus_split_2", "random_bd/corpus_split_2.jsonl: the file has no rows; every split needs at least one row"),
+               ("split_7", "random_bd/split_7.jsonl: the file has no rows")]
+
+
+@pytest.mark.parametrize("name, message", EMPTY_FILES, ids=[m[0] for m in EMPTY_FILES])
+def test_a_data_file_with_no_rows_is_refused_before_any_model_loads(name, message, tmp_path):
+    """A forget split, its corpus or a retain split that is empty would run
+    a sweep on no questions to exit 0."""
+    write_random_bd_dataset(tmp_path / "data" / "random_bd", made_up_facts(num_splits=10, facts_per_split=4))
+    (tmp_path / "data" / "random_bd" / f"{name}.jsonl").write_text("\n")
+    assert_refused(run_sweep(smoketest_refusal_args(None, tmp_path)), message, tmp_path)
+
+
+def test_a_dev_file_with_fewer_rows_than_k_shot_is_refused(tmp_path):
+    write_random_bd_dataset(tmp_path / "data" / "random_bd", made_up_facts(num_splits=10, facts_per_split=4))
+    rows = (tmp_path / "data" / "random_bd" / "dev.jsonl").read_text().splitlines()
+    assert_refused(run_sweep(smoketest_refusal_args("unlearn.k_shot=" + str(len(rows) + 1), tmp_path)),
+                   f"random_bd/dev.jsonl: {len(rows)} row(s), fewer than k_shot={len(rows) + 1} few-shot examples",
+                   tmp_path)
+
+
+def test_a_torn_results_row_is_refused_in_one_line(tmp_path):
+    """A header and half a row (copied in while it was written elsewhere) is
+    named; rows the pipeline writes are whole."""
+    bad = tmp_path / "evals" / "unlearning" / "2026-01-01--num0.csv"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("run_key,unlearn_type,lora_rank,lr\nabc,LORA\n")
+    result = run_sweep(smoketest_refusal_args(None, tmp_path))
+    assert result.returncode == 2
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line == (f"error: results_dir: {bad} is not a whole results row (line 2 does not have the header's 4 "
+                    f"cells); move it out of {bad.parent}")
+
+
 def test_unpublished_wmdp_files_fail_validation(shared_data):
     cfg = config(overrides=[f"data_root={shared_data}", "datasets=[WMDP_MCQ_CORPUS]", "model_id=/x/tiny",
                             "unlearn.types_config.LORA.datasets_config.WMDP_MCQ_CORPUS.lrs=[1e-4]"])

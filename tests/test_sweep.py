@@ -182,8 +182,10 @@ BAD_INPUTS = [
     # the model, its architecture, what a method cannot use
     ("model_id=/no/such/model", "model_id: '/no/such/model' is not allowed; use an embedded alias"),
     ("unlearn.lora_target_modules=[foo_proj]",
-     "unlearn.lora_target_modules: ['foo_proj'] is not allowed; this llama model's linear modules are"),
-    ("GPT2", "is not allowed; this gpt2 model's linear modules are ['lm_head']"),
+     "unlearn.lora_target_modules: ['foo_proj'] is not allowed; this llama model's modules that LoRA can target "
+     "(linear and Conv1D layers) are"),
+    ("GPT2", "is not allowed; this gpt2 model's modules that LoRA can target (linear and Conv1D layers) are "
+             "['c_attn', 'c_fc', 'c_proj', 'lm_head']"),
     ("CORRUPT_WEIGHTS", "is not allowed; its weights file model.safetensors is damaged (Error while deserializing header: incomplete metadata"),
     ("unlearn.types=[CUT] unlearn.freeze_layers=[[0,1]]", "unlearn.freeze_layers: [[0, 1]] is not allowed with CUT"),
     ("unlearn.freeze_layers=[[0,9]]", "unlearn.freeze_layers: [[0, 9]] is not allowed; the model has 3 decoder layers"),

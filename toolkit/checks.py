@@ -103,8 +103,8 @@ def check_lora_targets(skeleton, targets: Sequence[str], key: str, config) -> No
     names = linear_module_names(skeleton)
     missing = [t for t in targets if t not in names]
     if missing:
-        raise ConfigError(f"{key}: {missing!r} is not allowed; this {config.model_type} model's linear modules "
-                          f"are {names}")
+        raise ConfigError(f"{key}: {missing!r} is not allowed; this {config.model_type} model's modules that LoRA "
+                          f"can target (linear and Conv1D layers) are {names}")
 
 
 def is_model_folder(path: str) -> bool:

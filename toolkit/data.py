@@ -126,10 +126,19 @@ def load_training_rows(path: str | os.PathLike) -> list[str] | list[McqRow]:
     return _corpus_texts(rows, path) if _is_corpus(rows) else _mcq_rows(rows, path)
 
 
-def check_data_files(data_root: str | os.PathLike, question_files: Iterable[str], training_files: Iterable[str]) -> None:
+def check_data_files(data_root: str | os.PathLike, question_files: Iterable[str], training_files: Iterable[str],
+                     k_shot: int = 0, dev_files: Iterable[str] = ()) -> None:
     """Parse every file a run will read, so a malformed row stops the sweep
-    with its file and line before any model loads (not later, in a worker)."""
-    for name in question_files:
-        load_mcq(data_file(data_root, name))
-    for name in training_files:
-        load_training_rows(data_file(data_root, name))
+    with its file and line before any model loads (not later, in a worker);
+    a file with no rows (a split with no questions, a corpus with no text)
+    and a dev file with fewer rows than `k_shot` are refused too."""
+    dev = set(dev_files)
+    for name, load in [*((n, load_mcq) for n in question_files), *((n, load_training_rows) for n in training_files)]:
+        path = data_file(data_root, name)
+        rows = load(path)
+        if not rows:
+            raise DataValidationError(f"{path}: the file has no rows; every split needs at least one "
+                                      f"{'question' if load is load_mcq else 'row'}")
+        if name in dev and len(rows) < k_shot:
+            raise DataValidationError(f"{path}: {len(rows)} row(s), fewer than k_shot={k_shot} few-shot examples; "
+                                      f"add rows or lower k_shot")

@@ -99,7 +99,7 @@ DATASETS: dict[Datasets, DatasetFiles] = {
 }
 
 
-def ensure_dataset(data_root: str, dataset: Datasets, made_up: RandomBdSpec) -> None:
+def ensure_dataset(data_root: str, dataset: Datasets, made_up: RandomBdSpec, k_shot: int = 0) -> None:
     """Write the made-up-facts dataset when it is asked for and absent; fail
     with the list of missing files otherwise (the paper's registry points at
     files that were never published); parse every file."""
@@ -114,4 +114,5 @@ def ensure_dataset(data_root: str, dataset: Datasets, made_up: RandomBdSpec) -> 
     if missing:
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise DataValidationError(f"dataset {dataset.name} is missing {len(missing)} file(s) under {root}: {shown}")
-    check_data_files(root, sorted(files.question_files()), sorted(files.text_files() - files.question_files()))
+    check_data_files(root, sorted(files.question_files()), sorted(files.text_files() - files.question_files()),
+                     k_shot, [f for f in (files.dev_file, files.retain_dev_file) if f])

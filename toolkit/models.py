@@ -217,8 +217,11 @@ DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 
 
 def linear_module_names(model) -> list[str]:
-    """The distinct last names of a model's linear modules (LoRA's targets)."""
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    """The distinct last names of the modules PEFT's LoRA can target: linear
+    layers, and the Conv1D layers GPT-2 style models use for attention and MLP."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))})
 
 
 def attach_lora(model, rank: int, alpha: float | None = None, target_modules: Sequence[str] | None = None,

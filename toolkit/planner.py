@@ -252,6 +252,12 @@ def method_overrides(block: Mapping, key: str, method: Method) -> dict:
     return {k: v for k, v in block.items() if k in shared}
 
 
+def largest_k_shot(cfg) -> int:
+    """The most few-shot examples any stage asks of a dev file."""
+    shots = [(cfg.get(stage) or {}).get("k_shot") for stage in ("teach", "unlearn", "ft")]
+    return max([k for k in shots if isinstance(k, int) and not isinstance(k, bool)] + [0])  # bad values: refused as settings
+
+
 def build_plan(sweep: SweepSettings) -> Plan:
     """Every stage and job of the sweep, checked (and any made-up data
     written) before any model loads, with the jobs already finished marked."""
@@ -269,11 +275,11 @@ def build_plan(sweep: SweepSettings) -> Plan:
                           for p in dataset_grid(sweep.config, name, d) if p.seed in sweep.slice_seeds])
     check_folders(sweep, [*sweep.datasets, *filter(None, [sweep.teach_dataset])])
     for dataset in sweep.datasets:
-        ensure_dataset(sweep.data_root, dataset, sweep.random_bd)
+        ensure_dataset(sweep.data_root, dataset, sweep.random_bd, largest_k_shot(sweep.config))
     base_model = model_checkpoint_path(sweep.model_id, sweep.models_dir)
     teach = planner.teach_job(base_model)
     if teach:
-        ensure_dataset(sweep.data_root, teach.dataset, sweep.random_bd)
+        ensure_dataset(sweep.data_root, teach.dataset, sweep.random_bd, largest_k_shot(sweep.config))
     plan = Plan(base_model, teach.model_path if teach else base_model, teach)
     recorded = recorded_rows(sweep.results_dir)  # with rerun=true too: the new rows replace these
     if sweep.only_ft:
@@ -355,7 +361,8 @@ def only_ft_jobs(planner: Planner) -> list[RttJob]:
         path, dataset = str(entry[0]), parse_enum(Datasets, entry[1], "ft_model_paths")
         if not (Path(path, "config.json").is_file() or adapter_base(path)):
             raise ConfigError(f"ft_model_paths: {path!r} is not a model folder (no config.json)")
-        ensure_dataset(planner.sweep.data_root, dataset, planner.sweep.random_bd)
+        ensure_dataset(planner.sweep.data_root, dataset, planner.sweep.random_bd,
+                       largest_k_shot(planner.sweep.config))
         jobs += planner.rtt_jobs(path, dataset, "given", upstream=path, seeds=planner.sweep.seeds[:1],
                                  who=model_name(path)[:24])
     if not jobs:
