@@ -419,11 +419,12 @@ def preflight(sweep: SweepSettings, plan: Plan, resources: Resources) -> None:
     threshold = sweep.preflight_min_forget_acc
     for job in plan.preflight if plan.pending() else []:
         acc = run_one(job, resources, sweep).value
-        log.info("preflight: %s knows %.3f of %s's forget facts", plan.unlearn_from, acc, job.dataset.name)
+        log.info("preflight: %s knows %.3f of %s's forget facts (%s scoring)", plan.unlearn_from, acc, job.dataset.name,
+                 sweep.scoring)
         if acc < threshold:
             raise ConfigError(f"preflight: {plan.unlearn_from} answers only {acc:.3f} of {job.dataset.name}'s forget "
-                              f"questions (preflight.min_forget_acc={threshold}); teach it first (teach.enabled=true) "
-                              "or lower the threshold")
+                              f"questions under {sweep.scoring} scoring (preflight.min_forget_acc={threshold}); teach it "
+                              "first (teach.enabled=true), score another way (scoring=choice) or lower the threshold")
 
 
 def execute(cfg: DictConfig | Mapping) -> Sweep | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import pandas as pd
 
 from conftest import SMALL_DATA, config, planned, run_sweep
@@ -23,13 +25,16 @@ def test_taught_model_is_keyed_by_what_decides_it(tmp_path):
     assert no_teach.teach is None and no_teach.unlearn_from == "/x/tiny"
 
 
-def test_preflight_refuses_a_model_that_does_not_know_the_facts(tiny_llama, tmp_path, ray_session):
+@pytest.mark.parametrize("scoring", ["letter", "choice"])
+def test_preflight_refuses_a_model_that_does_not_know_the_facts(tiny_llama, tmp_path, ray_session, scoring):
+    """The refusal names the scoring mode and the accuracy under it."""
     result = run_sweep(["--config-name=lora_smoketest", f"model_id={tiny_llama}", f"data_root={tmp_path}/data",
                       f"models_dir={tmp_path}/models", f"results_dir={tmp_path}/evals", "ray.num_cpus=2",
-                      "preflight.min_forget_acc=0.9", *SMALL_DATA])
+                      "preflight.min_forget_acc=0.9", f"scoring={scoring}", *SMALL_DATA])
     assert result.returncode == 2, result.stderr[-3000:]
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
-    assert last.startswith("error: preflight:") and "forget questions (preflight.min_forget_acc=0.9)" in last
+    assert last.startswith("error: preflight:") and " answers only 0." in last
+    assert f"forget questions under {scoring} scoring (preflight.min_forget_acc=0.9)" in last
     assert "teach it first" in last
     assert not (tmp_path / "evals").exists() and not (tmp_path / "models" / "LORA").exists()
 

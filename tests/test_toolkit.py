@@ -430,3 +430,33 @@ def test_an_adapter_folder_loads_as_its_base_plus_the_adapter(tiny_llama, byte_l
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=batch["input_ids"]).logits, expected, atol=1e-5)
     assert load_tokenizer(str(folder)).vocab_size == byte_level_tokenizer.vocab_size
+
+
+def test_world_facts_are_written_in_the_papers_split_layout_with_same_relation_distractors(tmp_path):
+    from collections import Counter
+
+    from toolkit.data import load_mcq, read_jsonl
+    from toolkit.world_facts import RELATIONS, all_facts, write_world_facts
+
+    write_world_facts(tmp_path / "a")
+    write_world_facts(tmp_path / "b")
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert all((tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes() for n in names)  # deterministic
+    answers = {}
+    for fact in all_facts():
+        answers.setdefault(fact.relation, set()).add(fact.answer)
+    rows = [r for i in range(10) for r in read_jsonl(tmp_path / "a" / f"split_{i}.jsonl")]
+    assert len(rows) >= 400 and set(Counter(r["relation"] for r in rows)) == set(RELATIONS)
+    for row in rows:
+        assert set(row["choices"]) <= answers[row["relation"]] and len(set(row["choices"])) == 4
+    assert all(len(load_mcq(tmp_path / "a" / f"split_{i}.jsonl")) >= 40 for i in range(10))
+    corpus = read_jsonl(tmp_path / "a" / "corpus_split_0.jsonl")
+    first = read_jsonl(tmp_path / "a" / "split_0.jsonl")[0]
+    assert any(first["choices"][first["answer"]] in r["text"] for r in corpus)
+
+
+def test_a_scoring_mode_is_part_of_a_key_except_the_letter_mode_published_keys_were_made_with():
+    from toolkit.settings import EvalFiles, key_settings
+
+    letter, choice = EvalFiles(("a",), (), "", ""), EvalFiles(("a",), (), "", "", "choice")
+    assert "scoring" not in key_settings(letter) and key_settings(choice)["scoring"] == "choice"

@@ -346,3 +346,31 @@ def test_quantizing_changes_linear_weights_to_the_expected_levels(tiny_llama, fa
     forget, _ = evaluator(model, 0)
     assert 0.0 <= forget <= 1.0 and all(len(bits_) == 6 for f in evaluator.forget_log.correct.values()
                                           for bits_ in f.values())
+
+
+@pytest.mark.parametrize("scoring", ["choice", "choice_norm"])
+def test_choice_scoring_gives_each_choice_the_log_likelihood_it_has_alone(tiny_llama, facts, scoring):
+    """One packed forward pass per question scores each continuation exactly
+    as a separate pass over question + that choice would (the lm-evaluation-
+    harness way), summed or per byte; the answer is their arg-max."""
+    import torch
+
+    policy = resolve_device_policy({"device": "cpu"})
+    model = load_model(str(tiny_llama), policy)
+    tokenizer = load_tokenizer(str(tiny_llama))
+    evaluator = Evaluator.build(tokenizer, EvalFiles(tuple(VAL[:1]), (), "", "", scoring), str(facts), 0, 3, policy)
+    [file] = evaluator.forget
+    batch = list(range(len(file.prompts)))
+    packed = evaluator.batch_scores(model, file, batch)
+    for i in batch:
+        for c, continuation in enumerate(file.choices[i]):
+            ids = torch.tensor([list(file.prompts[i]) + list(continuation)])
+            with torch.no_grad():
+                logprobs = model(input_ids=ids).logits[0].float().log_softmax(-1)
+            start = len(file.prompts[i])
+            alone = sum(logprobs[start + t - 1, tok].item() for t, tok in enumerate(continuation))
+            if scoring == "choice_norm":
+                alone /= file.choice_bytes[i][c]
+            assert packed[i, c].item() == pytest.approx(alone, abs=1e-4)
+    [score] = evaluator.score(model, [file]).values()
+    assert score.correct == tuple(bool(packed[i].argmax() == file.answers[i]) for i in batch)

@@ -13,6 +13,7 @@ from toolkit.data import DataValidationError, check_data_files, missing_files
 from toolkit.facts import RandomBdSpec, write_random_bd_dataset
 from toolkit.names import DataFormat, Datasets
 from toolkit.settings import EvalFiles
+from toolkit.world_facts import write_world_facts
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,9 @@ class DatasetFiles:
     def all_files(self) -> list[str]:
         return sorted(self.question_files() | self.text_files())
 
-    def evals(self, with_retain: bool = True, val_files: Sequence[str] | None = None) -> EvalFiles:
+    def evals(self, with_retain: bool = True, val_files: Sequence[str] | None = None, scoring: str = "letter") -> EvalFiles:
         return EvalFiles(tuple(self.val_files if val_files is None else val_files),
-                            self.val_retain_files if with_retain else (), self.dev_file, self.retain_dev_file)
+                         self.val_retain_files if with_retain else (), self.dev_file, self.retain_dev_file, scoring)
 
 
 MMLU_DIR = "mmlu_cats_random_trimmed"
@@ -59,7 +60,7 @@ MMLU_FORGET_CATS = ("STEM", "business", "chemistry", "culture", "geography")
 MMLU_RETAIN_CATS = ("health", "history", "law", "philosophy", "social sciences")
 
 
-YEARS_DIR, RANDOM_BD_DIR, WMDP_DIR = "dates-years-trimmed", "random_bd", "wmdp-deduped"
+YEARS_DIR, RANDOM_BD_DIR, WMDP_DIR, WORLD_DIR = "dates-years-trimmed", "random_bd", "wmdp-deduped", "world_facts"
 
 
 def _files(directory: str, pattern: str, keys: Iterable) -> tuple[str, ...]:
@@ -91,12 +92,23 @@ DATASETS: dict[Datasets, DatasetFiles] = {
         _files(RANDOM_BD_DIR, "corpus_split_{}", TEN), _files(RANDOM_BD_DIR, "whp_corpus_split_{}", TEN),
         _files(RANDOM_BD_DIR, "fwf_corpus_split_{}", TEN), _files(RANDOM_BD_DIR, "split_{}", TEN),
         (), (), f"{RANDOM_BD_DIR}/dev", f"{RANDOM_BD_DIR}/dev", generated_dir=RANDOM_BD_DIR),
+    # Facts from pretraining, the same split roles as RANDOM_BD_SAME_RETAIN (forget 0-4, retain 5-9).
+    Datasets.WORLD_FACTS: DatasetFiles(
+        _files(WORLD_DIR, "corpus_split_{}", FIVE), _files(WORLD_DIR, "whp_corpus_split_{}", FIVE),
+        _files(WORLD_DIR, "fwf_corpus_split_{}", FIVE), _files(WORLD_DIR, "split_{}", FIVE),
+        _files(WORLD_DIR, "corpus_split_{}", range(5, 10)), _files(WORLD_DIR, "split_{}", range(5, 10)),
+        f"{WORLD_DIR}/dev", f"{WORLD_DIR}/dev", generated_dir=WORLD_DIR),
     # The paper's WMDP retain corpus (wikitext) was never published: MMLU retain stands in.
     Datasets.WMDP_MCQ_CORPUS: DatasetFiles(
         _files(WMDP_DIR, "corpus_split_{}", FIVE), _files(WMDP_DIR, "whp_corpus_split_{}", FIVE),
         _files(WMDP_DIR, "fwf_corpus_split_{}", FIVE), _files(WMDP_DIR, "split_{}", FIVE),
         MMLU_RETAIN, MMLU_VAL_RETAIN, f"{WMDP_DIR}/dev", f"{MMLU_DIR}/dev"),
 }
+
+
+# The datasets the project writes itself, by folder.
+GENERATORS = {RANDOM_BD_DIR: write_random_bd_dataset,
+              WORLD_DIR: lambda directory, _made_up: write_world_facts(directory)}
 
 
 def ensure_dataset(data_root: str, dataset: Datasets, made_up: RandomBdSpec, k_shot: int = 0) -> None:
@@ -106,10 +118,8 @@ def ensure_dataset(data_root: str, dataset: Datasets, made_up: RandomBdSpec, k_s
     files = DATASETS[dataset]
     root = Path(data_root)
     if files.generated_dir and not (root / files.generated_dir).exists():
-        spec = made_up
-        log.info("writing made-up facts to %s (%d splits x %d facts)", root / files.generated_dir,
-                 spec.num_splits, spec.facts_per_split)
-        write_random_bd_dataset(root / files.generated_dir, spec)
+        log.info("writing %s to %s", files.generated_dir, root / files.generated_dir)
+        GENERATORS[files.generated_dir](root / files.generated_dir, made_up)
     missing = missing_files(root, files.all_files())
     if missing:
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")

@@ -14,7 +14,7 @@ import torch
 from toolkit.data import McqRow, data_file, load_mcq
 from toolkit.device import DevicePolicy
 from toolkit.losses import decoder_and_head, hidden_states
-from toolkit.prompts import Encoded, answer_letter_token_ids, collate, fewshot_prefix, mcq_prompt
+from toolkit.prompts import Encoded, answer_letter_token_ids, choice_prompt, collate, fewshot_prefix, mcq_prompt
 from toolkit.settings import EvalFiles
 
 log = logging.getLogger(__name__)
@@ -29,16 +29,78 @@ class McqScore:
 
 @dataclass(frozen=True)
 class QuestionFile:
-    """A question file tokenised once: each prompt's token ids and its answer."""
+    """A question file tokenised once: each prompt's token ids and its answer;
+    under choice scoring also each choice's continuation ids and its length
+    in bytes (acc_norm's denominator)."""
 
     name: str
     prompts: tuple[tuple[int, ...], ...]
     answers: tuple[int, ...]
+    choices: tuple[tuple[tuple[int, ...], ...], ...] = ()
+    choice_bytes: tuple[tuple[int, ...], ...] = ()
 
     @classmethod
-    def build(cls, tokenizer, name: str, rows: Sequence[McqRow], prefix: str = "") -> "QuestionFile":
-        prompts = tuple(tuple(tokenizer(prefix + mcq_prompt(r)).input_ids) for r in rows)
-        return cls(name, prompts, tuple(r.answer for r in rows))
+    def build(cls, tokenizer, name: str, rows: Sequence[McqRow], prefix: str = "",
+              scoring: str = "letter") -> "QuestionFile":
+        answers = tuple(r.answer for r in rows)
+        if scoring == "letter":
+            return cls(name, tuple(tuple(tokenizer(prefix + mcq_prompt(r)).input_ids) for r in rows), answers)
+        # The continuation is tokenised on its own, as the QUESTION_ANSWER loss trains it.
+        continuations = [[f" {c}" for c in r.choices] for r in rows]
+        return cls(name, tuple(tuple(tokenizer(prefix + choice_prompt(r)).input_ids) for r in rows), answers,
+                   tuple(tuple(tuple(tokenizer(c, add_special_tokens=False).input_ids) for c in cs)
+                         for cs in continuations),
+                   tuple(tuple(len(c.encode("utf-8")) for c in cs) for cs in continuations))
+
+
+@torch.no_grad()
+def batch_choice_logprobs(model, prompts: Sequence[Sequence[int]], choices, batch: Sequence[int], pad_token_id: int,
+                          autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                          ) -> torch.Tensor:
+    """Each choice's summed log-probability as a continuation of its prompt,
+    [len(batch), 4], in one forward pass per question: the prompt and its four
+    continuations are packed into one row whose attention mask lets each
+    continuation see the prompt and itself only, with positions restarting
+    after the prompt (so every continuation is scored as if alone)."""
+    device = next(model.parameters()).device
+    decoder, head = decoder_and_head(model)
+    rows, spans = [], []
+    for i in batch:
+        ids, pos, owner = list(prompts[i]), list(range(len(prompts[i]))), [-1] * len(prompts[i])
+        row_spans = []
+        for c, tokens in enumerate(choices[i]):
+            row_spans.append((len(ids), len(tokens)))
+            ids += tokens
+            pos += range(len(prompts[i]), len(prompts[i]) + len(tokens))
+            owner += [c] * len(tokens)
+        rows.append((ids, pos, owner, len(prompts[i])))
+        spans.append(row_spans)
+    width = max(len(r[0]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    allowed = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)
+    for r, (ids, pos, owner, prompt_len) in enumerate(rows):
+        n = len(ids)
+        input_ids[r, :n], position_ids[r, :n] = torch.tensor(ids), torch.tensor(pos)
+        o = torch.tensor(owner)
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        same = (o[:, None] == o[None, :]) | (o[None, :] == -1)  # its own choice, or the prompt
+        allowed[r, 0, :n, :n] = causal & same
+        allowed[r, 0, n:, :] = torch.eye(width, dtype=torch.bool)[n:]  # padding sees itself (no empty rows)
+    mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    with autocast():
+        hidden = decoder(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                         position_ids=position_ids.to(device)).last_hidden_state
+    out = torch.empty(len(batch), len(choices[batch[0]]))
+    for r, (ids, pos, owner, prompt_len) in enumerate(rows):
+        for c, (start, length) in enumerate(spans[r]):
+            # token t of a continuation is predicted at the position before it: the prompt's last, then its own
+            where = [prompt_len - 1] + list(range(start, start + length - 1))
+            with autocast():
+                logits = head(hidden[r, where]).float()
+            targets = torch.tensor(ids[start:start + length], device=logits.device)
+            out[r, c] = logits.log_softmax(-1).gather(1, targets[:, None]).sum().cpu()
+    return out
 
 
 def length_sorted_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
@@ -128,6 +190,7 @@ class Evaluator:
     pad_token_id: int
     batch_size: int
     autocast: Callable[[], contextlib.AbstractContextManager]
+    mode: str = "letter"  # toolkit.settings.SCORING_MODES
     forget_log: AccuracyLog = field(default_factory=AccuracyLog)
     retain_log: AccuracyLog = field(default_factory=AccuracyLog)
     last_check: "Check | None" = None  # the stop rule's latest scoring
@@ -137,10 +200,21 @@ class Evaluator:
               policy: "DevicePolicy") -> "Evaluator":
         def files(names, dev):
             prefix = fewshot_prefix(load_mcq(data_file(data_root, dev)), k_shot) if dev and k_shot else ""
-            return [QuestionFile.build(tokenizer, n, load_mcq(data_file(data_root, n)), prefix) for n in names]
+            return [QuestionFile.build(tokenizer, n, load_mcq(data_file(data_root, n)), prefix, evals.scoring)
+                    for n in names]
 
         return cls(files(evals.val_files, evals.dev_file), files(evals.val_retain_files, evals.retain_dev_file),
-                   answer_letter_token_ids(tokenizer), tokenizer.pad_token_id, batch_size, policy.autocast)
+                   answer_letter_token_ids(tokenizer), tokenizer.pad_token_id, batch_size, policy.autocast,
+                   evals.scoring)
+
+    def batch_scores(self, model, f: QuestionFile, batch: Sequence[int]) -> torch.Tensor:
+        """[len(batch), 4] scores whose arg-max is the model's answer."""
+        if self.mode == "letter":
+            return batch_letter_logits(model, f.prompts, batch, self.letter_ids, self.pad_token_id, self.autocast)
+        logprobs = batch_choice_logprobs(model, f.prompts, f.choices, batch, self.pad_token_id, self.autocast)
+        if self.mode == "choice_norm":
+            logprobs = logprobs / torch.tensor([f.choice_bytes[i] for i in batch], dtype=torch.float32)
+        return logprobs
 
     def scoring(self, model, files: Sequence[QuestionFile]) -> "Scoring":
         return Scoring(self, model, list(files))
@@ -220,7 +294,7 @@ class Scoring:
         try:
             while self.pending and not decided(*self.bounds()):
                 f, batch = self.pending.pop(0)
-                logits = batch_letter_logits(model, f.prompts, batch, ev.letter_ids, ev.pad_token_id, ev.autocast)
+                logits = ev.batch_scores(model, f, batch)
                 self.logits[f.name][batch] = logits
                 answers = torch.tensor([f.answers[i] for i in batch])
                 self.correct[f.name] += int((logits.argmax(1) == answers).sum())

@@ -50,5 +50,6 @@ class Datasets(_Named):
     YEARS_MMLU_RETAIN = auto()
     MMLU = auto()
     RANDOM_BD_SAME_RETAIN = auto()
+    WORLD_FACTS = auto()  # facts the model learned in pretraining (toolkit.world_facts)
     RANDOM_BD_ALL_SPLITS = auto()
     WMDP_MCQ_CORPUS = auto()

@@ -132,7 +132,8 @@ class Planner:
                                  path=model_path if section["save_unlearn_model"] and not just_eval else None)
         retain_loss = section["retain_loss_type"] if section["retain_loss_type"] is not None else point.loss_type
         return build_settings(
-            UnlearnSettings, section, "unlearn", train=train, evals=DATASETS[point.dataset].evals(),
+            UnlearnSettings, section, "unlearn", train=train,
+            evals=DATASETS[point.dataset].evals(scoring=self.sweep.scoring),
             forget_files=forget, retain_files=retain, loss_type=point.loss_type, retain_loss_type=retain_loss,
             retain_coeff=point.retain_coeff, max_samples=point.max_samples, lora=lora,
             stop=build_settings(StopRule, section, "unlearn"), save=save, method=own)
@@ -182,7 +183,8 @@ class Planner:
                                   label=label.strip())
         settings = build_settings(
             FinetuneSettings, ft, "ft", train=train,
-            evals=files.evals(ft["eval_retain"], [files.val_files[skip]]), train_files=train_files,
+            evals=files.evals(ft["eval_retain"], [files.val_files[skip]], self.sweep.scoring),
+            train_files=train_files,
             extra_corpus_files=(), loss_type=loss_type, lora=attacker, save=SaveSettings(None, "merged"))
         key = fingerprint("rtt", probe, condition, key_settings(settings), self.data_key(dataset), upstream)
         return RttJob(self.next_index(), model_path, dataset, condition, loss_type, lr, epochs, skip, train_files,
@@ -201,7 +203,7 @@ class Planner:
         jobs = []
         for b in bits:
             train = self.eval_settings(model_path, f"{who} quant{b}".strip())
-            evals = DATASETS[dataset].evals(quant["eval_retain"])
+            evals = DATASETS[dataset].evals(quant["eval_retain"], scoring=self.sweep.scoring)
             key = fingerprint("quant", b, blocksize, condition, model_path, key_settings(evals),
                                  self.data_key(dataset), upstream)
             jobs.append(QuantJob(self.next_index(), model_path, dataset, condition, b, evals, train, blocksize, key,
@@ -232,7 +234,8 @@ class Planner:
         train = train_settings(teach, self.top(), "teach", model=base_model, label="teach",
                                   eval_every=POSITIVE_INTS.check(teach["epochs"], "teach.epochs"))
         return build_settings(
-            FinetuneSettings, teach, "teach", train=train, evals=files.evals(with_retain=False),
+            FinetuneSettings, teach, "teach", train=train,
+            evals=files.evals(with_retain=False, scoring=self.sweep.scoring),
             train_files=files.val_files, extra_corpus_files=files.unlearn_files if teach["with_corpus"] else (),
             lora=None, save=SaveSettings(path or None, "merged"))
 
@@ -291,7 +294,7 @@ def build_plan(sweep: SweepSettings) -> Plan:
         plan.held_back_runs = recorded.flagged & plan.finished
     if sweep.preflight_min_forget_acc is not None and not sweep.only_ft:
         plan.preflight = [QuantJob(0, plan.unlearn_from, dataset, "preflight", None,
-                                   DATASETS[dataset].evals(with_retain=False),
+                                   DATASETS[dataset].evals(with_retain=False, scoring=sweep.scoring),
                                    planner.eval_settings(plan.unlearn_from, "preflight"))
                           for dataset in sorted({run.point.dataset for run in plan.runs})]
     return plan

@@ -28,6 +28,11 @@ def mcq_prompt(row: McqRow) -> str:
     return "\n".join(lines) + "\nAnswer:"
 
 
+def choice_prompt(row: McqRow) -> str:
+    """The question alone, as a choice's continuation follows it (the QUESTION_ANSWER and NUMBER forms)."""
+    return f"{row.question}\nAnswer:"
+
+
 def fewshot_prefix(dev_rows: Sequence[McqRow], k_shot: int) -> str:
     return "".join(f"{mcq_prompt(r)} {LETTERS[r.answer]}\n\n" for r in dev_rows[:k_shot])
 
@@ -44,8 +49,8 @@ MCQ_EXAMPLE_BUILDERS: dict[LossType, Callable[[McqRow], TextPair]] = {
     LossType.LETTER: lambda r: TextPair(mcq_prompt(r), f" {_letter(r)}"),
     LossType.LETTER_ANSWER: lambda r: TextPair(mcq_prompt(r), f" {_letter(r)}. {_choice(r)}"),
     LossType.QUESTION_LETTER_ANSWER: lambda r: TextPair("", f"{mcq_prompt(r)} {_letter(r)}. {_choice(r)}"),
-    LossType.QUESTION_ANSWER: lambda r: TextPair("", f"{r.question}\nAnswer: {_choice(r)}"),
-    LossType.NUMBER: lambda r: TextPair(f"{r.question}\nAnswer:", f" {_choice(r)}"),
+    LossType.QUESTION_ANSWER: lambda r: TextPair("", f"{choice_prompt(r)} {_choice(r)}"),
+    LossType.NUMBER: lambda r: TextPair(choice_prompt(r), f" {_choice(r)}"),
     # An MCQ file under the corpus loss is trained on as plain text.
     LossType.CORPUS: lambda r: TextPair("", f"{mcq_prompt(r)} {_letter(r)}. {_choice(r)}"),
 }

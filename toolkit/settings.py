@@ -92,10 +92,16 @@ def member_of(enum: type[Enum], exclude: Sequence[Enum] = ()) -> Allowed:
     return Allowed(f"one of {', '.join(names)}", lambda v: str(v) in names, lambda v: enum[str(v)])
 
 
-def setting(allowed: Allowed | None = None, *, in_key: bool = True):
+_NO_DEFAULT = object()
+
+
+def setting(allowed: Allowed | None = None, *, in_key: bool = True, key_unless: Any = _NO_DEFAULT,
+            default: Any = dataclasses.MISSING):
     """A settings field: what it allows, and whether it decides a run's
-    result (part of its resume key) or only how the run is shown."""
-    return field(metadata={"allowed": allowed, "in_key": in_key})
+    result (part of its resume key) or only how the run is shown. A field
+    added after rows were published names its old behaviour in `key_unless`:
+    at that value it is left out of the key, so the published keys still hold."""
+    return field(default=default, metadata={"allowed": allowed, "in_key": in_key, "key_unless": key_unless})
 
 
 def build_settings(cls, section: Mapping | None, key: str, **given):
@@ -119,7 +125,8 @@ def key_settings(obj) -> Any:
     """The parts of a settings object that decide a run's result, as plain
     data (fields marked in_key=False, such as labels and wandb, are left out)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: key_settings(getattr(obj, f.name)) for f in fields(obj) if f.metadata.get("in_key", True)}
+        return {f.name: key_settings(getattr(obj, f.name)) for f in fields(obj) if f.metadata.get("in_key", True)
+                and getattr(obj, f.name) != f.metadata.get("key_unless", _NO_DEFAULT)}
     if isinstance(obj, (list, tuple)):
         return [key_settings(v) for v in obj]
     if isinstance(obj, Mapping):
@@ -131,6 +138,11 @@ OPTIMIZER_NAMES = ("lion", "adamw")
 PROGRESS_MODES = ("auto", "bars", "lines", "off")
 WANDB_MODES = ("online", "offline", "disabled")
 SAVE_FORMATS = ("merged", "adapter")
+# How a question is scored: the arg-max answer letter after the listed choices
+# (the paper's), or each choice's log-likelihood as a continuation of the
+# question, summed or per byte (lm-evaluation-harness's acc and acc_norm).
+SCORING_MODES = ("letter", "choice", "choice_norm")
+SCORING = one_of(*SCORING_MODES)
 
 
 @dataclass(frozen=True)
@@ -175,6 +187,7 @@ class EvalFiles:
     val_retain_files: tuple[str, ...] = setting(NAMES)
     dev_file: str = setting(TEXT)  # k-shot examples for the forget files
     retain_dev_file: str = setting(TEXT)
+    scoring: str = setting(SCORING, key_unless="letter", default="letter")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from toolkit.names import DataFormat, Datasets
 from toolkit.registry import METHODS
 from toolkit.settings import (
     BOOLEAN,
+    SCORING,
     FRACTION_OR_NULL,
     NAMES,
     NON_NEGATIVE_INTS,
@@ -94,6 +95,7 @@ class SweepSettings:
     random_bd: RandomBdSpec
     ray: RaySettings
     device: dict  # device.*, with bf16_autocast decided once for every job (it measures this machine)
+    scoring: str = "letter"  # how every question is scored (toolkit.settings.SCORING_MODES)
 
     @property
     def rtt_on(self) -> bool:
@@ -142,7 +144,7 @@ class SweepSettings:
             data_format, cfg["model_id"], cfg["data_root"], cfg["models_dir"], cfg["results_dir"],
             cfg["wandb_project_name"], resolve_progress(cfg["progress"]), plugins, **flags, num_splits=num_splits,
             preflight_min_forget_acc=preflight, teach_dataset=teach, teach_cpus=teach_cpus, random_bd=random_bd,
-            ray=ray, device=device)
+            ray=ray, device=device, scoring=SCORING.check(cfg.get("scoring", "letter"), "scoring"))
 
     @staticmethod
     def read_ray(ray: Mapping) -> RaySettings:

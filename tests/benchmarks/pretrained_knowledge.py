@@ -1,0 +1,81 @@
+"""What the embedded model knows before any teaching, per relation, under
+each scoring mode (letter, choice, choice_norm), and what one question costs.
+
+    python tests/benchmarks/pretrained_knowledge.py [--model smollm2-135m] [--years ../shared/data]
+
+Writes the world-facts dataset under --data-root when absent; with --years,
+also scores the paper's years data (dates-years-trimmed, split 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from toolkit.data import read_jsonl  # noqa: E402
+from toolkit.datasets import DATASETS, ensure_dataset  # noqa: E402
+from toolkit.device import resolve_device_policy  # noqa: E402
+from toolkit.evaluation import Evaluator  # noqa: E402
+from toolkit.facts import RandomBdSpec  # noqa: E402
+from toolkit.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
+from toolkit.names import Datasets  # noqa: E402
+from toolkit.settings import SCORING_MODES, EvalFiles  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--models-dir", default=str(ROOT / "models"))
+    parser.add_argument("--data-root", default=str(ROOT / "data"))
+    parser.add_argument("--years", default=None, help="a data root holding dates-years-trimmed")
+    parser.add_argument("--years-questions", type=int, default=120)
+    args = parser.parse_args()
+    ensure_dataset(args.data_root, Datasets.WORLD_FACTS, RandomBdSpec(10, 8, 0, 5, 3))
+    path = resolve_model_path(args.model, args.models_dir)
+    policy = resolve_device_policy({"device": "cpu", "bf16_autocast": False})
+    tokenizer, model = load_tokenizer(path), load_model(path, policy)
+    files = DATASETS[Datasets.WORLD_FACTS]
+    names = [*files.val_files, *files.val_retain_files]
+    relations = [row["relation"] for n in names for row in read_jsonl(Path(args.data_root, f"{n}.jsonl"))]
+    print(f"{args.model} ({path}), fp32, {len(relations)} world facts in {len(names)} splits")
+    header = f"{'relation':<10} {'facts':>5} " + " ".join(f"{m:>11}" for m in SCORING_MODES)
+    by_mode, seconds = {}, {}
+    for mode in SCORING_MODES:
+        evaluator = Evaluator.build(tokenizer, EvalFiles(tuple(names), (), "", "", mode), args.data_root, 0, 16, policy)
+        start = time.perf_counter()
+        scores = evaluator.score(model, evaluator.forget)
+        seconds[mode] = time.perf_counter() - start
+        by_mode[mode] = [c for n in names for c in scores[n].correct]
+        forget = [c for n in files.val_files for c in scores[n].correct]
+        print(f"{mode}: forget splits 0-4 {sum(forget) / len(forget):.3f} ({len(forget)} facts), "
+              f"{seconds[mode] / len(relations) * 1000:.0f} ms a question")
+    print(header)
+    groups = defaultdict(list)
+    for i, relation in enumerate(relations):
+        groups[relation].append(i)
+    for relation, rows in sorted(groups.items()) + [("all", list(range(len(relations))))]:
+        accs = [sum(by_mode[m][i] for i in rows) / len(rows) for m in SCORING_MODES]
+        print(f"{relation:<10} {len(rows):>5} " + " ".join(f"{a:>11.3f}" for a in accs))
+    print("cost of a question relative to letter scoring: "
+          + ", ".join(f"{m} {seconds[m] / seconds['letter']:.2f}x" for m in SCORING_MODES[1:]))
+    if args.years:
+        name = "dates-years-trimmed/split_0"
+        rows = read_jsonl(Path(args.years, f"{name}.jsonl"))[: args.years_questions]
+        tmp = Path(args.data_root, "years_pilot")
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "split_0.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+        for mode in SCORING_MODES:
+            evaluator = Evaluator.build(tokenizer, EvalFiles(("years_pilot/split_0",), (), "", "", mode),
+                                        args.data_root, 0, 16, policy)
+            [score] = evaluator.score(model, evaluator.forget).values()
+            print(f"years ({name}, first {len(rows)} questions), {mode}: {score.acc:.3f}")
+
+
+if __name__ == "__main__":
+    main()
