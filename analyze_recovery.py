@@ -627,8 +627,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def check_inputs(args: argparse.Namespace) -> None:
-    """Everything the command will read, checked before it writes anything."""
-    load_results(args.results_dir)
+    """What the command reads after it has written its table, checked first
+    (the results folder itself is read, and refused, before anything is written)."""
     if args.compare:
         if not Path(args.compare).is_dir():
             raise FileNotFoundError(f"--compare: {args.compare} is not a folder; name the published results "
