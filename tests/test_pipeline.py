@@ -416,12 +416,15 @@ def test_the_study_plans_paired_seeds_and_the_demo_is_a_slice_of_it(tmp_path):
     assert not (tmp_path / "models").exists()  # planning loads and writes no model
 
     demo = planned(config("demo_cpu", [*where, f"results_dir={tmp_path}/demo"]))
-    seed0 = planned(config("rank_study", [*where, f"results_dir={tmp_path}/study", "slice=[0]"]))
-    assert {run.point.seed for run in demo.runs} == {0} and len(demo.runs) == len(ranks)
+    seed13 = planned(config("rank_study", [*where, f"results_dir={tmp_path}/study", "slice=[13]"]))
+    assert {run.point.seed for run in demo.runs} == {13} and len(demo.runs) == len(ranks)
     assert {j.skip_split for run in demo.runs for j in run.rtt} == {0, 1} and not demo.reference_quant
-    # every demo job is one of seed 0's (its run keys, its RTT of splits 0 and 1), and those are the study's
-    assert {j.key for j in demo.jobs()} < {j.key for j in seed0.jobs()} < {j.key for j in plan.jobs()}
-    assert {run.key for run in demo.runs} == {run.key for run in seed0.runs}
+    # every demo job but its own C is one of seed 13's (its run keys, its RTT of splits 0 and 1), and those are
+    # the study's; the study runs C on seeds 0-2 only
+    own_c = {j.key for j in demo.baseline_rtt}
+    assert len(own_c) == 2 and not own_c & {j.key for j in plan.jobs()}
+    assert {j.key for j in demo.jobs()} - own_c < {j.key for j in seed13.jobs()} < {j.key for j in plan.jobs()}
+    assert {run.key for run in demo.runs} == {run.key for run in seed13.runs}
 
 
 def test_a_slice_runs_its_seeds_with_their_c_and_the_first_seeds_floor(tmp_path):

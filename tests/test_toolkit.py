@@ -290,8 +290,9 @@ def test_lora_without_target_modules_names_what_the_model_has(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=32))
-    # GPT-2 uses Conv1D, not Linear, except the LM head.
-    with pytest.raises(ValueError, match="match no module of this model; its linear modules are \\['lm_head'\\]"):
+    # GPT-2 uses Conv1D, not Linear, except the LM head: PEFT targets both.
+    with pytest.raises(ValueError, match="match no module of this model; its modules that LoRA can target \\(linear and "
+                                         "Conv1D layers\\) are \\['c_attn', 'c_fc', 'c_proj', 'lm_head'\\]"):
         attach_lora(model, rank=4)
 
 

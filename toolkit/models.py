@@ -237,7 +237,8 @@ def attach_lora(model, rank: int, alpha: float | None = None, target_modules: Se
     targets = list(target_modules or DEFAULT_LORA_TARGETS)
     names = linear_module_names(model)
     if not set(targets) & set(names):
-        raise ValueError(f"LoRA targets {targets} match no module of this model; its linear modules are {names}")
+        raise ValueError(f"LoRA targets {targets} match no module of this model; its modules that LoRA can target "
+                         f"(linear and Conv1D layers) are {names}")
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM", use_rslora=use_rslora)
     peft_model = get_peft_model(model, config)
