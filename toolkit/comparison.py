@@ -8,6 +8,7 @@ frames the analysis reads; it never imports pandas itself."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -165,13 +166,16 @@ def agreement_rate(values: Mapping[int, float], centre: Mapping[int, float], oth
     where rho is how much of a seed's draw carries over to another machine
     (0: a new seed; 1: the same bits) and mean and sd are the other seeds'."""
     ranks = sorted(values)
+    # Each rank's interval depends only on the other seeds: built once, then each draw takes its place.
+    intervals = {rank: predict(rank, math.nan, [0], "", others[rank]) for rank in ranks}
+    spread = {rank: float(np.std(others[rank], ddof=1)) for rank in ranks}
     agree = 0
     for _ in range(draws):
         found = []
         for rank in ranks:
-            spread = float(np.std(others[rank], ddof=1))
-            draw = centre[rank] + rho * (values[rank] - centre[rank]) + math.sqrt(1 - rho ** 2) * spread * rng.normal()
-            found.append(predict(rank, draw, [0], "", others[rank]))
+            draw = (centre[rank] + rho * (values[rank] - centre[rank])
+                    + math.sqrt(1 - rho ** 2) * spread[rank] * rng.normal())
+            found.append(dataclasses.replace(intervals[rank], mine=draw))
         agree += not holm_misses(found, level)
     return agree / draws
 

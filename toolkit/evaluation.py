@@ -93,13 +93,13 @@ def batch_choice_logprobs(model, prompts: Sequence[Sequence[int]], choices, batc
                          position_ids=position_ids.to(device)).last_hidden_state
     out = torch.empty(len(batch), len(choices[batch[0]]))
     for r, (ids, pos, owner, prompt_len) in enumerate(rows):
-        for c, (start, length) in enumerate(spans[r]):
-            # token t of a continuation is predicted at the position before it: the prompt's last, then its own
-            where = [prompt_len - 1] + list(range(start, start + length - 1))
-            with autocast():
-                logits = head(hidden[r, where]).float()
-            targets = torch.tensor(ids[start:start + length], device=logits.device)
-            out[r, c] = logits.log_softmax(-1).gather(1, targets[:, None]).sum().cpu()
+        # token t of a continuation is predicted at the position before it: the prompt's last, then its own;
+        # the head runs once per question, on those positions of all four continuations
+        where = [p for start, length in spans[r] for p in [prompt_len - 1, *range(start, start + length - 1)]]
+        targets = torch.tensor([t for start, length in spans[r] for t in ids[start:start + length]], device=device)
+        with autocast():
+            logprobs = head(hidden[r, where]).float().log_softmax(-1).gather(1, targets[:, None])[:, 0].cpu()
+        out[r] = torch.stack([part.sum() for part in logprobs.split([length for _, length in spans[r]])])
     return out
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from toolkit.data import read_jsonl  # noqa: E402
+from toolkit.data import read_jsonl, write_jsonl  # noqa: E402
 from toolkit.datasets import DATASETS, ensure_dataset  # noqa: E402
 from toolkit.device import resolve_device_policy  # noqa: E402
 from toolkit.evaluation import Evaluator  # noqa: E402
@@ -69,7 +69,7 @@ def main() -> None:
         rows = read_jsonl(Path(args.years, f"{name}.jsonl"))[: args.years_questions]
         tmp = Path(args.data_root, "years_pilot")
         tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / "split_0.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+        write_jsonl(tmp / "split_0.jsonl", rows)
         for mode in SCORING_MODES:
             evaluator = Evaluator.build(tokenizer, EvalFiles(("years_pilot/split_0",), (), "", "", mode),
                                         args.data_root, 0, 16, policy)
