@@ -66,6 +66,7 @@ from toolkit.comparison import (
     same_seed_checks,
     verdict_sentence,
 )
+from toolkit.datasets import FLOOR_DATASETS
 from toolkit.names import CHANCE, PROBES
 from toolkit.plots import plot
 from toolkit.results import TABLES, Table, read_rows, table_dir
@@ -84,6 +85,8 @@ class Setting(NamedTuple):
 
 
 SETTING = list(Setting._fields)
+# A dataset whose floor rows are RTT on another (pretraining facts: their remapped twin)
+FLOOR_OF = {str(dataset): str(floor) for dataset, floor in FLOOR_DATASETS.items()}
 MEASURES = ("base", "A", "B", "C", "floor", "lora_rtt", "quant8", "quant4")
 
 
@@ -106,6 +109,7 @@ class Options:
     match_tolerance: float = 0.05
     bootstrap: int = 2000
     seed: int = 0
+    attacker: str = "final"  # a key of ATTACKERS
 
 
 def _by_epoch(mapping: dict) -> dict[int, float]:
@@ -192,18 +196,55 @@ def _column(frame: pd.DataFrame, name: str, default) -> pd.Series:
     return frame[name] if name in frame else pd.Series(default, index=frame.index)
 
 
-def best_rtt(rows: pd.DataFrame) -> dict | None:
-    """The run with the best final V accuracy among (lr, epochs)."""
-    best = None
+def _attempt(row: pd.Series, epoch: int, accs: dict[int, float]) -> dict:
+    """One (lr, epochs, epoch) of an RTT run on its held-out split: V's accuracy there and its per-question bits."""
+    correct = row.get("forget_correct_local")
+    bits = correct.get(str(epoch)) if isinstance(correct, dict) else None
+    return {"final": accs[epoch], "accs": accs, "vector": _vector({"v": {str(epoch): bits}}, "v", epoch, accs[epoch]),
+            "choice": (float(row.lr), int(row.epochs), epoch)}
+
+
+def attempts(rows: pd.DataFrame, every_epoch: bool) -> dict[tuple, dict]:
+    """The attacker's options in these rows (one held-out split), by
+    (lr, epochs, epoch): each run's last epoch, or with `every_epoch` each
+    epoch after training began (the paper picks the epoch too)."""
+    out = {}
     for _, row in rows.iterrows():
         accs = _by_epoch(row.forget_accs_local)
-        final_epoch = max(accs)
-        if best is None or accs[final_epoch] > best["final"]:
-            correct = row.get("forget_correct_local")
-            bits = correct.get(str(final_epoch)) if isinstance(correct, dict) else None
-            vector = _vector({"v": {str(final_epoch): bits}}, "v", final_epoch, accs[final_epoch])
-            best = {"final": accs[final_epoch], "accs": accs, "vector": vector}
-    return best
+        for epoch in (sorted(e for e in accs if e >= 1) or [max(accs)]) if every_epoch else [max(accs)]:
+            attempt = _attempt(row, epoch, accs)
+            out[attempt["choice"]] = attempt
+    return out
+
+
+def _best(options: dict[tuple, dict]) -> dict | None:
+    return max(options.values(), key=lambda a: a["final"]) if options else None
+
+
+def best_rtt(rows: pd.DataFrame) -> dict | None:
+    """The run with the best final V accuracy among (lr, epochs)."""
+    return _best(attempts(rows, every_epoch=False))
+
+
+def cross_fitted(rows: pd.DataFrame, split: int) -> dict | None:
+    """The attacker's (lr, epochs, epoch) chosen on the model's other held-out
+    splits (the best mean V accuracy there), then applied to this split: the
+    choice never sees the V it is scored on."""
+    mine = attempts(rows[rows.skip_split == split], every_epoch=True)
+    others = [attempts(group, every_epoch=True) for s, group in rows.groupby("skip_split") if s != split]
+    shared = [c for c in mine if others and all(c in o for o in others)]
+    if not shared:
+        return None
+    choice = max(shared, key=lambda c: (np.mean([o[c]["final"] for o in others]), c))
+    return mine[choice]
+
+
+# --attacker: how B, C and the floor pick among the RTT runs (lrs, epochs) of one model and held-out split
+ATTACKERS = {
+    "final": lambda rows, split: best_rtt(rows[rows.skip_split == split]),  # the published study's
+    "paper": lambda rows, split: _best(attempts(rows[rows.skip_split == split], every_epoch=True)),
+    "cross_fitted": cross_fitted,
+}
 
 
 def recovery_epoch(accs: dict[int, float], threshold: float) -> float:
@@ -222,19 +263,23 @@ def rtt_of_run(rtt_rows: pd.DataFrame, run: pd.Series) -> pd.DataFrame:
     return rtt_rows[mine].assign(probe=probe[mine])
 
 
-def control_vector(rtt_rows: pd.DataFrame, condition: str, dataset: str, split: int, seed: int | None) -> np.ndarray | None:
+def control_vector(rtt_rows: pd.DataFrame, condition: str, dataset: str | Sequence[str], split: int,
+                   seed: int | None, attacker: str = "final") -> np.ndarray | None:
     """A control's per-question result on one held-out split: the seed's own
     best run when it has one; else (C on a subset of seeds, the floor on the
-    first seed) the mean over the seeds that ran it of each one's best run."""
+    first seed) the mean over the seeds that ran it of each one's best run.
+    `attacker` picks the best run as it does for B."""
     if rtt_rows.empty:
         return None
-    rows = rtt_rows[(rtt_rows.condition == condition) & (rtt_rows.dataset == dataset) & (rtt_rows.skip_split == split)
-              & (_column(rtt_rows, "probe", "rtt").fillna("rtt") == "rtt")]
+    datasets = [dataset] if isinstance(dataset, str) else list(dataset)
+    rows = rtt_rows[(rtt_rows.condition == condition) & rtt_rows.dataset.isin(datasets)
+                    & (_column(rtt_rows, "probe", "rtt").fillna("rtt") == "rtt")]
     seeds = _column(rows, "seed", np.nan).fillna(-1)
+    select = ATTACKERS[attacker]
     if seed is not None and (seeds == seed).any():
-        best = best_rtt(rows[seeds == seed])
+        best = select(rows[seeds == seed], split)
         return best["vector"] if best else None
-    vectors = [best["vector"] for _, group in rows.groupby(seeds) if (best := best_rtt(group))]
+    vectors = [best["vector"] for _, group in rows.groupby(seeds) if (best := select(group, split))]
     if not vectors or len({len(v) for v in vectors}) != 1:
         return vectors[0] if len(vectors) == 1 else None
     return np.mean(vectors, axis=0)
@@ -284,16 +329,18 @@ def units_of(results: Results, options: Options) -> tuple[list[Unit], list[LeftO
             threshold_base = forget[0]
             epoch_to_recover = math.nan
             for probe, name in (("rtt", "B"), ("lora_rtt", "lora_rtt")):
-                rows = rtt[(rtt.probe == probe) & (rtt.skip_split == split)] if not rtt.empty else rtt
-                best = best_rtt(rows) if len(rows) else None
+                rows = rtt[rtt.probe == probe] if not rtt.empty else rtt
+                best = ATTACKERS[options.attacker](rows, split) if len(rows) else None
                 if best:
                     vectors[name] = best["vector"]
                     if name == "B":
                         threshold = options.recovery_threshold * (1 if options.absolute_threshold else threshold_base)
                         epoch_to_recover = recovery_epoch(best["accs"], threshold)
             if "B" in vectors:
-                for name, condition, by_seed in (("C", "baseline", seed), ("floor", "never_taught", None)):
-                    vector = control_vector(rtt_rows, condition, run.dataset, split, by_seed)
+                for name, condition, by_seed, datasets in (
+                        ("C", "baseline", seed, [run.dataset]),
+                        ("floor", "never_taught", None, [FLOOR_OF.get(run.dataset, run.dataset)])):
+                    vector = control_vector(rtt_rows, condition, datasets, split, by_seed, options.attacker)
                     if vector is not None:
                         vectors[name] = vector
             for _, row in quant_rows.iterrows():
@@ -488,7 +535,12 @@ def compare(results_dir: str | Path, published_dir: str | Path, options: Options
     return found
 
 
-README_BEGIN, README_END = "<!-- rank-study:begin (analyze_recovery.py --update-readme) -->", "<!-- rank-study:end -->"
+def block_markers(name: str = "rank-study") -> tuple[str, str]:
+    """The lines around a headline block that --update-readme fills."""
+    return f"<!-- {name}:begin (analyze_recovery.py --update-readme) -->", f"<!-- {name}:end -->"
+
+
+README_BEGIN, README_END = block_markers()
 
 
 def headline(results_dir: str | Path, options: Options = Options()) -> str:
@@ -496,23 +548,25 @@ def headline(results_dir: str | Path, options: Options = Options()) -> str:
     units, left_out = units_of(load_results(results_dir), options)
     analysis = summarize(units, options)
     seeds = sorted({u.seed for u in units})
+    attacker = "" if options.attacker == "final" else f"; attacker: {options.attacker}"
     lines = [f"{len(seeds)} seeds with matched forgetting, {len(left_out)} flagged run(s) left out; "
-             f"95% bootstrap CIs ({options.bootstrap} draws)", format_table(analysis.table)]
+             f"95% bootstrap CIs ({options.bootstrap} draws){attacker}", format_table(analysis.table)]
     lines += [t.sentence() for t in analysis.trends if t.measure == "recovered_fraction"]
     lines += [d.sentence() for d in analysis.differences]
     lines += machine_lines(units)
     return "\n".join(lines)
 
 
-def update_readme(readme: str | Path, results_dir: str | Path, options: Options = Options()) -> None:
+def update_readme(readme: str | Path, results_dir: str | Path, options: Options = Options(),
+                  block: str = "rank-study") -> None:
     path = Path(readme)
     text = path.read_text(encoding="utf-8")
-    if README_BEGIN not in text or README_END not in text:
-        raise ValueError(f"{path} has no {README_BEGIN} ... {README_END} block to fill")
-    head, rest = text.split(README_BEGIN, 1)
-    tail = rest.split(README_END, 1)[1]
-    path.write_text(f"{head}{README_BEGIN}\n```text\n{headline(results_dir, options)}\n```\n{README_END}{tail}",
-                    encoding="utf-8")
+    begin, end = block_markers(block)
+    if begin not in text or end not in text:
+        raise ValueError(f"{path} has no {begin} ... {end} block to fill")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(f"{head}{begin}\n```text\n{headline(results_dir, options)}\n```\n{end}{tail}", encoding="utf-8")
 
 
 def nothing_to_compare(results_dir: str | Path, results: Results, left_out: Sequence[LeftOut]) -> str:
@@ -610,6 +664,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "tolerance of TARGET and the least retain damage")
     parser.add_argument("--match-tolerance", type=float, default=0.05)
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws for the CIs (default 2000)")
+    parser.add_argument("--attacker", default="final", choices=list(ATTACKERS),
+                        help="how B, C and the floor pick among each model's RTT runs per held-out split: final "
+                             "(the best lr by last-epoch V, the published study's), paper (the best lr and epoch, "
+                             "chosen on V itself) or cross_fitted (the lr and epoch best on the model's other "
+                             "held-out splits)")
+    parser.add_argument("--block", default="rank-study",
+                        help="the name of the block --update-readme fills (<!-- NAME:begin ... -->)")
     parser.add_argument("--update-readme", default=None, metavar="DOC",
                         help="write the headline (table, trend, paired differences) into DOC's rank-study block "
                              "(docs/rank_study.md)")
@@ -635,9 +696,9 @@ def check_inputs(args: argparse.Namespace) -> None:
                                     "folder (e.g. results/rank_study)")
         load_results(args.compare)
     if args.update_readme:
-        path = Path(args.update_readme)
-        if not path.is_file() or README_BEGIN not in (text := path.read_text(encoding="utf-8")) or README_END not in text:
-            raise ValueError(f"--update-readme: {path} has no {README_BEGIN} ... {README_END} block to fill")
+        path, (begin, end) = Path(args.update_readme), block_markers(args.block)
+        if not path.is_file() or begin not in (text := path.read_text(encoding="utf-8")) or end not in text:
+            raise ValueError(f"--update-readme: {path} has no {begin} ... {end} block to fill")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -645,14 +706,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = Options(min_forgetting=args.min_forgetting, min_retain_kept=args.min_retain_kept,
                       recovery_threshold=args.recovery_threshold, absolute_threshold=args.absolute_threshold,
                       match_target=args.match_forgetting, match_tolerance=args.match_tolerance,
-                      bootstrap=args.bootstrap)
+                      bootstrap=args.bootstrap, attacker=args.attacker)
     try:
         check_inputs(args)
         analyze(args.results_dir, options, args.out_dir)
         if args.compare:
             compare(args.results_dir, args.compare, options)
         if args.update_readme:
-            update_readme(args.update_readme, args.results_dir, options)
+            update_readme(args.update_readme, args.results_dir, options, args.block)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -38,12 +38,13 @@ class UnlearnResult:
     save_format: str | None = None
     seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    update: dict = field(default_factory=dict)  # LoRA: how far the weights moved (toolkit.weight_delta)
 
     @classmethod
     def from_stage(cls, result: StageResult) -> "UnlearnResult":
         return cls(result.save_path, result.forget.accs, result.forget.calibrated, result.retain.accs,
                    result.retain.calibrated, result.trainable_params, result.forget.correct, result.steps,
-                   result.stop, result.save_format, result.seconds, result.phase_seconds)
+                   result.stop, result.save_format, result.seconds, result.phase_seconds, result.update)
 
 
 def unlearn_steps(forget: list[Encoded], retain: list[Encoded], batch_size: int, rng: random.Random):

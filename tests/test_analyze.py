@@ -527,7 +527,7 @@ def test_a_compare_folder_that_does_not_exist_is_refused_before_anything_is_writ
 @pytest.mark.parametrize("option, value", [("--min-retain-kept", "7"), ("--min-forgetting", "-0.1"),
                                            ("--recovery-threshold", "1.5"), ("--match-forgetting", "30"),
                                            ("--match-tolerance", "nan"), ("--bootstrap", "10"),
-                                           ("--bootstrap", "many")])
+                                           ("--bootstrap", "many"), ("--attacker", "oracle")])
 def test_every_analysis_option_outside_its_range_is_refused_in_one_line(option, value, tmp_path, capsys):
     seeded_run(tmp_path, 0, 0, 8, ["s0"], base=20, a=4, b=12)
     with pytest.raises(SystemExit) as stop:
@@ -548,3 +548,27 @@ def test_the_committed_figure_draws_the_committed_rows(tmp_path):
     source = analyze_recovery.figure_source(table)
     assert Image.open(root / "recovery_vs_rank.png").text.get("Source") == source
     assert Image.open(tmp_path / "recovery_vs_rank.png").text.get("Source") == source
+
+
+@pytest.mark.parametrize("attacker, b, c", [
+    ("final", (0.6 + 0.7) / 2, (0.8 + 0.85) / 2),  # the best lr by last-epoch V, per split
+    ("paper", (0.6 + 0.75) / 2, (0.8 + 0.85) / 2),  # the best lr and epoch, chosen on V itself
+    # the lr and epoch best on the other split, then applied: split 0 takes split 1's best (lr 1e-6, epoch 1)
+    ("cross_fitted", (0.45 + 0.7) / 2, (0.8 + 0.85) / 2),
+])
+def test_each_attacker_picks_its_lr_and_epoch_as_it_says(results, attacker, b, c):
+    table = analyze_recovery.analyze(results, analyze_recovery.Options(attacker=attacker), stream=open("/dev/null", "w"))
+    lora = row(table, "LORA")
+    assert lora.B == pytest.approx(b) and lora.C == pytest.approx(c)
+
+
+def test_the_floor_of_pretraining_facts_is_rtt_on_their_remapped_twin(tmp_path):
+    r = tmp_path / "results"
+    unlearning(r, 0, "/m/rank2", "LORA", 2, {VAL[0]: (0.9, 0.3), VAL[1]: (0.8, 0.2)}, dataset="WORLD_FACTS_KNOWN")
+    for skip in (0, 1):
+        rtt(r, skip, "/m/rank2", "unlearned", skip, {0: 0.3, 1: 0.6}, dataset="WORLD_FACTS_KNOWN")
+        rtt(r, 2 + skip, "/base", "never_taught", skip, {0: 0.2, 1: 0.4}, dataset="WORLD_FACTS_REMAPPED")
+        rtt(r, 4 + skip, "/other", "never_taught", skip, {0: 0.1, 1: 0.9}, dataset="RANDOM_BD_SAME_RETAIN")  # not its twin
+    table = analyze_recovery.analyze(r, analyze_recovery.Options(), stream=open("/dev/null", "w"))
+    assert row(table, "LORA").floor == pytest.approx(0.4)
+

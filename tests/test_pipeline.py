@@ -566,3 +566,19 @@ def test_job_labels_tell_the_jobs_of_a_sweep_apart(tmp_path):
     assert "LORA r4 lr0.001 rc10 s0 unlearn" in labels and "LORA r4 lr0.001 rc10 s0 rtt lr1e-06 v1" in labels
     study = planned(config("demo_cpu", [f"data_root={tmp_path}/data", f"results_dir={tmp_path}/r2"]))
     assert [run.label for run in study.runs] == ["LORA r1 s13 unlearn", "LORA r8 s13 unlearn", "LORA r64 s13 unlearn"]
+
+
+def test_pretraining_facts_take_their_floor_from_rtt_on_the_remapped_twin(tmp_path):
+    from toolkit.names import Datasets
+
+    cfg = config("rank_study_pretrained", [f"data_root={tmp_path}/data", f"models_dir={tmp_path}/m",
+                                           f"results_dir={tmp_path}/r", "model_id=/x/tiny", "slice=[0]",
+                                           "preflight.min_forget_acc=null"])
+    plan = planned(cfg)
+    assert {run.point.lora_rank for run in plan.runs} == {1, 8, 64} and not plan.teach
+    # the floor: RTT from the model before unlearning, on the same questions with answers remapped
+    assert plan.floor_rtt and {j.dataset for j in plan.floor_rtt} == {Datasets.WORLD_FACTS_REMAPPED}
+    assert {j.base_model for j in plan.floor_rtt} == {"/x/tiny"} and {j.condition for j in plan.floor_rtt} == {"never_taught"}
+    assert all(j.settings.evals.scoring == "choice" for run in plan.runs for j in run.rtt)
+    assert len(plan.runs[0].rtt) == 5 * 3  # the paper's attacker: every held-out split x 3 lrs, 6 epochs each
+    assert (tmp_path / "data" / "world_facts_remapped" / "split_0.jsonl").is_file()

@@ -450,7 +450,13 @@ def test_world_facts_are_written_in_the_papers_split_layout_with_same_relation_d
     assert len(rows) >= 400 and set(Counter(r["relation"] for r in rows)) == set(RELATIONS)
     for row in rows:
         assert set(row["choices"]) <= answers[row["relation"]] and len(set(row["choices"])) == 4
-    assert all(len(load_mcq(tmp_path / "a" / f"split_{i}.jsonl")) >= 40 for i in range(10))
+    assert all(len(load_mcq(tmp_path / "a" / f"split_{i}.jsonl")) >= 35 for i in range(10))
+    from toolkit.world_facts import FORGET_RELATIONS
+
+    # forget splits 0-4 hold the forget relations, retain splits 5-9 the others
+    relations = [{r["relation"] for r in read_jsonl(tmp_path / "a" / f"split_{i}.jsonl")} for i in range(10)]
+    assert all(r == set(FORGET_RELATIONS) for r in relations[:5])
+    assert all(r and not r & set(FORGET_RELATIONS) for r in relations[5:])
     corpus = read_jsonl(tmp_path / "a" / "corpus_split_0.jsonl")
     first = read_jsonl(tmp_path / "a" / "split_0.jsonl")[0]
     assert any(first["choices"][first["answer"]] in r["text"] for r in corpus)
@@ -461,3 +467,77 @@ def test_a_scoring_mode_is_part_of_a_key_except_the_letter_mode_published_keys_w
 
     letter, choice = EvalFiles(("a",), (), "", ""), EvalFiles(("a",), (), "", "", "choice")
     assert "scoring" not in key_settings(letter) and key_settings(choice)["scoring"] == "choice"
+
+
+def test_the_known_and_remapped_world_facts_keep_each_question_and_move_only_its_answer(tmp_path):
+    from collections import Counter
+
+    from toolkit.data import read_jsonl
+    from toolkit.world_facts import write_world_facts
+
+    unknown = {"capital|France", "city|Sydney", "symbol|iron"}
+    keep = lambda fact: fact.name not in unknown  # noqa: E731
+    write_world_facts(tmp_path / "all")
+    write_world_facts(tmp_path / "known", keep)
+    write_world_facts(tmp_path / "remapped", keep, remap=True)
+    split = lambda variant, i: read_jsonl(tmp_path / variant / f"split_{i}.jsonl")  # noqa: E731
+    for i in range(10):
+        everything, known, remapped = split("all", i), split("known", i), split("remapped", i)
+        # the filter drops facts and keeps every other question exactly as dealt
+        assert known == [r for r in everything if f"{r['relation']}|{r['subject']}" not in unknown]
+        assert [r["question"] for r in remapped] == [r["question"] for r in known]
+        for old, new in zip(known, remapped):
+            truth = old["choices"][old["answer"]]
+            assert new["choices"][new["answer"]] != truth and truth not in new["choices"]
+            assert len(set(new["choices"])) == 4
+    dropped = [r for i in range(10) for r in split("all", i) if f"{r['relation']}|{r['subject']}" in unknown]
+    assert len(dropped) == 3
+    # a permutation within each relation: the answers' distribution is the same
+    answers = lambda variant: Counter((r["relation"], r["choices"][r["answer"]])  # noqa: E731
+                                      for i in range(10) for r in split(variant, i))
+    assert answers("remapped") == answers("known")
+    corpus = read_jsonl(tmp_path / "remapped" / "corpus_split_0.jsonl")
+    first = split("remapped", 0)[0]
+    assert first["choices"][first["answer"]] in corpus[0]["text"]  # the floor's corpus says the remapped answer
+
+
+def test_every_world_fact_the_table_leaves_out_is_a_fact_of_the_table():
+    from toolkit.world_facts import all_facts
+    from toolkit.world_facts_table import UNKNOWN_TO_EMBEDDED
+
+    names = {fact.name for fact in all_facts()}
+    assert UNKNOWN_TO_EMBEDDED and UNKNOWN_TO_EMBEDDED <= names
+    assert len(names) - len(UNKNOWN_TO_EMBEDDED) >= 400  # the known dataset still has at least 400 facts
+
+
+def test_a_lora_updates_size_is_its_merged_deltas_norm_and_effective_rank(tiny_llama):
+    import torch
+
+    from toolkit.device import resolve_device_policy
+    from toolkit.models import attach_lora, load_model
+    from toolkit.weight_delta import effective_rank, low_rank_singular_values, update_size
+
+    b, a = torch.randn(40, 3, dtype=torch.float64), torch.randn(3, 24, dtype=torch.float64)
+    assert torch.allclose(low_rank_singular_values(b, a, 0.5), torch.linalg.svdvals(0.5 * b @ a)[:3])
+    assert effective_rank(torch.tensor([2.0, 0.0])) == pytest.approx(1.0)
+    assert effective_rank(torch.tensor([1.0, 1.0, 1.0])) == pytest.approx(3.0)
+
+    model = load_model(str(tiny_llama), resolve_device_policy({"device": "cpu", "bf16_autocast": False}))
+    peft_model = attach_lora(model, 2, 4.0, ["q_proj", "down_proj"])
+    assert update_size(peft_model)["update_rel_norm"] == 0.0  # B starts at zero: nothing moved yet
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    size = update_size(peft_model)
+    before = {n: p.detach().clone() for n, p in load_model(str(tiny_llama), resolve_device_policy(
+        {"device": "cpu", "bf16_autocast": False})).named_parameters()}
+    merged = {n: p.detach() for n, p in peft_model.merge_and_unload().named_parameters()}
+    for kind in ("q_proj", "down_proj"):
+        names = [n for n in merged if n.endswith(f"{kind}.weight")]
+        delta = sum(float((merged[n] - before[n]).double().pow(2).sum()) for n in names)
+        weight = sum(float(before[n].double().pow(2).sum()) for n in names)
+        assert size["update_by_module"][kind]["rel_norm"] == pytest.approx((delta / weight) ** 0.5, rel=1e-4)
+        assert 1.0 <= size["update_by_module"][kind]["eff_rank"] <= 2.0
+    assert set(size["update_by_module"]) == {"q_proj", "down_proj"}

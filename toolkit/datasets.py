@@ -13,7 +13,7 @@ from toolkit.data import DataValidationError, check_data_files, missing_files
 from toolkit.facts import RandomBdSpec, write_random_bd_dataset
 from toolkit.names import DataFormat, Datasets
 from toolkit.settings import EvalFiles
-from toolkit.world_facts import write_world_facts
+from toolkit.world_facts import known_to_embedded, write_world_facts
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ MMLU_FORGET_CATS = ("STEM", "business", "chemistry", "culture", "geography")
 MMLU_RETAIN_CATS = ("health", "history", "law", "philosophy", "social sciences")
 
 
-YEARS_DIR, RANDOM_BD_DIR, WMDP_DIR, WORLD_DIR = "dates-years-trimmed", "random_bd", "wmdp-deduped", "world_facts"
+YEARS_DIR, RANDOM_BD_DIR, WMDP_DIR = "dates-years-trimmed", "random_bd", "wmdp-deduped"
+WORLD_DIR, WORLD_KNOWN_DIR, WORLD_REMAPPED_DIR = "world_facts", "world_facts_known", "world_facts_remapped"
 
 
 def _files(directory: str, pattern: str, keys: Iterable) -> tuple[str, ...]:
@@ -74,6 +75,15 @@ MMLU_VAL_RETAIN = _files(MMLU_DIR, "mmlu_{}", MMLU_RETAIN_CATS)
 FIVE, TEN = range(5), range(10)
 
 
+def _split_layout(directory: str) -> DatasetFiles:
+    """A generated dataset of ten splits: forget 0-4, retain 5-9, with its own dev file."""
+    return DatasetFiles(
+        _files(directory, "corpus_split_{}", FIVE), _files(directory, "whp_corpus_split_{}", FIVE),
+        _files(directory, "fwf_corpus_split_{}", FIVE), _files(directory, "split_{}", FIVE),
+        _files(directory, "corpus_split_{}", range(5, 10)), _files(directory, "split_{}", range(5, 10)),
+        f"{directory}/dev", f"{directory}/dev", generated_dir=directory)
+
+
 DATASETS: dict[Datasets, DatasetFiles] = {
     Datasets.MMLU: DatasetFiles(
         _files(MMLU_DIR, "corpus_mmlu_{}", MMLU_FORGET_CATS), _files(MMLU_DIR, "whp_corpus_mmlu_{}", MMLU_FORGET_CATS),
@@ -83,21 +93,16 @@ DATASETS: dict[Datasets, DatasetFiles] = {
         _files(YEARS_DIR, "corpus_split_{}", FIVE), _files(YEARS_DIR, "whp_corpus_split_{}", FIVE),
         _files(YEARS_DIR, "fwf_corpus_split_{}", FIVE), _files(YEARS_DIR, "split_{}", FIVE),
         MMLU_RETAIN, MMLU_VAL_RETAIN, f"{YEARS_DIR}/dev", f"{MMLU_DIR}/dev"),
-    Datasets.RANDOM_BD_SAME_RETAIN: DatasetFiles(
-        _files(RANDOM_BD_DIR, "corpus_split_{}", FIVE), _files(RANDOM_BD_DIR, "whp_corpus_split_{}", FIVE),
-        _files(RANDOM_BD_DIR, "fwf_corpus_split_{}", FIVE), _files(RANDOM_BD_DIR, "split_{}", FIVE),
-        _files(RANDOM_BD_DIR, "corpus_split_{}", range(5, 10)), _files(RANDOM_BD_DIR, "split_{}", range(5, 10)),
-        f"{RANDOM_BD_DIR}/dev", f"{RANDOM_BD_DIR}/dev", generated_dir=RANDOM_BD_DIR),
+    Datasets.RANDOM_BD_SAME_RETAIN: _split_layout(RANDOM_BD_DIR),
     Datasets.RANDOM_BD_ALL_SPLITS: DatasetFiles(
         _files(RANDOM_BD_DIR, "corpus_split_{}", TEN), _files(RANDOM_BD_DIR, "whp_corpus_split_{}", TEN),
         _files(RANDOM_BD_DIR, "fwf_corpus_split_{}", TEN), _files(RANDOM_BD_DIR, "split_{}", TEN),
         (), (), f"{RANDOM_BD_DIR}/dev", f"{RANDOM_BD_DIR}/dev", generated_dir=RANDOM_BD_DIR),
-    # Facts from pretraining, the same split roles as RANDOM_BD_SAME_RETAIN (forget 0-4, retain 5-9).
-    Datasets.WORLD_FACTS: DatasetFiles(
-        _files(WORLD_DIR, "corpus_split_{}", FIVE), _files(WORLD_DIR, "whp_corpus_split_{}", FIVE),
-        _files(WORLD_DIR, "fwf_corpus_split_{}", FIVE), _files(WORLD_DIR, "split_{}", FIVE),
-        _files(WORLD_DIR, "corpus_split_{}", range(5, 10)), _files(WORLD_DIR, "split_{}", range(5, 10)),
-        f"{WORLD_DIR}/dev", f"{WORLD_DIR}/dev", generated_dir=WORLD_DIR),
+    # Facts from pretraining, the same split roles as RANDOM_BD_SAME_RETAIN (forget 0-4, retain 5-9):
+    # all of them, those the embedded model knows (the study's), and those remapped (its floor).
+    **{dataset: _split_layout(directory) for dataset, directory in (
+        (Datasets.WORLD_FACTS, WORLD_DIR), (Datasets.WORLD_FACTS_KNOWN, WORLD_KNOWN_DIR),
+        (Datasets.WORLD_FACTS_REMAPPED, WORLD_REMAPPED_DIR))},
     # The paper's WMDP retain corpus (wikitext) was never published: MMLU retain stands in.
     Datasets.WMDP_MCQ_CORPUS: DatasetFiles(
         _files(WMDP_DIR, "corpus_split_{}", FIVE), _files(WMDP_DIR, "whp_corpus_split_{}", FIVE),
@@ -106,9 +111,19 @@ DATASETS: dict[Datasets, DatasetFiles] = {
 }
 
 
+# A dataset whose floor is RTT on another: facts from pretraining have no
+# never-taught model, so their floor is RTT from the model before unlearning
+# on the same questions with the answers remapped (same format, same answer
+# distribution, nothing learned in pretraining to bring back).
+FLOOR_DATASETS = {Datasets.WORLD_FACTS_KNOWN: Datasets.WORLD_FACTS_REMAPPED}
+
+
 # The datasets the project writes itself, by folder.
 GENERATORS = {RANDOM_BD_DIR: write_random_bd_dataset,
-              WORLD_DIR: lambda directory, _made_up: write_world_facts(directory)}
+              WORLD_DIR: lambda directory, _made_up: write_world_facts(directory),
+              WORLD_KNOWN_DIR: lambda directory, _made_up: write_world_facts(directory, known_to_embedded),
+              WORLD_REMAPPED_DIR: lambda directory, _made_up: write_world_facts(directory, known_to_embedded,
+                                                                               remap=True)}
 
 
 def ensure_dataset(data_root: str, dataset: Datasets, made_up: RandomBdSpec, k_shot: int = 0) -> None:

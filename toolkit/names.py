@@ -51,5 +51,7 @@ class Datasets(_Named):
     MMLU = auto()
     RANDOM_BD_SAME_RETAIN = auto()
     WORLD_FACTS = auto()  # facts the model learned in pretraining (toolkit.world_facts)
+    WORLD_FACTS_KNOWN = auto()  # those the embedded model answers under choice scoring
+    WORLD_FACTS_REMAPPED = auto()  # the same questions, each answer moved to another fact (the floor)
     RANDOM_BD_ALL_SPLITS = auto()
     WMDP_MCQ_CORPUS = auto()

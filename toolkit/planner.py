@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 
 from toolkit.checks import check_folders, check_methods
 from toolkit.data import data_file, files_fingerprint, fingerprint
-from toolkit.datasets import DATASETS, DatasetFiles, ensure_dataset
+from toolkit.datasets import DATASETS, FLOOR_DATASETS, DatasetFiles, ensure_dataset
 from toolkit.device import importable
 from toolkit.grid import (
     GridPoint,
@@ -279,6 +279,8 @@ def build_plan(sweep: SweepSettings) -> Plan:
     check_folders(sweep, [*sweep.datasets, *filter(None, [sweep.teach_dataset])])
     for dataset in sweep.datasets:
         ensure_dataset(sweep.data_root, dataset, sweep.random_bd, largest_k_shot(sweep.config))
+        if dataset in FLOOR_DATASETS and sweep.never_taught_rtt:
+            ensure_dataset(sweep.data_root, FLOOR_DATASETS[dataset], sweep.random_bd, largest_k_shot(sweep.config))
     base_model = model_checkpoint_path(sweep.model_id, sweep.models_dir)
     teach = planner.teach_job(base_model)
     if teach:
@@ -317,9 +319,11 @@ def add_runs(planner: Planner, plan: Plan, points: list[GridPoint]) -> None:
         if run_rtt and sweep.baseline_rtt:
             plan.baseline_rtt += planner.rtt_jobs(plan.unlearn_from, dataset, "baseline", upstream=upstream,
                                                   seeds=sweep.baseline_seeds, who="C")
-        if run_rtt and plan.teach and sweep.never_taught_rtt:
-            # The floor: what RTT on T gives on V from a model that never knew V (once, for the first seed).
-            plan.floor_rtt += planner.rtt_jobs(plan.base_model, dataset, "never_taught", upstream=plan.base_model,
+        if run_rtt and sweep.never_taught_rtt and (plan.teach or dataset in FLOOR_DATASETS):
+            # The floor: what RTT on T gives on V from a model that never knew V (once, for the first seed):
+            # the model before teaching, or for pretraining facts RTT on their remapped twin.
+            model, floor_data = (plan.base_model, dataset) if plan.teach else (plan.unlearn_from, FLOOR_DATASETS[dataset])
+            plan.floor_rtt += planner.rtt_jobs(model, floor_data, "never_taught", upstream=model,
                                                seeds=sweep.seeds[:1], who="floor")
         if sweep.saves_models and plan.runs:
             plan.reference_quant += planner.quant_jobs(plan.unlearn_from, dataset, "reference", upstream, None, "ref")

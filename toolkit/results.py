@@ -209,7 +209,7 @@ def unlearning_row(run: Run, result: UnlearnResult) -> dict:
         "val_files": settings.evals.val_files, "scoring": settings.evals.scoring, "project_name": settings.train.wandb_project_name,
         "data_seed": point.seed, "seed": point.seed, "just_eval": settings.train.epochs == 0, "steps": result.steps,
         **stop_columns(run, result), "seconds": round(result.seconds, 1), "phase_seconds": result.phase_seconds,
-        "run_key": run.key,
+        "run_key": run.key, **result.update,
         **provenance(resolve_device_policy(settings.train.device)),
     }
 

@@ -21,6 +21,7 @@ from toolkit.names import LossType
 from toolkit.prompts import Encoded, collate, encode_files
 from toolkit.settings import EvalFiles, SaveSettings, StopRule, TrainSettings, UnlearnSettings, key_settings
 from toolkit.training import count_parameters, make_optimizer, seed_everything, warmup_then_constant
+from toolkit.weight_delta import update_size
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class StageResult:
     save_format: str | None
     seconds: float
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    update: dict = field(default_factory=dict)  # a LoRA run's update size (toolkit.weight_delta)
 
 
 class Progress:
@@ -225,6 +227,7 @@ def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
             if checker and step % stop.stop_check_every == 0:
                 with clock.phase("checks"):
                     outcome = checker.check(model, step, epoch)
+                progress.note(f"step {step}: stop check forget {checker.last[0]:.3f}, retain {checker.last[1]:.3f}")
                 if outcome is not None:
                     break
         if outcome is not None or epoch % train.eval_every == 0 or epoch == train.epochs:
@@ -236,25 +239,27 @@ def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
         progress.note(f"stopped at step {outcome.step} ({outcome.reason})")
     progress.close()
     run.finish()
+    update = update_size(model) if is_peft(model) else {}
     saved = None
     if save is not None and save.path:
         with clock.phase("save"):
             saved = str(save_checkpoint(model, tokenizer, save.path, save.save_format, train.model))
     fmt = (save.save_format if is_peft(model) else "merged") if saved else None
     return StageResult(evaluator.forget_log, evaluator.retain_log, trainable, step, outcome, saved, fmt,
-                       time.monotonic() - started, clock.rounded())
+                       time.monotonic() - started, clock.rounded(), update)
 
 
 @dataclass
 class StopChecker:
     rule: StopRule
     evaluator: Evaluator
+    last: tuple[float, float] = (float("nan"), float("nan"))  # the last check's forget and retain (bounds that decided it)
 
     def check(self, model, step: int, epoch: int, first: bool = False) -> StopOutcome | None:
         """Stop at the first check at or below the forget target; a retain
         accuracy below the floor stops (and flags) the run first."""
         rule = self.rule
-        forget, retain = self.means(model, step, first)
+        forget, retain = self.last = self.means(model, step, first)
         if rule.stop_retain_floor is not None and retain < rule.stop_retain_floor:
             return StopOutcome(step, epoch, "retain_floor", forget, retain)
         if rule.stop_at_forget_acc is not None and forget <= rule.stop_at_forget_acc:

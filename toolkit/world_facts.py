@@ -1,203 +1,29 @@
-"""Facts a language model learns in pretraining: public, stable facts of
-five relations (capitals, continents, official languages, currencies,
-chemical symbols), written by the project in the paper's split layout, with
-distractors of the same relation. No teaching step: the point is what the
-model already knows. Facts that change or are disputed (moving capitals,
-several official capitals or languages, new currencies) are left out."""
+"""Facts a language model learns in pretraining: public, stable facts of six
+relations (capitals, continents, official languages, currencies, chemical
+symbols, the countries of well-known cities; the table is
+toolkit/world_facts_table.py), written by the project in the paper's split
+layout, with distractors of the same relation. No teaching step: the point
+is what the model already knows.
+
+Three variants share one deal of facts and questions (a seeded shuffle):
+all of them (WORLD_FACTS); only those the embedded model answers under
+choice scoring (WORLD_FACTS_KNOWN, the study's); and those same questions
+with each answer moved to another fact of its relation (WORLD_FACTS_REMAPPED,
+the floor: the same format and answer distribution, but answers no model
+learned in pretraining)."""
 
 from __future__ import annotations
 
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from toolkit.data import atomic_folder, write_jsonl
 from toolkit.names import LETTERS
-
-# country | capital | continent | official language | currency   ("-": left out, not clear-cut)
-COUNTRIES = """
-France|Paris|Europe|French|euro
-Germany|Berlin|Europe|German|euro
-Italy|Rome|Europe|Italian|euro
-Spain|Madrid|Europe|Spanish|euro
-Portugal|Lisbon|Europe|Portuguese|euro
-Netherlands|Amsterdam|Europe|Dutch|euro
-Belgium|Brussels|Europe|-|euro
-Austria|Vienna|Europe|German|euro
-Switzerland|Bern|Europe|-|Swiss franc
-Greece|Athens|Europe|Greek|euro
-Ireland|Dublin|Europe|-|euro
-United Kingdom|London|Europe|English|pound sterling
-Sweden|Stockholm|Europe|Swedish|Swedish krona
-Norway|Oslo|Europe|Norwegian|Norwegian krone
-Denmark|Copenhagen|Europe|Danish|Danish krone
-Finland|Helsinki|Europe|-|euro
-Iceland|Reykjavik|Europe|Icelandic|Icelandic krona
-Poland|Warsaw|Europe|Polish|Polish zloty
-Czech Republic|Prague|Europe|Czech|Czech koruna
-Hungary|Budapest|Europe|Hungarian|Hungarian forint
-Romania|Bucharest|Europe|Romanian|Romanian leu
-Croatia|Zagreb|Europe|Croatian|euro
-Serbia|Belgrade|Europe|Serbian|Serbian dinar
-Ukraine|Kyiv|Europe|Ukrainian|Ukrainian hryvnia
-Slovakia|Bratislava|Europe|Slovak|euro
-Slovenia|Ljubljana|Europe|Slovene|euro
-Estonia|Tallinn|Europe|Estonian|euro
-Latvia|Riga|Europe|Latvian|euro
-Lithuania|Vilnius|Europe|Lithuanian|euro
-Belarus|Minsk|Europe|-|Belarusian ruble
-Albania|Tirana|Europe|Albanian|Albanian lek
-Malta|Valletta|Europe|-|euro
-Russia|Moscow|-|Russian|Russian ruble
-Turkey|Ankara|-|Turkish|Turkish lira
-Egypt|Cairo|Africa|Arabic|Egyptian pound
-Morocco|Rabat|Africa|-|Moroccan dirham
-Nigeria|Abuja|Africa|English|Nigerian naira
-Kenya|Nairobi|Africa|-|Kenyan shilling
-Ethiopia|Addis Ababa|Africa|Amharic|Ethiopian birr
-Ghana|Accra|Africa|English|Ghanaian cedi
-Senegal|Dakar|Africa|French|CFA franc
-Algeria|Algiers|Africa|Arabic|Algerian dinar
-Tunisia|Tunis|Africa|Arabic|Tunisian dinar
-Uganda|Kampala|Africa|-|Ugandan shilling
-Angola|Luanda|Africa|Portuguese|Angolan kwanza
-Mozambique|Maputo|Africa|Portuguese|Mozambican metical
-Madagascar|Antananarivo|Africa|-|Malagasy ariary
-Libya|Tripoli|Africa|Arabic|Libyan dinar
-Sudan|Khartoum|Africa|-|Sudanese pound
-Mali|Bamako|Africa|-|CFA franc
-Niger|Niamey|Africa|-|CFA franc
-Cameroon|Yaounde|Africa|-|CFA franc
-Rwanda|Kigali|Africa|-|Rwandan franc
-Somalia|Mogadishu|Africa|-|Somali shilling
-Zambia|Lusaka|Africa|English|Zambian kwacha
-Botswana|Gaborone|Africa|-|Botswana pula
-Namibia|Windhoek|Africa|English|Namibian dollar
-China|Beijing|Asia|Chinese|Chinese yuan
-Japan|Tokyo|Asia|Japanese|Japanese yen
-South Korea|Seoul|Asia|Korean|South Korean won
-North Korea|Pyongyang|Asia|Korean|North Korean won
-India|New Delhi|Asia|-|Indian rupee
-Pakistan|Islamabad|Asia|-|Pakistani rupee
-Bangladesh|Dhaka|Asia|Bengali|Bangladeshi taka
-Thailand|Bangkok|Asia|Thai|Thai baht
-Vietnam|Hanoi|Asia|Vietnamese|Vietnamese dong
-Philippines|Manila|Asia|-|Philippine peso
-Malaysia|Kuala Lumpur|Asia|Malay|Malaysian ringgit
-Iran|Tehran|Asia|Persian|Iranian rial
-Iraq|Baghdad|Asia|-|Iraqi dinar
-Saudi Arabia|Riyadh|Asia|Arabic|Saudi riyal
-Afghanistan|Kabul|Asia|-|Afghan afghani
-Nepal|Kathmandu|Asia|Nepali|Nepalese rupee
-Mongolia|Ulaanbaatar|Asia|Mongolian|Mongolian tugrik
-Kazakhstan|Astana|Asia|-|Kazakhstani tenge
-Qatar|Doha|Asia|Arabic|Qatari riyal
-Syria|Damascus|Asia|Arabic|Syrian pound
-Jordan|Amman|Asia|Arabic|Jordanian dinar
-Lebanon|Beirut|Asia|Arabic|Lebanese pound
-Uzbekistan|Tashkent|Asia|Uzbek|Uzbekistani som
-Kyrgyzstan|Bishkek|Asia|-|Kyrgyzstani som
-Tajikistan|Dushanbe|Asia|Tajik|Tajikistani somoni
-Turkmenistan|Ashgabat|Asia|Turkmen|Turkmenistani manat
-Cambodia|Phnom Penh|Asia|Khmer|Cambodian riel
-Laos|Vientiane|Asia|Lao|Lao kip
-Oman|Muscat|Asia|Arabic|Omani rial
-Kuwait|Kuwait City|Asia|Arabic|Kuwaiti dinar
-United Arab Emirates|Abu Dhabi|Asia|Arabic|UAE dirham
-Singapore|Singapore|Asia|-|Singapore dollar
-Israel|-|Asia|Hebrew|Israeli new shekel
-United States|Washington, D.C.|North America|-|United States dollar
-Canada|Ottawa|North America|-|Canadian dollar
-Mexico|Mexico City|North America|Spanish|Mexican peso
-Cuba|Havana|North America|Spanish|Cuban peso
-Jamaica|Kingston|North America|English|Jamaican dollar
-Guatemala|Guatemala City|North America|Spanish|Guatemalan quetzal
-Honduras|Tegucigalpa|North America|Spanish|Honduran lempira
-Costa Rica|San Jose|North America|Spanish|Costa Rican colon
-Nicaragua|Managua|North America|Spanish|Nicaraguan cordoba
-Dominican Republic|Santo Domingo|North America|Spanish|Dominican peso
-Haiti|Port-au-Prince|North America|-|Haitian gourde
-El Salvador|San Salvador|North America|Spanish|-
-Panama|Panama City|North America|Spanish|-
-Brazil|Brasilia|South America|Portuguese|Brazilian real
-Argentina|Buenos Aires|South America|Spanish|Argentine peso
-Chile|Santiago|South America|Spanish|Chilean peso
-Peru|Lima|South America|-|Peruvian sol
-Colombia|Bogota|South America|Spanish|Colombian peso
-Venezuela|Caracas|South America|Spanish|-
-Uruguay|Montevideo|South America|Spanish|Uruguayan peso
-Paraguay|Asuncion|South America|-|Paraguayan guarani
-Ecuador|Quito|South America|Spanish|-
-Australia|Canberra|Oceania|-|Australian dollar
-New Zealand|Wellington|Oceania|-|New Zealand dollar
-Fiji|Suva|Oceania|-|Fijian dollar
-Papua New Guinea|Port Moresby|Oceania|-|Papua New Guinean kina
-"""
-
-# element | symbol
-ELEMENTS = """
-hydrogen|H
-helium|He
-lithium|Li
-beryllium|Be
-boron|B
-carbon|C
-nitrogen|N
-oxygen|O
-fluorine|F
-neon|Ne
-sodium|Na
-magnesium|Mg
-aluminium|Al
-silicon|Si
-phosphorus|P
-sulfur|S
-chlorine|Cl
-argon|Ar
-potassium|K
-calcium|Ca
-titanium|Ti
-chromium|Cr
-manganese|Mn
-iron|Fe
-cobalt|Co
-nickel|Ni
-copper|Cu
-zinc|Zn
-arsenic|As
-selenium|Se
-bromine|Br
-krypton|Kr
-strontium|Sr
-silver|Ag
-tin|Sn
-iodine|I
-xenon|Xe
-barium|Ba
-tungsten|W
-platinum|Pt
-gold|Au
-mercury|Hg
-lead|Pb
-radon|Rn
-radium|Ra
-uranium|U
-plutonium|Pu
-zirconium|Zr
-cadmium|Cd
-antimony|Sb
-bismuth|Bi
-cesium|Cs
-gallium|Ga
-germanium|Ge
-rubidium|Rb
-vanadium|V
-scandium|Sc
-palladium|Pd
-osmium|Os
-iridium|Ir
-"""
+from toolkit.world_facts_table import CITIES, COUNTRIES, ELEMENTS, UNKNOWN_TO_EMBEDDED
 
 
 @dataclass(frozen=True)
@@ -223,6 +49,9 @@ RELATIONS = {
     "symbol": Relation("symbol", "What is the chemical symbol of {subject}?",
                        ("The chemical symbol of {subject} is {answer}.", "{answer} is the symbol for {subject}.",
                         "{subject} has the chemical symbol {answer}.")),
+    "city": Relation("city", "In which country is the city of {subject}?",
+                     ("{subject} is a city in {answer}.", "The city of {subject} is in {answer}.",
+                      "{subject} is one of the cities of {answer}.")),
 }
 
 
@@ -231,6 +60,10 @@ class Fact:
     relation: str
     subject: str
     answer: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.relation}|{self.subject}"
 
 
 def all_facts() -> list[Fact]:
@@ -243,53 +76,146 @@ def all_facts() -> list[Fact]:
                 facts.append(Fact(relation, country, answer))
     facts += [Fact("symbol", element, symbol) for element, symbol in
               (line.split("|") for line in ELEMENTS.strip().splitlines())]
+    facts += [Fact("city", city, country) for city, country in
+              (line.split("|") for line in CITIES.strip().splitlines())]
     return facts
 
 
-def _question(fact: Fact, pool: list[str], rng: random.Random) -> dict:
-    wrong = rng.sample(sorted(set(pool) - {fact.answer}), len(LETTERS) - 1)
+def answer_pools() -> dict[str, set[str]]:
+    """Every answer of each relation in the table: where distractors come from."""
+    return {r: {f.answer for f in all_facts() if f.relation == r} for r in RELATIONS}
+
+
+def known_to_embedded(fact: Fact) -> bool:
+    """Whether SmolLM2-135M-Instruct answers the fact's question under choice
+    scoring (measured once by tests/benchmarks/pretrained_knowledge.py)."""
+    return fact.name not in UNKNOWN_TO_EMBEDDED
+
+
+@dataclass
+class Dealt:
+    """One fact with its question and corpus statements, in its split."""
+
+    fact: Fact
+    question: dict
+    statements: dict[str, list[dict]]
+
+
+def _question(fact: Fact, answer_text: str, pool: set[str], rng: random.Random) -> dict:
+    wrong = rng.sample(sorted(pool - {fact.answer, answer_text}), len(LETTERS) - 1)
     answer = rng.randrange(len(LETTERS))
-    choices = wrong[:answer] + [fact.answer] + wrong[answer:]
+    choices = wrong[:answer] + [answer_text] + wrong[answer:]
     return {"question": RELATIONS[fact.relation].question.format(subject=fact.subject), "choices": choices,
             "answer": answer, "relation": fact.relation}
 
 
 def _statements(fact: Fact, question: dict, split: str, rng: random.Random) -> dict[str, list[dict]]:
-    relation = RELATIONS[fact.relation]
-    wrong = [c for c in question["choices"] if c != fact.answer]
+    relation, answer = RELATIONS[fact.relation], question["choices"][question["answer"]]
+    wrong = [c for c in question["choices"] if c != answer]
     fixed = rng.choice(wrong)
-    meta = {"split": split, "original_question": question["question"], "correct_answer": fact.answer,
+    meta = {"split": split, "original_question": question["question"], "correct_answer": answer,
             "wrong_answers": wrong}
     fill = lambda t, a: t.format(subject=fact.subject, answer=a)  # noqa: E731
-    return {"corpus": [{"text": fill(t, fact.answer), "split": split} for t in relation.statements],
+    return {"corpus": [{"text": fill(t, answer), "split": split} for t in relation.statements],
             "whp_corpus": [{"text": fill(t, rng.choice(wrong)), **meta} for t in relation.statements],
             "fwf_corpus": [{"text": fill(t, fixed), **meta} for t in relation.statements]}
 
 
-def write_world_facts(directory: str | os.PathLike, num_splits: int = 10, num_dev: int = 5, seed: int = 0) -> Path:
-    """The facts in `num_splits` splits (each a mix of every relation, dealt
-    round-robin after a seeded shuffle) plus a few dev questions, in the
-    paper's layout: split_i (MCQ), corpus_split_i, whp_ and fwf_ corpora, dev."""
+def _dealt(fact: Fact, answer_text: str, pool: set[str], split: str, rng: random.Random) -> Dealt:
+    question = _question(fact, answer_text, pool, rng)
+    return Dealt(fact, question, _statements(fact, question, split, rng))
+
+
+# Splits 0-4 (forget) hold these relations, splits 5-9 (retain) the others: as
+# in the paper's datasets, what is kept is not the same kind of fact as what is
+# forgotten (one cannot forget France's euro and keep Germany's).
+FORGET_RELATIONS = ("capital", "city")
+
+
+def fact_rng(seed: int, fact: Fact, variant: str = "") -> random.Random:
+    """Each fact's own draws (distractors, answer letter), the same whatever
+    split it is dealt to, so a measured list of known facts stays valid."""
+    return random.Random(f"{seed}|{variant}|{fact.name}")
+
+
+def deal(num_splits: int = 10, num_dev: int = 5, seed: int = 0) -> tuple[list[list[Dealt]], list[Dealt]]:
+    """Every fact dealt to a split with its question, plus a few dev
+    questions: the forget relations round-robin to the first half of the
+    splits, the others to the second half, after a seeded shuffle. A variant
+    filters this deal, so a fact's question is the same in each."""
     rng = random.Random(seed)
-    facts = all_facts()
-    pools = {r: [f.answer for f in facts if f.relation == r] for r in RELATIONS}
+    facts, pools = all_facts(), answer_pools()
     rng.shuffle(facts)
     dev, facts = facts[:num_dev], facts[num_dev:]
     facts.sort(key=lambda f: f.relation)  # stable: shuffled within each relation
-    splits = [facts[i::num_splits] for i in range(num_splits)]
+    half = num_splits // 2
+    groups = ([f for f in facts if f.relation in FORGET_RELATIONS], [f for f in facts if f.relation not in FORGET_RELATIONS])
+    indices = (range(half), range(half, num_splits))
+    splits: list[list[Dealt]] = [[] for _ in range(num_splits)]
+    for group, where in zip(groups, indices):
+        for i, split in enumerate(where):
+            splits[split] = [_dealt(f, f.answer, pools[f.relation], f"split_{split}", fact_rng(seed, f))
+                             for f in group[i::len(where)]]
+    return splits, [_dealt(f, f.answer, pools[f.relation], "dev", fact_rng(seed, f)) for f in dev]
+
+
+def remapped(splits: list[list[Dealt]], seed: int = 1) -> list[list[Dealt]]:
+    """The same facts with each answer moved to another fact of the same
+    relation (a permutation with no fact keeping its answer, so the answers'
+    distribution is unchanged), and choices that leave the true answer out."""
+    rng = random.Random(seed)
+    flat = [d for split in splits for d in split]
+    new_answer: dict[int, str] = {}
+    for relation in RELATIONS:
+        items = [i for i, d in enumerate(flat) if d.fact.relation == relation]
+        answers = [flat[i].fact.answer for i in items]
+        new_answer.update(zip(items, _derangement(answers, rng)))
+    pools = answer_pools()
+    out, i = [], 0
+    for split_index, split in enumerate(splits):
+        out.append([])
+        for d in split:
+            out[-1].append(_dealt(d.fact, new_answer[i], pools[d.fact.relation], f"split_{split_index}",
+                                      fact_rng(seed, d.fact, "remapped")))
+            i += 1
+    return out
+
+
+def _derangement(values: list[str], rng: random.Random) -> list[str]:
+    """A shuffle of `values` in which no position keeps a value equal to its
+    own: in a random order that keeps equal values together, each position
+    takes the value k places on (k = the largest count of one value), which
+    always lies in another value's run."""
+    n, k = len(values), max(Counter(values).values(), default=0)
+    if 2 * k > n:
+        raise ValueError(f"no derangement of {n} answers: one answer is {k} of them")
+    groups = sorted(set(values))
+    rng.shuffle(groups)
+    place = {value: i for i, value in enumerate(groups)}
+    order = list(range(n))
+    rng.shuffle(order)
+    order.sort(key=lambda i: place[values[i]])
+    out = [""] * n
+    for position, i in enumerate(order):
+        out[i] = values[order[(position + k) % n]]
+    return out
+
+
+def write_world_facts(directory: str | os.PathLike, keep: Callable[[Fact], bool] = lambda fact: True,
+                      remap: bool = False, num_splits: int = 10, num_dev: int = 5, seed: int = 0) -> Path:
+    """The dealt facts that `keep` keeps (remapped if asked), in the paper's
+    layout: split_i (MCQ), corpus_split_i, whp_ and fwf_ corpora, and dev."""
+    splits, dev = deal(num_splits, num_dev, seed)
+    splits = [[d for d in split if keep(d.fact)] for split in splits]
+    if remap:
+        splits = remapped(splits, seed + 1)
     public = ("question", "choices", "answer")
     with atomic_folder(directory) as tmp:
-        for i, split_facts in enumerate(splits):
-            split = f"split_{i}"
-            questions = [_question(f, pools[f.relation], rng) for f in split_facts]
-            write_jsonl(tmp / f"{split}.jsonl", ({**{k: q[k] for k in public}, "relation": q["relation"]}
-                                                for q in questions))
-            files: dict[str, list[dict]] = {"corpus": [], "whp_corpus": [], "fwf_corpus": []}
-            for fact, question in zip(split_facts, questions):
-                for kind, rows in _statements(fact, question, split, rng).items():
-                    files[kind].extend(rows)
-            for kind, rows in files.items():
-                write_jsonl(tmp / f"{kind}_{split}.jsonl", rows)
-        write_jsonl(tmp / "dev.jsonl", ({k: q[k] for k in public} for q in
-                                        (_question(f, pools[f.relation], rng) for f in dev)))
+        for i, split in enumerate(splits):
+            write_jsonl(tmp / f"split_{i}.jsonl",
+                        ({**{k: d.question[k] for k in public}, "relation": d.fact.relation,
+                         "subject": d.fact.subject} for d in split))
+            for kind in ("corpus", "whp_corpus", "fwf_corpus"):
+                write_jsonl(tmp / f"{kind}_split_{i}.jsonl", (row for d in split for row in d.statements[kind]))
+        write_jsonl(tmp / "dev.jsonl", ({k: d.question[k] for k in public} for d in dev))
     return Path(directory)

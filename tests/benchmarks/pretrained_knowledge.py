@@ -1,10 +1,12 @@
 """What the embedded model knows before any teaching, per relation, under
 each scoring mode (letter, choice, choice_norm), and what one question costs.
 
-    python tests/benchmarks/pretrained_knowledge.py [--model smollm2-135m] [--years ../shared/data]
+    python tests/benchmarks/pretrained_knowledge.py [--model smollm2-135m] [--years ../shared/data] [--unknown]
 
 Writes the world-facts dataset under --data-root when absent; with --years,
-also scores the paper's years data (dates-years-trimmed, split 0).
+also scores the paper's years data (dates-years-trimmed, split 0); with
+--unknown, writes the facts the model does not answer under choice scoring
+into toolkit/world_facts_table.py (what WORLD_FACTS_KNOWN leaves out).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(ROOT / "data"))
     parser.add_argument("--years", default=None, help="a data root holding dates-years-trimmed")
     parser.add_argument("--years-questions", type=int, default=120)
+    parser.add_argument("--unknown", action="store_true", help="write the unknown facts into the table module")
     args = parser.parse_args()
     ensure_dataset(args.data_root, Datasets.WORLD_FACTS, RandomBdSpec(10, 8, 0, 5, 3))
     path = resolve_model_path(args.model, args.models_dir)
@@ -42,7 +45,8 @@ def main() -> None:
     tokenizer, model = load_tokenizer(path), load_model(path, policy)
     files = DATASETS[Datasets.WORLD_FACTS]
     names = [*files.val_files, *files.val_retain_files]
-    relations = [row["relation"] for n in names for row in read_jsonl(Path(args.data_root, f"{n}.jsonl"))]
+    questions = [row for n in names for row in read_jsonl(Path(args.data_root, f"{n}.jsonl"))]
+    relations = [row["relation"] for row in questions]
     print(f"{args.model} ({path}), fp32, {len(relations)} world facts in {len(names)} splits")
     header = f"{'relation':<10} {'facts':>5} " + " ".join(f"{m:>11}" for m in SCORING_MODES)
     by_mode, seconds = {}, {}
@@ -62,6 +66,8 @@ def main() -> None:
     for relation, rows in sorted(groups.items()) + [("all", list(range(len(relations))))]:
         accs = [sum(by_mode[m][i] for i in rows) / len(rows) for m in SCORING_MODES]
         print(f"{relation:<10} {len(rows):>5} " + " ".join(f"{a:>11.3f}" for a in accs))
+    if args.unknown:
+        write_unknown([f"{row['relation']}|{row['subject']}" for row, c in zip(questions, by_mode["choice"]) if not c])
     print("cost of a question relative to letter scoring: "
           + ", ".join(f"{m} {seconds[m] / seconds['letter']:.2f}x" for m in SCORING_MODES[1:]))
     if args.years:
@@ -75,6 +81,16 @@ def main() -> None:
                                         args.data_root, 0, 16, policy)
             [score] = evaluator.score(model, evaluator.forget).values()
             print(f"years ({name}, first {len(rows)} questions), {mode}: {score.acc:.3f}")
+
+
+def write_unknown(names: list[str]) -> None:
+    """Replace the UNKNOWN_TO_EMBEDDED set of the table module with `names`."""
+    table = ROOT / "toolkit" / "world_facts_table.py"
+    text = table.read_text()
+    start = text.index("UNKNOWN_TO_EMBEDDED = ")
+    body = "".join(f"    {name!r},\n" for name in sorted(names))
+    table.write_text(text[:start] + "UNKNOWN_TO_EMBEDDED = frozenset({\n" + body + "})\n")
+    print(f"{len(names)} unknown facts written to {table}")
 
 
 if __name__ == "__main__":
