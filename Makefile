@@ -1,6 +1,7 @@
 # make demo : the CPU LoRA rank-sweep demo on the embedded model, one seed of the study checked against it (sets itself up)
 # make test : the test suite (sets itself up)
-# make study: the rank study, a seed at a time, into results/rank_study (hours on a CPU; resumes)
+# make study: the rank study, a seed at a time, into results/rank_study (hours on a CPU; resumes);
+#             STUDY=rank_study_pretrained runs its second half (facts from pretraining)
 # make bench: the CPU speed and memory figures, as ratios against a baseline of the same run
 PYTHON ?= python3
 VENV   ?= .venv
@@ -28,11 +29,12 @@ demo: $(STAMP)
 	$(PY) analyze_recovery.py --results-dir evals/demo_cpu --compare results/rank_study
 
 # One invocation per seed: each finished seed is a whole slice (its rows can be committed).
-STUDY_SEEDS = $(shell $(PY) -c "from omegaconf import OmegaConf; print(*OmegaConf.load('conf/rank_study.yaml').seeds)" 2>/dev/null)
+STUDY ?= rank_study
+STUDY_SEEDS = $(shell $(PY) -c "from omegaconf import OmegaConf; print(*OmegaConf.load('conf/$(STUDY).yaml').seeds)" 2>/dev/null)
 study: $(STAMP)
 	failed=; for seed in $(STUDY_SEEDS); do \
-	  $(PY) pipeline.py --config-name=rank_study "slice=[$$seed]" progress=lines || failed="$$failed $$seed"; done; \
-	$(PY) analyze_recovery.py --results-dir results/rank_study; \
+	  $(PY) pipeline.py --config-name=$(STUDY) "slice=[$$seed]" progress=lines || failed="$$failed $$seed"; done; \
+	$(PY) analyze_recovery.py --results-dir results/$(STUDY); \
 	if [ -n "$$failed" ]; then echo "study: seed(s)$$failed had failures; make study again retries them"; exit 1; fi
 
 test: $(STAMP)

@@ -14,8 +14,10 @@ Reading order: what each job does -> Ray -> the sweep -> the driver.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
+import os
 import math
 import socket
 import sys
@@ -34,6 +36,7 @@ import finetune_corpus
 import rmu.unlearn_pipeline  # noqa: F401 - registers CUT
 import unlearn_corpus
 from toolkit.checks import check_before_loading
+from toolkit.cluster import check_shared_storage
 from toolkit.data import DataValidationError
 from toolkit.device import resolve_device_policy
 from toolkit.evaluation import Evaluator, mean_by_epoch
@@ -74,18 +77,18 @@ def run_unlearning(run: Run) -> JobReport:
     result = unlearn_corpus.unlearn(run.settings, METHODS[run.point.unlearn_type].objective(run.settings))
     if result.save_name:
         write_marker(result.save_name, run.key)
-    write_row(run.results_dir, run.stage, run.index, unlearning_row(run, result), run.replaces)
     forget = mean_by_epoch(result.forget_accs)
     stop = f", stopped at step {result.stop.step} ({result.stop.reason})" if result.stop else ""
     return JobReport(run.key, f"forget {forget.get(0, float('nan')):.2f} -> {last_epoch(forget):.2f}{stop}",
-                     last_epoch(forget), flagged=bool(result.stop and not result.stop.reached))
+                     last_epoch(forget), flagged=bool(result.stop and not result.stop.reached),
+                     row=unlearning_row(run, result))
 
 
 def run_rtt(job: RttJob) -> JobReport:
     result = finetune_corpus.finetune(job.settings)
-    write_row(job.results_dir, job.stage, job.index, rtt_row(job, result), job.replaces)
     accs = result.forget_accs_local
-    return JobReport(job.key, f"V {accs.get(0, float('nan')):.2f} -> {last_epoch(accs):.2f}", last_epoch(accs))
+    return JobReport(job.key, f"V {accs.get(0, float('nan')):.2f} -> {last_epoch(accs):.2f}", last_epoch(accs),
+                     row=rtt_row(job, result))
 
 
 def run_quant(job: QuantJob) -> JobReport:
@@ -98,10 +101,8 @@ def run_quant(job: QuantJob) -> JobReport:
     evaluator = Evaluator.build(tokenizer, job.evals, job.train.data_root, job.train.k_shot, job.train.val_batch_size,
                                 policy)
     forget, retain = evaluator(model, 0)
-    if job.results_dir:
-        write_row(job.results_dir, job.stage, job.index, quant_row(job, evaluator), job.replaces)
     scored = f"forget {forget:.2f}" + ("" if math.isnan(retain) else f", retain {retain:.2f}")
-    return JobReport(job.key, scored, forget)
+    return JobReport(job.key, scored, forget, row=quant_row(job, evaluator) if job.results_dir else None)
 
 
 def run_teach(job: TeachJob) -> JobReport:
@@ -162,12 +163,34 @@ def configure_logging(progress: str = "lines") -> None:
 
 
 @ray.remote
-def perform(job, progress: str, plugins: Sequence[str] = ()) -> JobReport:
-    """Every Ray task: one job, which writes its own row."""
+def perform(job, progress: str, plugins: Sequence[str] = (), origin: str | None = None) -> JobReport:
+    """Every Ray task: one job, run in the driver's working directory
+    (`origin`) so that relative paths mean what they mean to the driver; its
+    row comes back with the report and the driver writes it."""
     configure_logging(progress)
     import_plugins(plugins)
     use_assigned_cpus()
-    return RUNNERS[type(job)](job)
+    with working_directory(origin):
+        report = RUNNERS[type(job)](job)
+    node = ray.get_runtime_context().get_node_id()
+    return replace(report, node=node, row=None if report.row is None else {**report.row, "ray_node": node})
+
+
+@contextlib.contextmanager
+def working_directory(path: str | None):
+    """Run in `path` (the driver's directory, on shared storage), then return."""
+    if not path:
+        yield
+        return
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"the driver's directory {path} does not exist on node {socket.gethostname()}; "
+                                "run the sweep from a folder on storage every node shares")
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def use_assigned_cpus() -> None:
@@ -210,7 +233,7 @@ def start_ray(ray_settings: RaySettings, progress: str) -> None:
     project = str(Path(__file__).resolve().parent)
     try:
         ray.init(address=address, runtime_env={"working_dir": project,
-                                               "excludes": [".venv", ".git", "models", "data", "evals"]}, **quiet)
+                                               "excludes": ["models", "data", "evals", "results"]}, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ConfigError(f"ray.address: {address!r} cannot be reached ({str(err).splitlines()[0][:160]})") from None
 
@@ -226,6 +249,38 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     except (OSError, ValueError) as err:
         raise ConfigError(f"ray.address: {address!r} cannot be reached ({err}); use host:port of a running "
                           "Ray head, or null for a local instance") from None
+    check_token(address, f"{host or '127.0.0.1'}:{port}")
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """File descriptor 2 to /dev/null for a moment (what native code writes there too)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def check_token(address: str, gcs_address: str) -> None:
+    """A head with token authentication refuses a driver without its token:
+    say so in one line (ray.init would retry for a while, then blame the network)."""
+    try:
+        with native_stderr_silenced():  # Ray's C++ client logs each refusal itself
+            ray._raylet.GcsClient(address=gcs_address)
+    except ray.exceptions.AuthenticationError:
+        mode = os.environ.get("RAY_AUTH_MODE", "")
+        fix = ("export RAY_AUTH_TOKEN=<the token `ray get-auth-token` prints on the head> (or RAY_AUTH_TOKEN_PATH)"
+               if mode == "token" else "export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the token `ray get-auth-token` "
+               "prints on the head>")
+        raise ConfigError(f"ray.address: the Ray head at {address!r} uses token authentication and refused this "
+                          f"driver's token; {fix}") from None
+    except Exception:  # noqa: BLE001 - a private API: anything else is left to ray.init
+        pass
 
 
 @dataclass
@@ -327,6 +382,8 @@ class Sweep:
                 bar.update(job, f"FAILED {failure.error_type}: {failure.error}", 1 + len(blocked))
                 fill()
                 continue
+            if report.row is not None:  # the driver writes every row: workers need no shared results folder
+                write_row(job.results_dir, job.stage, job.index, report.row, job.replaces)
             self.finished.append((job, report))
             dependents = waiting.pop(job.key, [])
             if not self.sweep.probe_flagged_runs and report.flagged and dependents:
@@ -340,7 +397,8 @@ class Sweep:
         bar.close()
 
     def submit(self, job):
-        return perform.options(**self.options(), name=job.label[:40]).remote(job, self.sweep.progress, self.sweep.plugins)
+        return perform.options(**self.options(), name=job.label[:40]).remote(job, self.sweep.progress, self.sweep.plugins,
+                                                                             os.getcwd())
 
     def record_failure(self, job, err: BaseException) -> Failure:
         """Keep the failure (failures.csv and its full traceback beside the results)."""
@@ -411,7 +469,7 @@ def read_settings(cfg: Mapping | DictConfig) -> SweepSettings:
 
 
 def run_one(job, resources: Resources, sweep: SweepSettings):
-    return ray.get(perform.options(**resources.options()).remote(job, sweep.progress, sweep.plugins))
+    return ray.get(perform.options(**resources.options()).remote(job, sweep.progress, sweep.plugins, os.getcwd()))
 
 
 def preflight(sweep: SweepSettings, plan: Plan, resources: Resources) -> None:
@@ -442,6 +500,9 @@ def execute(cfg: DictConfig | Mapping) -> Sweep | None:
     if sweep.ray.address:
         check_reachable(sweep.ray.address)  # refused in seconds, even where this process already runs Ray
     start_ray(sweep.ray, sweep.progress)
+    if sweep.ray.address:
+        nodes = check_shared_storage(os.getcwd(), sweep.data_root, sweep.models_dir)
+        print(f"ray: {nodes} node(s) share this folder, {sweep.data_root} and {sweep.models_dir}", flush=True)
     resources = task_resources(sweep.ray, ray.cluster_resources())
     resolve_model_path(sweep.model_id, sweep.models_dir)
     if plan.teach and not Path(plan.teach.model_path, "config.json").is_file():

@@ -89,6 +89,7 @@ def test_baseline_rtt_runs_once_per_dataset_and_setting(tmp_path, shared_data):
 
 BAD_VALUES = [
     ("scoring=logits", "scoring: 'logits' is not allowed; use one of letter, choice, choice_norm"),
+    ("train.gradient_checkpointing=maybe", "train.gradient_checkpointing: 'maybe' is not allowed; use true or false"),
     ("unlearn.types=[FOO]", "unlearn.types: 'FOO' is not allowed; use one of GD, WHP, FWF, LORA, CUT"),
     ("datasets=[NOPE]", "datasets: 'NOPE' is not allowed; use one of YEARS_MMLU_RETAIN"),
     ("unlearn.lora_ranks=[-4]", "unlearn.lora_ranks: -4 is not allowed; use positive integers"),

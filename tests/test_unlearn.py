@@ -374,3 +374,46 @@ def test_choice_scoring_gives_each_choice_the_log_likelihood_it_has_alone(tiny_l
             assert packed[i, c].item() == pytest.approx(alone, abs=1e-4)
     [score] = evaluator.score(model, [file]).values()
     assert score.correct == tuple(bool(packed[i].argmax() == file.answers[i]) for i in batch)
+
+
+def _steps_with(settings, checkpointing: bool, steps: int = 3):
+    """A Training of `settings` with gradient checkpointing on or off, after `steps` steps: (model, losses)."""
+    from dataclasses import replace
+
+    settings = replace(settings, train=replace(settings.train, gradient_checkpointing=checkpointing))
+    training = Training.setup(settings.train, finetune_corpus.Finetune(settings))
+    losses = [training.step(step)["train_nll"] for step in training.objective.epoch_steps(1)[:steps]]
+    return training.model, losses
+
+
+def test_gradient_checkpointing_still_trains_a_lora_adapter(tiny_llama, facts):
+    """Known elsewhere: with checkpointing on and no input gradients, LoRA trains nothing."""
+    settings = finetune_settings(tiny_llama, facts, train_files=VAL[1:], val_files=VAL[:1], lr=1e-2, epochs=1,
+                                 probe="lora_rtt", overrides=["ft.optimizer=adamw", "ft.lora_rtt.enabled=true",
+                                                              "ft.lora_rtt.lora_rank=4"])
+    model, _ = _steps_with(settings, checkpointing=True)
+    assert model.base_model.model.is_gradient_checkpointing
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: every adapter moved
+
+
+def test_gradient_checkpointing_gives_full_parameter_rtt_the_same_losses(tiny_llama, facts):
+    settings = finetune_settings(tiny_llama, facts, train_files=VAL[1:], val_files=VAL[:1], lr=1e-3, epochs=1,
+                                 overrides=["ft.optimizer=adamw", "ft.train_embeddings=false"])
+    plain_model, plain = _steps_with(settings, checkpointing=False)
+    checked_model, checked = _steps_with(settings, checkpointing=True)
+    assert checked_model.is_gradient_checkpointing and not plain_model.is_gradient_checkpointing
+    assert plain[0] != plain[-1]  # it trained
+    assert checked == pytest.approx(plain, rel=1e-5, abs=1e-6)
+
+
+def test_gradient_checkpointing_is_a_setting_every_stage_shares_and_not_part_of_a_key(tmp_path, shared_data):
+    from conftest import config, planned
+    from toolkit.settings import key_settings
+
+    on = planned(config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}", "model_id=/x/tiny",
+                                   "train.gradient_checkpointing=true"]))
+    off = planned(config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}", "model_id=/x/tiny"]))
+    assert on.runs[0].settings.train.gradient_checkpointing and on.runs[0].rtt[0].settings.train.gradient_checkpointing
+    assert not off.runs[0].settings.train.gradient_checkpointing
+    assert on.runs[0].key == off.runs[0].key and "gradient_checkpointing" not in key_settings(on.runs[0].settings.train)

@@ -20,6 +20,8 @@ class JobReport:
     summary: str
     value: float = float("nan")
     flagged: bool = False  # an unlearning run the stop rule flagged (not matched)
+    row: dict | None = None  # the job's result row, written by the driver
+    node: str = ""  # the Ray node it ran on
 
 
 @dataclass(frozen=True)

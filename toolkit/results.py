@@ -48,7 +48,7 @@ TABLES = {
 }
 # Read as text whatever they look like: a key or commit such as "07270824e702" is not a number.
 TEXT_COLUMNS = {"code_version", "torch_version", "machine_cpu", "machine_cpu_features", "machine_gpu", "model_path",
-                "base_model", "start_weights", "save_name", "project_name", "upstream_key",
+                "base_model", "start_weights", "save_name", "project_name", "upstream_key", "ray_node",
                 *(table.key for table in TABLES.values())}
 
 

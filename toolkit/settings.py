@@ -177,6 +177,8 @@ class TrainSettings:
     wandb_project_name: str = setting(TEXT, in_key=False)
     label: str = setting(TEXT, in_key=False)  # a short run name for progress and logs
     progress: str = setting(one_of(*PROGRESS_MODES), in_key=False)
+    # Recompute activations in the backward pass: memory for time (7B runs); the same result.
+    gradient_checkpointing: bool = setting(BOOLEAN, in_key=False, default=False)
 
 
 @dataclass(frozen=True)
@@ -263,4 +265,7 @@ def train_settings(section: Mapping, top: Mapping, key: str, **given) -> TrainSe
     if not isinstance(device, DeviceSettings):
         device = build_settings(DeviceSettings, {**top["device"], **(device or {})}, "device")
     shared = {k: top[k] for k in ("data_root", "wandb_mode", "wandb_project_name", "progress") if k in top}
+    if "gradient_checkpointing" in (top.get("train") or {}):
+        shared["gradient_checkpointing"] = BOOLEAN.check(top["train"]["gradient_checkpointing"],
+                                                         "train.gradient_checkpointing")
     return build_settings(TrainSettings, {**shared, **section}, key, device=device, **given)

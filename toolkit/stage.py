@@ -20,7 +20,13 @@ from toolkit.models import is_peft, load_model, load_tokenizer, save_checkpoint
 from toolkit.names import LossType
 from toolkit.prompts import Encoded, collate, encode_files
 from toolkit.settings import EvalFiles, SaveSettings, StopRule, TrainSettings, UnlearnSettings, key_settings
-from toolkit.training import count_parameters, make_optimizer, seed_everything, warmup_then_constant
+from toolkit.training import (
+    count_parameters,
+    enable_gradient_checkpointing,
+    make_optimizer,
+    seed_everything,
+    warmup_then_constant,
+)
 from toolkit.weight_delta import update_size
 
 log = logging.getLogger(__name__)
@@ -173,6 +179,8 @@ class Training:
         # checkpoint's does not), and a LoRA attacker's init must not depend on the format.
         stage = Stage(train, policy, tokenizer, seed_everything(train.seed))
         model = objective.prepare(model, stage)
+        if train.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         optimizer = make_optimizer(train.optimizer, model, train.lr, policy)
         return cls(stage, model, objective, optimizer, warmup_then_constant(optimizer, train.warmup_steps))
 

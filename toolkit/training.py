@@ -63,3 +63,13 @@ def count_parameters(model) -> tuple[int, int]:
 def seed_everything(seed: int) -> random.Random:
     torch.manual_seed(seed)
     return random.Random(seed)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward pass. The
+    non-reentrant form, and inputs that require grad: with frozen embeddings
+    (LoRA, or RTT with train_embeddings=false) the reentrant form would pass
+    no gradient through a checkpointed layer, and LoRA would train nothing."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.config.use_cache = False
