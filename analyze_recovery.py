@@ -34,7 +34,7 @@ import argparse
 import hashlib
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -245,6 +245,11 @@ ATTACKERS = {
     "paper": lambda rows, split: _best(attempts(rows[rows.skip_split == split], every_epoch=True)),
     "cross_fitted": cross_fitted,
 }
+ATTACKER_NOTES = {
+    "final": "the best lr by last-epoch V accuracy, per held-out split",
+    "paper": "the paper's: the best lr and epoch per held-out split, chosen on V itself (optimistic when V is small)",
+    "cross_fitted": "the lr and epoch best on the model's other held-out splits, applied to V",
+}
 
 
 def recovery_epoch(accs: dict[int, float], threshold: float) -> float:
@@ -348,7 +353,7 @@ def units_of(results: Results, options: Options) -> tuple[list[Unit], list[LeftO
                 if accs is not None:
                     vectors[row.probe] = _vector(row.forget_correct, file, 0, float(_by_epoch(accs)[0]))
             out.append(Unit(setting, seed, file, split, vectors, retain_before, retain_after, epoch_to_recover,
-                            run.model_path, machine_of(run)))
+                            run.model_path, machine_of(run), float(run.get("update_rel_norm", math.nan))))
     return out, left_out
 
 
@@ -390,7 +395,40 @@ def estimate(units: list[Unit], panel: Panel) -> Estimates:
     row["retain_before"] = nanmean([u.retain_before for u in units])
     row["retain_after"] = nanmean([u.retain_after for u in units])
     row["recovery_epoch"] = nanmean([u.recovery_epoch for u in rtt_units])
+    row["update_rel_norm"] = nanmean([u.update_rel_norm for u in units])
     return Estimates(row, replicates)
+
+
+def weight_distance_line(method: str, dataset: str, units: list[Unit]) -> str | None:
+    """How far unlearning moved the weights, by rank, and whether that
+    predicts what RTT recovers: Spearman's rho between each run's update size
+    and its recovered fraction (over its held-out splits), pooled and within
+    each rank (rank sets the size, so the pooled rho alone would mostly rank
+    ranks). None where the rows carry no update sizes."""
+    from scipy.stats import spearmanr
+
+    runs: dict[tuple, list[Unit]] = {}
+    for unit in units:
+        if "B" in unit.vectors and not math.isnan(unit.update_rel_norm):
+            runs.setdefault((unit.setting.lora_rank, unit.seed, unit.model_path), []).append(unit)
+    if not runs:
+        return None
+    points = {}  # rank -> [(update size, recovered fraction)]
+    for (rank, _, _), group in sorted(runs.items()):
+        base, a, b = (np.mean([u.vectors[m].mean() for u in group]) for m in ("base", "A", "B"))
+        points.setdefault(rank, []).append((group[0].update_rel_norm, float(ratio(b, a, base))))
+
+    def rho(pairs) -> str:
+        if len(pairs) < 3 or len({x for x, _ in pairs}) < 2 or len({y for _, y in pairs}) < 2:
+            return f"- ({len(pairs)} run(s))"
+        result = spearmanr(*zip(*pairs))
+        return f"{result.statistic:+.2f} (p {result.pvalue:.2f}, {len(pairs)} run(s))"
+
+    sizes = ", ".join(f"{np.mean([x for x, _ in pairs]):.4f} at rank {rank}" for rank, pairs in points.items())
+    within = "; ".join(f"rank {rank} {rho(pairs)}" for rank, pairs in points.items())
+    pooled = [pair for pairs in points.values() for pair in pairs]
+    return (f"weight distance ({method}, {dataset}): update size (relative Frobenius norm of the LoRA delta) {sizes}; "
+            f"recovered fraction against update size, Spearman rho {rho(pooled)} pooled; within rank: {within}")
 
 
 @dataclass
@@ -399,11 +437,12 @@ class Analysis:
     trends: list[Trend]
     left_out: list[LeftOut]
     differences: list[Difference] = field(default_factory=list)
+    distances: list[str] = field(default_factory=list)  # weight_distance_line per (method, dataset)
 
 
 def summarize(units: list[Unit], options: Options) -> Analysis:
     """One row per setting, with CIs; the trend across ranks per (method, dataset)."""
-    rows, trends, differences = [], [], []
+    rows, trends, differences, distances = [], [], [], []
     families: dict[tuple, list[Unit]] = {}
     for unit in units:
         families.setdefault((unit.setting.unlearn_type, unit.setting.dataset), []).append(unit)
@@ -418,6 +457,8 @@ def summarize(units: list[Unit], options: Options) -> Analysis:
             est = estimate(group, panel)
             estimates[setting] = est
             rows.append({**dict(zip(SETTING, setting)), **est.row})
+        if line := weight_distance_line(method, dataset, family):
+            distances.append(line)
         ranks = [s.lora_rank for s in estimates]
         if len(ranks) >= 2 and len(set(ranks)) == len(ranks) and all(r and r > 0 for r in ranks):
             ordered = sorted(estimates.items(), key=lambda kv: kv[0].lora_rank)
@@ -441,7 +482,7 @@ def summarize(units: list[Unit], options: Options) -> Analysis:
     table["retain_damaged"] = table["retain_after"] < options.min_retain_kept * table["retain_before"]
     table["missing_baseline"] = table["C"].isna()
     table = table.sort_values(["unlearn_type", "dataset", "lora_rank", "lr", "retain_coeff"]).reset_index(drop=True)
-    return Analysis(table, trends, [], differences)
+    return Analysis(table, trends, [], differences, distances)
 
 
 @dataclass
@@ -484,9 +525,10 @@ def figure_source(table: pd.DataFrame) -> str:
 
 
 def format_table(table: pd.DataFrame) -> str:
-    shown = pd.DataFrame({"method": table.unlearn_type, "rank": table.lora_rank, "lr": table.lr,
-                          "rc": table.retain_coeff, "seeds": table.n_seeds, "splits": table.n_splits,
-                          "base": table.base.map(lambda v: f"{v:.2f}")})
+    shown = pd.DataFrame({"attacker": table.attacker} if "attacker" in table else {}, index=table.index)
+    shown = shown.assign(**{"method": table.unlearn_type, "rank": table.lora_rank, "lr": table.lr,
+                            "rc": table.retain_coeff, "seeds": table.n_seeds, "splits": table.n_splits,
+                            "base": table.base.map(lambda v: f"{v:.2f}")})
     for name in ("A", "B", "C", "floor"):
         shown[name] = _with_ci(table, name)
     shown["retain"] = table.retain_after.map(lambda v: f"{v:.2f}")
@@ -543,22 +585,32 @@ def block_markers(name: str = "rank-study") -> tuple[str, str]:
 README_BEGIN, README_END = block_markers()
 
 
-def headline(results_dir: str | Path, options: Options = Options()) -> str:
-    """The study's table, trend and paired differences as analysis prints them."""
-    units, left_out = units_of(load_results(results_dir), options)
-    analysis = summarize(units, options)
-    seeds = sorted({u.seed for u in units})
-    attacker = "" if options.attacker == "final" else f"; attacker: {options.attacker}"
-    lines = [f"{len(seeds)} seeds with matched forgetting, {len(left_out)} flagged run(s) left out; "
-             f"95% bootstrap CIs ({options.bootstrap} draws){attacker}", format_table(analysis.table)]
-    lines += [t.sentence() for t in analysis.trends if t.measure == "recovered_fraction"]
-    lines += [d.sentence() for d in analysis.differences]
-    lines += machine_lines(units)
-    return "\n".join(lines)
+def attacker_heading(attacker: str) -> str:
+    return f"attacker: {attacker}, {ATTACKER_NOTES[attacker]}"
+
+
+def headline(results_dir: str | Path, options: Options = Options(), attackers: Sequence[str] = ()) -> str:
+    """The study's table, trend and paired differences as analysis prints them,
+    once per attacker (`attackers`, else the one in `options`)."""
+    results = load_results(results_dir)
+    attackers = tuple(attackers) or (options.attacker,)
+    sections, seeds, flagged = [], set(), 0
+    for attacker in attackers:
+        units, left_out = units_of(results, replace(options, attacker=attacker))
+        analysis = summarize(units, options)
+        seeds, flagged = seeds | {u.seed for u in units}, len(left_out)
+        lines = [attacker_heading(attacker)] if len(attackers) > 1 else []
+        lines += [format_table(analysis.table)]
+        lines += [t.sentence() for t in analysis.trends if t.measure == "recovered_fraction"]
+        lines += [d.sentence() for d in analysis.differences]
+        sections += lines + analysis.distances + machine_lines(units)
+    named = "" if attackers == ("final",) else f"; attacker: {', '.join(attackers)}"
+    return "\n".join([f"{len(seeds)} seeds with matched forgetting, {flagged} flagged run(s) left out; "
+                      f"95% bootstrap CIs ({options.bootstrap} draws){named}", *sections])
 
 
 def update_readme(readme: str | Path, results_dir: str | Path, options: Options = Options(),
-                  block: str = "rank-study") -> None:
+                  block: str = "rank-study", attackers: Sequence[str] = ()) -> None:
     path = Path(readme)
     text = path.read_text(encoding="utf-8")
     begin, end = block_markers(block)
@@ -566,7 +618,8 @@ def update_readme(readme: str | Path, results_dir: str | Path, options: Options 
         raise ValueError(f"{path} has no {begin} ... {end} block to fill")
     head, rest = text.split(begin, 1)
     tail = rest.split(end, 1)[1]
-    path.write_text(f"{head}{begin}\n```text\n{headline(results_dir, options)}\n```\n{end}{tail}", encoding="utf-8")
+    block_text = headline(results_dir, options, attackers)
+    path.write_text(f"{head}{begin}\n```text\n{block_text}\n```\n{end}{tail}", encoding="utf-8")
 
 
 def nothing_to_compare(results_dir: str | Path, results: Results, left_out: Sequence[LeftOut]) -> str:
@@ -578,12 +631,35 @@ def nothing_to_compare(results_dir: str | Path, results: Results, left_out: Sequ
 
 
 def analyze(results_dir: str | Path, options: Options = Options(), out_dir: str | Path | None = None,
-            stream=None) -> pd.DataFrame:
-    """Print the table and the trend, write recovery_vs_rank.csv and .png, return the table."""
+            stream=None, attackers: Sequence[str] = ()) -> pd.DataFrame:
+    """Print the table and the trend (once per attacker: `attackers`, else the
+    one in `options`), write recovery_vs_rank.csv and .png, return the table
+    (with an `attacker` column when there are several)."""
     stream = stream or sys.stdout
     results = load_results(results_dir)
+    attackers = tuple(attackers) or (options.attacker,)
+    tables, title = [], ""
+    for attacker in attackers:
+        if len(attackers) > 1:
+            print(f"\n{attacker_heading(attacker)}", file=stream)
+        table, title = report(results_dir, results, replace(options, attacker=attacker), stream,
+                              show_left_out=attacker == attackers[0])
+        tables.append(table.assign(attacker=attacker) if len(attackers) > 1 else table)
+    table = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
+    out = Path(out_dir or results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "recovery_vs_rank.csv", index=False)
+    plot(table, out / "recovery_vs_rank.png", title, source=figure_source(table))
+    print(f"wrote {out / 'recovery_vs_rank.csv'} and {out / 'recovery_vs_rank.png'} "
+          f"(95% CIs: {options.bootstrap} bootstrap draws over seeds, held-out splits and questions)", file=stream)
+    return table
+
+
+def report(results_dir: str | Path, results: Results, options: Options, stream,
+           show_left_out: bool = True) -> tuple[pd.DataFrame, str]:
+    """One attacker's table, trend, paired differences and flags, printed; the table and its title."""
     units, left_out = units_of(results, options)
-    for line in left_out:
+    for line in left_out if show_left_out else ():
         print(line, file=stream)
     analysis = summarize(units, options)
     table = analysis.table
@@ -600,9 +676,6 @@ def analyze(results_dir: str | Path, options: Options = Options(), out_dir: str 
                   f"epochs={row.epochs} rc={row.retain_coeff:g} (A={row.A:.3f}, retain={row.retain_after:.3f})", file=stream)
         table = matched.table
         title = f"matched forgetting: A within {options.match_tolerance} of {options.match_target}"
-    out = Path(out_dir or results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "recovery_vs_rank.csv", index=False)
     print(format_table(table), file=stream)
     for t in analysis.trends:
         if options.match_target is None or t.measure == "recovered_fraction":
@@ -610,8 +683,13 @@ def analyze(results_dir: str | Path, options: Options = Options(), out_dir: str 
     if options.match_target is None:
         for d in analysis.differences:
             print(d.sentence(), file=stream)
-        for line in machine_lines(units):
+        for line in [*analysis.distances, *machine_lines(units)]:
             print(line, file=stream)
+    print_flags(table, options, stream)
+    return table, title
+
+
+def print_flags(table: pd.DataFrame, options: Options, stream) -> None:
     flagged = table[table.too_little_forgetting]
     if len(flagged):
         print(f"flagged: {len(flagged)} row(s) forgot less than {options.min_forgetting} (base - A); their recovery "
@@ -627,10 +705,6 @@ def analyze(results_dir: str | Path, options: Options = Options(), out_dir: str 
               "is avoided, so the information is likely still present", file=stream)
     if table.missing_baseline.any():
         print("note: no baseline RTT (C) for some rows; relative_to_baseline_rtt is empty there", file=stream)
-    plot(table, out / "recovery_vs_rank.png", title, source=figure_source(table))
-    print(f"wrote {out / 'recovery_vs_rank.csv'} and {out / 'recovery_vs_rank.png'} "
-          f"(95% CIs: {options.bootstrap} bootstrap draws over seeds, held-out splits and questions)", file=stream)
-    return table
 
 
 class Parser(argparse.ArgumentParser):
@@ -664,11 +738,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "tolerance of TARGET and the least retain damage")
     parser.add_argument("--match-tolerance", type=float, default=0.05)
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws for the CIs (default 2000)")
-    parser.add_argument("--attacker", default="final", choices=list(ATTACKERS),
+    parser.add_argument("--attacker", default=["final"], nargs="+", choices=list(ATTACKERS),
                         help="how B, C and the floor pick among each model's RTT runs per held-out split: final "
                              "(the best lr by last-epoch V, the published study's), paper (the best lr and epoch, "
                              "chosen on V itself) or cross_fitted (the lr and epoch best on the model's other "
-                             "held-out splits)")
+                             "held-out splits); several names report each in turn")
     parser.add_argument("--block", default="rank-study",
                         help="the name of the block --update-readme fills (<!-- NAME:begin ... -->)")
     parser.add_argument("--update-readme", default=None, metavar="DOC",
@@ -706,14 +780,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = Options(min_forgetting=args.min_forgetting, min_retain_kept=args.min_retain_kept,
                       recovery_threshold=args.recovery_threshold, absolute_threshold=args.absolute_threshold,
                       match_target=args.match_forgetting, match_tolerance=args.match_tolerance,
-                      bootstrap=args.bootstrap, attacker=args.attacker)
+                      bootstrap=args.bootstrap, attacker=args.attacker[0])
+    attackers = tuple(dict.fromkeys(args.attacker))
     try:
         check_inputs(args)
-        analyze(args.results_dir, options, args.out_dir)
+        analyze(args.results_dir, options, args.out_dir, attackers=attackers)
         if args.compare:
             compare(args.results_dir, args.compare, options)
         if args.update_readme:
-            update_readme(args.update_readme, args.results_dir, options, args.block)
+            update_readme(args.update_readme, args.results_dir, options, args.block, attackers)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

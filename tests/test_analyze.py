@@ -168,7 +168,7 @@ def bits(correct: int, n: int) -> str:
 
 
 def seeded_run(results, index, seed, rank, files, *, base, a, b, c=None, floor=None, n=20, stop_reached=None,
-               quant4=None, lora_rtt=None, retain_after=0.9, key=None, machine=None):
+               quant4=None, lora_rtt=None, retain_after=0.9, key=None, machine=None, update=None):
     """A hand-made run: per file, base/A/B (and C, floor, probes) correct counts out of n;
     `machine`: the CPU named in its provenance columns (bf16 autocast on)."""
     key = key or f"key-r{rank}-s{seed}"
@@ -181,7 +181,7 @@ def seeded_run(results, index, seed, rank, files, *, base, a, b, c=None, floor=N
         "forget_correct": {f: {0: bits(base, n), 5: bits(a, n)} for f in files},
         "retain_accs": {"r": {0: 1.0, 5: retain_after}}, "val_files": files, "run_key": key,
         "stop_reached": stop_reached, "stop_reason": None if stop_reached is None else ("target" if stop_reached else "epochs"),
-        "stop_target": 0.3, "stop_forget_acc": a / n})
+        "stop_target": 0.3, "stop_forget_acc": a / n, **({"update_rel_norm": update} if update is not None else {})})
     for split, f in enumerate(files):
         for probe, value in (("rtt", b), ("lora_rtt", lora_rtt)):
             if value is None:
@@ -373,15 +373,45 @@ def test_a_slice_is_compared_with_a_prediction_interval_from_the_published_seeds
     assert far.mine == 0.0 and "DOES NOT AGREE" in far.sentence()
 
 
-def test_the_studys_headline_block_is_what_the_published_rows_give():
-    """docs/rank_study.md's block is analyze_recovery.py's output on the
-    committed rows of results/rank_study (--update-readme writes it)."""
+# Each half of the study: its doc, the block --update-readme fills there, its rows and the attackers it reports.
+HEADLINE_BLOCKS = [
+    ("rank_study.md", "rank-study", "rank_study", ()),
+    ("pretraining_facts.md", "rank-study-pretrained", "rank_study_pretrained", ("paper", "cross_fitted")),
+]
+
+
+@pytest.mark.parametrize("doc, name, rows, attackers", HEADLINE_BLOCKS, ids=[b[1] for b in HEADLINE_BLOCKS])
+def test_the_studys_headline_block_is_what_the_published_rows_give(doc, name, rows, attackers):
+    """Each half's block in docs/ is analyze_recovery.py's output on its
+    committed rows (--update-readme writes it)."""
     root = Path(__file__).resolve().parents[1]
-    text = (root / "docs" / "rank_study.md").read_text(encoding="utf-8")
-    assert analyze_recovery.README_BEGIN in text, "docs/rank_study.md has no rank-study block"
-    inner = text.split(analyze_recovery.README_BEGIN, 1)[1].split(analyze_recovery.README_END, 1)[0]
+    text = (root / "docs" / doc).read_text(encoding="utf-8")
+    begin, end = analyze_recovery.block_markers(name)
+    assert begin in text and end in text, f"docs/{doc} has no {name} block"
+    inner = text.split(begin, 1)[1].split(end, 1)[0]
     block = inner.strip().removeprefix("```text").removesuffix("```").strip()
-    assert analyze_recovery.headline(root / "results" / "rank_study") == block
+    assert analyze_recovery.headline(root / "results" / rows, attackers=attackers) == block
+
+
+def test_weight_distance_is_set_against_what_rtt_recovers_within_each_rank(tmp_path):
+    """Each run's update size against its recovered fraction: at rank 8 the
+    runs that moved further recovered more (rho +1), at rank 64 less (rho -1);
+    the sizes by rank are the runs' means. Rows without update sizes: no line."""
+    for seed, (update, b) in enumerate([(0.01, 8), (0.02, 10), (0.03, 12), (0.04, 14)]):
+        seeded_run(tmp_path, seed, seed, 8, ["s0", "s1"], base=20, a=4, b=b, update=update)
+        seeded_run(tmp_path, 10 + seed, seed, 64, ["s0", "s1"], base=20, a=4, b=b, update=0.05 - update)
+    options = analyze_recovery.Options(bootstrap=200)
+    units, _ = analyze_recovery.units_of(analyze_recovery.load_results(tmp_path), options)
+    analysis = analyze_recovery.summarize(units, options)
+    [line] = analysis.distances
+    assert line.startswith("weight distance (LORA, D): update size (relative Frobenius norm of the LoRA delta) "
+                           "0.0250 at rank 8, 0.0250 at rank 64; ")
+    assert line.endswith("within rank: rank 8 +1.00 (p 0.00, 4 run(s)); rank 64 -1.00 (p 0.00, 4 run(s))")
+    assert list(analysis.table.update_rel_norm) == pytest.approx([0.025, 0.025])
+    assert "weight distance" in analyze_recovery.headline(tmp_path, analyze_recovery.Options(bootstrap=200))
+    bare = tmp_path / "bare"
+    seeded_run(bare, 0, 0, 8, ["s0"], base=20, a=4, b=8)
+    assert "weight distance" not in analyze_recovery.headline(bare, analyze_recovery.Options(bootstrap=200))
 
 
 def test_a_rank_whose_slice_run_was_flagged_gets_a_line_saying_so(tmp_path, capsys):
@@ -538,13 +568,14 @@ def test_every_analysis_option_outside_its_range_is_refused_in_one_line(option, 
     assert not (tmp_path / "recovery_vs_rank.csv").exists()
 
 
-def test_the_committed_figure_draws_the_committed_rows(tmp_path):
-    """results/rank_study/recovery_vs_rank.png (the README's figure) carries
-    the digest of the table it draws; the table the rows give now is that one."""
+@pytest.mark.parametrize("rows, attackers", [(b[2], b[3]) for b in HEADLINE_BLOCKS], ids=[b[2] for b in HEADLINE_BLOCKS])
+def test_the_committed_figure_draws_the_committed_rows(tmp_path, rows, attackers):
+    """Each half's recovery_vs_rank.png (the README's figures) carries the
+    digest of the table it draws; the table the rows give now is that one."""
     from PIL import Image
 
-    root = Path(__file__).resolve().parents[1] / "results" / "rank_study"
-    table = analyze_recovery.analyze(root, out_dir=tmp_path, stream=open("/dev/null", "w"))
+    root = Path(__file__).resolve().parents[1] / "results" / rows
+    table = analyze_recovery.analyze(root, out_dir=tmp_path, stream=open("/dev/null", "w"), attackers=attackers)
     source = analyze_recovery.figure_source(table)
     assert Image.open(root / "recovery_vs_rank.png").text.get("Source") == source
     assert Image.open(tmp_path / "recovery_vs_rank.png").text.get("Source") == source
@@ -560,6 +591,30 @@ def test_each_attacker_picks_its_lr_and_epoch_as_it_says(results, attacker, b, c
     table = analyze_recovery.analyze(results, analyze_recovery.Options(attacker=attacker), stream=open("/dev/null", "w"))
     lora = row(table, "LORA")
     assert lora.B == pytest.approx(b) and lora.C == pytest.approx(c)
+
+
+def test_several_attackers_are_reported_each_in_turn(results, capsys):
+    """--attacker paper cross_fitted: each attacker's section is what that
+    attacker alone prints; the CSV holds both tables, named; the headline
+    block names both and holds both sections."""
+    quiet = open("/dev/null", "w")
+    alone = {a: analyze_recovery.analyze(results, analyze_recovery.Options(attacker=a), stream=quiet)
+             for a in ("paper", "cross_fitted")}
+    capsys.readouterr()
+    assert analyze_recovery.main(["--results-dir", str(results), "--attacker", "paper", "cross_fitted",
+                                  "--bootstrap", "2000"]) == 0
+    out = capsys.readouterr().out
+    paper, crossed = out.split("attacker: paper, ", 1)[1].split("attacker: cross_fitted, ", 1)
+    for section, attacker in ((paper, "paper"), (crossed, "cross_fitted")):
+        assert analyze_recovery.format_table(alone[attacker]) in section
+    written = pd.read_csv(results / "recovery_vs_rank.csv")
+    assert list(written.attacker) == ["paper", "paper", "cross_fitted", "cross_fitted"]
+    lora = written[written.unlearn_type == "LORA"].set_index("attacker")
+    assert lora.B.to_dict() == pytest.approx({"paper": (0.6 + 0.75) / 2, "cross_fitted": (0.45 + 0.7) / 2})
+    block = analyze_recovery.headline(results, attackers=("paper", "cross_fitted")).splitlines()
+    assert block[0].endswith("; attacker: paper, cross_fitted")
+    assert [line for line in block if line.startswith("attacker: ")] == [
+        analyze_recovery.attacker_heading("paper"), analyze_recovery.attacker_heading("cross_fitted")]
 
 
 def test_the_floor_of_pretraining_facts_is_rtt_on_their_remapped_twin(tmp_path):

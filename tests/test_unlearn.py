@@ -285,6 +285,25 @@ def test_a_check_scores_only_what_its_decision_needs_and_the_rest_later(tiny_lla
     assert hard.above(1.0) == exact and hard.questions == total  # undecidable early: scored in full, exact
 
 
+def test_a_checks_log_line_marks_a_bound_as_a_bound(tiny_llama, facts):
+    """A check that stopped scoring early logs ">= x (bound)", not x as if it
+    were the accuracy; one that scored everything logs the exact mean."""
+    from toolkit.settings import StopRule
+
+    policy = resolve_device_policy({"device": "cpu"})
+    model = load_model(str(tiny_llama), policy)
+    evaluator = Evaluator.build(load_tokenizer(str(tiny_llama)), EvalFiles(tuple(VAL), tuple(VAL_RETAIN), "", ""),
+                                str(facts), 0, 2, policy)
+    decided_early = StopChecker(StopRule(stop_at_forget_acc=-0.5, stop_check_every=1, stop_retain_floor=0.0),
+                                evaluator)
+    assert decided_early.check(model, 1, 1) is None
+    forget, retain = decided_early.last
+    assert decided_early.describe() == f"forget >= {forget:.3f} (bound), retain >= {retain:.3f} (bound)"
+    exact = StopChecker(StopRule(stop_at_forget_acc=1.0, stop_check_every=1, stop_retain_floor=None), evaluator)
+    assert exact.check(model, 2, 1) is not None  # any accuracy is at or below 1: it stops, scored in full
+    assert exact.describe() == f"forget {exact.last[0]:.3f}, retain nan"
+
+
 def test_a_model_already_at_the_target_takes_no_step(tiny_llama, facts, tmp_path, monkeypatch):
     _scripted_checks(monkeypatch, [0.2])
     result = run_unlearning(tiny_llama, facts, tmp_path, "GD", epochs=2, stop_at_forget_acc=0.3,

@@ -31,6 +31,7 @@ class Unit:
     recovery_epoch: float
     model_path: str
     machine: str = ""  # the machine and numeric path that produced the run (its provenance columns)
+    update_rel_norm: float = math.nan  # how far a LoRA run moved the weights (its row's update size)
 
 
 @dataclass

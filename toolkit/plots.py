@@ -9,11 +9,13 @@ from toolkit.names import CHANCE, PROBES
 
 
 def series(lora):
-    """(label, rows) per plotted line: one per method, dataset and epochs. The
-    lr and retain coefficient split the line only where a rank has several runs;
-    per-rank settings (a matched-forgetting sweep) would otherwise break it into points."""
-    for (method, dataset, epochs), group in lora.groupby(["unlearn_type", "dataset", "epochs"]):
-        name = f"{method} {dataset} epochs={epochs}"
+    """(label, rows) per plotted line: one per method, dataset and epochs (and
+    attacker, when the table holds several). The lr and retain coefficient split
+    the line only where a rank has several runs; per-rank settings (a
+    matched-forgetting sweep) would otherwise break it into points."""
+    keys = ["unlearn_type", "dataset", "epochs", *(["attacker"] if "attacker" in lora else [])]
+    for (method, dataset, epochs, *attacker), group in lora.groupby(keys):
+        name = f"{method} {dataset} epochs={epochs}" + "".join(f", {a} attacker" for a in attacker)
         if group.lora_rank.is_unique:
             yield f"{name} ({_setting('lr', group.lr)}, {_setting('rc', group.retain_coeff)})", group.sort_values("lora_rank")
             continue
@@ -25,10 +27,19 @@ def _setting(name: str, values) -> str:
     return f"per-rank {name}" if values.nunique() > 1 else f"{name}={values.iloc[0]:g}"
 
 
-def _errorbar(axis, rows, name: str, **style) -> None:
+def _errorbar(axis, rows, name: str, shift: float = 1.0, **style) -> None:
     lo = (rows[name] - rows[f"{name}_lo"]).clip(lower=0)
     hi = (rows[f"{name}_hi"] - rows[name]).clip(lower=0)
-    axis.errorbar(rows.lora_rank, rows[name], yerr=[lo.fillna(0), hi.fillna(0)], capsize=3, **style)
+    axis.errorbar(rows.lora_rank * shift, rows[name], yerr=[lo.fillna(0), hi.fillna(0)], capsize=3, **style)
+
+
+def _attacker_of(group) -> tuple[str, float]:
+    """A label suffix and a small sideways shift (log axis) per attacker, so their CIs do not overlap."""
+    if "attacker" not in group:
+        return "", 1.0
+    names = ("final", "paper", "cross_fitted")
+    attacker = group.attacker.iloc[0]
+    return f" ({attacker})", 1.1 ** (names.index(attacker) - 1 if attacker in names else 0)
 
 
 def plot(table, path: Path, title: str, source: str = "") -> None:
@@ -42,13 +53,19 @@ def plot(table, path: Path, title: str, source: str = "") -> None:
 
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 5))
     lora = table[table.lora_rank > 0]
+    drawn_a = set()
     for label, group in series(lora):
-        _errorbar(left, group, "recovered_fraction", marker="o", label=f"RTT: {label}")
+        suffix, shift = _attacker_of(group)
+        _errorbar(left, group, "recovered_fraction", shift, marker="o", label=f"RTT: {label}")
         if group.recovered_above_floor.notna().any():
-            _errorbar(left, group, "recovered_above_floor", marker="s", linestyle="--", label="RTT above the floor")
+            _errorbar(left, group, "recovered_above_floor", shift, marker="s", linestyle="--",
+                      label=f"RTT above the floor{suffix}")
         for measure, marker in (("A", "o"), ("B", "s"), ("C", "^"), ("floor", "v")):
+            if measure == "A" and label.split(" epochs=")[0] in drawn_a:
+                continue  # A does not depend on the attacker: drawn once
             if group[measure].notna().any():
-                _errorbar(middle, group, measure, marker=marker, label=measure)
+                _errorbar(middle, group, measure, shift, marker=marker, label=measure + ("" if measure == "A" else suffix))
+        drawn_a.add(label.split(" epochs=")[0])
         avoided = group[group.answer_avoided]
         middle.scatter(avoided.lora_rank, avoided.A, s=160, facecolors="none", edgecolors="red",
                        label="A below chance (answer avoided)" if len(avoided) else None)

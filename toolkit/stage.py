@@ -235,7 +235,7 @@ def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
             if checker and step % stop.stop_check_every == 0:
                 with clock.phase("checks"):
                     outcome = checker.check(model, step, epoch)
-                progress.note(f"step {step}: stop check forget {checker.last[0]:.3f}, retain {checker.last[1]:.3f}")
+                progress.note(f"step {step}: stop check {checker.describe()}")
                 if outcome is not None:
                     break
         if outcome is not None or epoch % train.eval_every == 0 or epoch == train.epochs:
@@ -273,6 +273,17 @@ class StopChecker:
         if rule.stop_at_forget_acc is not None and forget <= rule.stop_at_forget_acc:
             return StopOutcome(step, epoch, StopOutcome.TARGET, forget, retain)
         return None
+
+    def describe(self) -> str:
+        """The last check's forget and retain accuracy, a bound marked as one
+        (">= 0.578 bound"): a check stops scoring once its decision is certain."""
+        check = self.evaluator.last_check
+        parts = []
+        for name, value, scoring in (("forget", self.last[0], check and check.forget),
+                                     ("retain", self.last[1], check and check.retain)):
+            exact = not scoring or scoring.complete
+            parts.append(f"{name} {value:.3f}" if exact else f"{name} >= {value:.3f} (bound)")
+        return ", ".join(parts)
 
     def means(self, model, step: int, first: bool) -> tuple[float, float]:
         """Mean forget and retain accuracy now, as far as the rule needs them:

@@ -83,7 +83,10 @@ def all_facts() -> list[Fact]:
 
 def answer_pools() -> dict[str, set[str]]:
     """Every answer of each relation in the table: where distractors come from."""
-    return {r: {f.answer for f in all_facts() if f.relation == r} for r in RELATIONS}
+    pools: dict[str, set[str]] = {r: set() for r in RELATIONS}
+    for fact in all_facts():
+        pools[fact.relation].add(fact.answer)
+    return pools
 
 
 def known_to_embedded(fact: Fact) -> bool:
@@ -162,7 +165,9 @@ def deal(num_splits: int = 10, num_dev: int = 5, seed: int = 0) -> tuple[list[li
 def remapped(splits: list[list[Dealt]], seed: int = 1) -> list[list[Dealt]]:
     """The same facts with each answer moved to another fact of the same
     relation (a permutation with no fact keeping its answer, so the answers'
-    distribution is unchanged), and choices that leave the true answer out."""
+    distribution is unchanged), and choices that leave the true answer out.
+    `seed` drives both the derangement and each fact's own draws of
+    distractors and answer letter (`fact_rng(seed, fact, "remapped")`)."""
     rng = random.Random(seed)
     flat = [d for split in splits for d in split]
     new_answer: dict[int, str] = {}

@@ -13,21 +13,15 @@ what the project already installs, so --no-deps is enough.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
+from embedded import add_model_arguments, load_fp32  # noqa: E402  (puts the project on the path)
 from toolkit.data import data_file, load_mcq  # noqa: E402
 from toolkit.datasets import DATASETS, ensure_dataset  # noqa: E402
-from toolkit.device import resolve_device_policy  # noqa: E402
 from toolkit.evaluation import Evaluator  # noqa: E402
 from toolkit.facts import RandomBdSpec  # noqa: E402
-from toolkit.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
 from toolkit.names import Datasets  # noqa: E402
 from toolkit.prompts import choice_prompt  # noqa: E402
 from toolkit.settings import EvalFiles  # noqa: E402
@@ -35,9 +29,7 @@ from toolkit.settings import EvalFiles  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--models-dir", default=str(ROOT / "models"))
-    parser.add_argument("--data-root", default=str(ROOT / "data"))
+    add_model_arguments(parser)
     parser.add_argument("--dataset", default="WORLD_FACTS_KNOWN", choices=[d.name for d in Datasets])
     parser.add_argument("--splits", type=int, default=10, help="how many of the dataset's question files")
     args = parser.parse_args()
@@ -48,9 +40,8 @@ def main() -> None:
     ensure_dataset(args.data_root, dataset, RandomBdSpec(10, 8, 0, 5, 3))
     files = DATASETS[dataset]
     names = [*files.val_files, *files.val_retain_files][: args.splits]
-    path = resolve_model_path(args.model, args.models_dir)
-    policy = resolve_device_policy({"device": "cpu", "bf16_autocast": False})
-    tokenizer, model = load_tokenizer(path), load_model(path, policy)
+    loaded = load_fp32(args)
+    path, policy, tokenizer, model = loaded.path, loaded.policy, loaded.tokenizer, loaded.model
 
     evaluator = Evaluator.build(tokenizer, EvalFiles(tuple(names), (), "", "", "choice"), args.data_root, 0, 16, policy)
     start = time.perf_counter()

@@ -12,37 +12,29 @@ into toolkit/world_facts_table.py (what WORLD_FACTS_KNOWN leaves out).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
+from embedded import ROOT, add_model_arguments, load_fp32  # noqa: E402  (puts the project on the path)
 from toolkit.data import read_jsonl, write_jsonl  # noqa: E402
 from toolkit.datasets import DATASETS, ensure_dataset  # noqa: E402
-from toolkit.device import resolve_device_policy  # noqa: E402
 from toolkit.evaluation import Evaluator  # noqa: E402
 from toolkit.facts import RandomBdSpec  # noqa: E402
-from toolkit.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
 from toolkit.names import Datasets  # noqa: E402
 from toolkit.settings import SCORING_MODES, EvalFiles  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--models-dir", default=str(ROOT / "models"))
-    parser.add_argument("--data-root", default=str(ROOT / "data"))
+    add_model_arguments(parser)
     parser.add_argument("--years", default=None, help="a data root holding dates-years-trimmed")
     parser.add_argument("--years-questions", type=int, default=120)
     parser.add_argument("--unknown", action="store_true", help="write the unknown facts into the table module")
     args = parser.parse_args()
     ensure_dataset(args.data_root, Datasets.WORLD_FACTS, RandomBdSpec(10, 8, 0, 5, 3))
-    path = resolve_model_path(args.model, args.models_dir)
-    policy = resolve_device_policy({"device": "cpu", "bf16_autocast": False})
-    tokenizer, model = load_tokenizer(path), load_model(path, policy)
+    loaded = load_fp32(args)
+    path, policy, tokenizer, model = loaded.path, loaded.policy, loaded.tokenizer, loaded.model
     files = DATASETS[Datasets.WORLD_FACTS]
     names = [*files.val_files, *files.val_retain_files]
     questions = [row for n in names for row in read_jsonl(Path(args.data_root, f"{n}.jsonl"))]
