@@ -31,10 +31,12 @@ demo: $(STAMP)
 # One invocation per seed: each finished seed is a whole slice (its rows can be committed).
 STUDY ?= rank_study
 STUDY_SEEDS = $(shell $(PY) -c "from omegaconf import OmegaConf; print(*OmegaConf.load('conf/$(STUDY).yaml').seeds)" 2>/dev/null)
+# The attackers each study reports (the first half: the published default, final).
+ATTACKERS_rank_study_pretrained = paper cross_fitted
 study: $(STAMP)
 	failed=; for seed in $(STUDY_SEEDS); do \
 	  $(PY) pipeline.py --config-name=$(STUDY) "slice=[$$seed]" progress=lines || failed="$$failed $$seed"; done; \
-	$(PY) analyze_recovery.py --results-dir results/$(STUDY); \
+	$(PY) analyze_recovery.py --results-dir results/$(STUDY) $(if $(ATTACKERS_$(STUDY)),--attacker $(ATTACKERS_$(STUDY))); \
 	if [ -n "$$failed" ]; then echo "study: seed(s)$$failed had failures; make study again retries them"; exit 1; fi
 
 test: $(STAMP)
