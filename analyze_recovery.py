@@ -54,6 +54,7 @@ from toolkit.bootstrap import (
     paired_differences,
     point_means,
     ratio,
+    recovered_fraction_of,
     trend,
 )
 from toolkit.comparison import (
@@ -415,8 +416,7 @@ def weight_distance_line(method: str, dataset: str, units: list[Unit]) -> str | 
         return None
     points = {}  # rank -> [(update size, recovered fraction)]
     for (rank, _, _), group in sorted(runs.items()):
-        base, a, b = (np.mean([u.vectors[m].mean() for u in group]) for m in ("base", "A", "B"))
-        points.setdefault(rank, []).append((group[0].update_rel_norm, float(ratio(b, a, base))))
+        points.setdefault(rank, []).append((group[0].update_rel_norm, recovered_fraction_of(group)))
 
     def rho(pairs) -> str:
         if len(pairs) < 3 or len({x for x, _ in pairs}) < 2 or len({y for _, y in pairs}) < 2:
