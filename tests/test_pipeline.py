@@ -583,3 +583,34 @@ def test_pretraining_facts_take_their_floor_from_rtt_on_the_remapped_twin(tmp_pa
     assert all(j.settings.evals.scoring == "choice" for run in plan.runs for j in run.rtt)
     assert len(plan.runs[0].rtt) == 5 * 3  # the paper's attacker: every held-out split x 3 lrs, 6 epochs each
     assert (tmp_path / "data" / "world_facts_remapped" / "split_0.jsonl").is_file()
+
+
+def test_the_pretraining_study_runs_end_to_end_under_choice_scoring(tiny_llama, tmp_path, ray_session):
+    """The second half's config on a tiny Llama, shortened: LoRA unlearning,
+    RTT, C, the floor on the remapped twin, the adapter-relearning and 4-bit
+    probes, all scored by choice likelihood; every row says so, LoRA rows carry
+    their update size, and the analysis reads it all under both attackers."""
+    import analyze_recovery
+
+    result = run_sweep(["--config-name=rank_study_pretrained", f"model_id={tiny_llama}", f"data_root={tmp_path}/data",
+                        f"models_dir={tmp_path}/models", f"results_dir={tmp_path}/r", "slice=[0]", "ray.num_cpus=2",
+                        "preflight.min_forget_acc=null", "unlearn.lora_ranks=[1,4]", "unlearn.stop_at_forget_acc=null",
+                        "unlearn.stop_retain_floor=null",
+                        "unlearn.types_config.LORA.datasets_config.WORLD_FACTS_KNOWN.epochs_lst=[1]",
+                        "ft.num_splits=2", "ft.lrs=[1e-4]", "ft.epochs_lst=[2]", "quant.bits=[4]",
+                        "ft.lora_rtt.enabled=true", "ft.lora_rtt.lora_rank=2", "ft.lora_rtt.epochs_lst=[1]"])
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
+    results = analyze_recovery.load_results(tmp_path / "r")
+    for frame in (results.unlearning, results.rtt, results.quant):
+        assert len(frame) and set(frame.scoring) == {"choice"}
+    assert sorted(results.unlearning.lora_rank) == [1, 4] and (results.unlearning.update_rel_norm > 0).all()
+    conditions = results.rtt.groupby(["condition", "dataset"]).size().to_dict()
+    # per held-out split (2): C with its LoRA probe, the floor, and each rank's (2) RTT with its LoRA probe
+    assert conditions == {("baseline", "WORLD_FACTS_KNOWN"): 2 * 2, ("never_taught", "WORLD_FACTS_REMAPPED"): 2,
+                          ("unlearned", "WORLD_FACTS_KNOWN"): 2 * 2 * 2}
+    table = analyze_recovery.analyze(tmp_path / "r", analyze_recovery.Options(bootstrap=200),
+                                     stream=open("/dev/null", "w"), attackers=("paper", "cross_fitted"))
+    assert len(table) == 4 and set(table.attacker) == {"paper", "cross_fitted"}
+    for column in ("B", "C", "floor", "lora_rtt_recovered", "quant4_recovered", "update_rel_norm"):
+        assert table[column].notna().all(), column
+
