@@ -581,7 +581,7 @@ def test_pretraining_facts_take_their_floor_from_rtt_on_the_remapped_twin(tmp_pa
     assert plan.floor_rtt and {j.dataset for j in plan.floor_rtt} == {Datasets.WORLD_FACTS_REMAPPED}
     assert {j.base_model for j in plan.floor_rtt} == {"/x/tiny"} and {j.condition for j in plan.floor_rtt} == {"never_taught"}
     assert all(j.settings.evals.scoring == "choice" for run in plan.runs for j in run.rtt)
-    assert len(plan.runs[0].rtt) == 5 * 3  # the paper's attacker: every held-out split x 3 lrs, 6 epochs each
+    assert len(plan.runs[0].rtt) == 5 * 2  # the paper's attacker: every held-out split x 2 lrs, 6 epochs each
     assert (tmp_path / "data" / "world_facts_remapped" / "split_0.jsonl").is_file()
 
 
