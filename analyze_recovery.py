@@ -111,6 +111,7 @@ class Options:
     bootstrap: int = 2000
     seed: int = 0
     attacker: str = "final"  # a key of ATTACKERS
+    rtt_lrs: tuple[float, ...] = ()  # the attacker's lrs to choose among (B, C and floor alike); () = every lr run
 
 
 def _by_epoch(mapping: dict) -> dict[int, float]:
@@ -308,6 +309,8 @@ def units_of(results: Results, options: Options) -> tuple[list[Unit], list[LeftO
     """Per unlearned model and forget file; with the runs left out (stop rule)."""
     out, left_out = [], []
     rtt_rows, quant = results.rtt, results.quant
+    if options.rtt_lrs and not rtt_rows.empty:
+        rtt_rows = rtt_rows[np.isclose(rtt_rows.lr.to_numpy(float)[:, None], options.rtt_lrs).any(axis=1)]
     for _, run in results.unlearning.iterrows():
         if not isinstance(run.model_path, str) or not run.model_path:
             continue
@@ -743,6 +746,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "(the best lr by last-epoch V, the published study's), paper (the best lr and epoch, "
                              "chosen on V itself) or cross_fitted (the lr and epoch best on the model's other "
                              "held-out splits); several names report each in turn")
+    parser.add_argument("--rtt-lrs", type=float, nargs="+", default=(), metavar="LR",
+                        help="let the attacker choose only among these RTT lrs (B, C and the floor alike; "
+                             "default: every lr the rows hold)")
     parser.add_argument("--block", default="rank-study",
                         help="the name of the block --update-readme fills (<!-- NAME:begin ... -->)")
     parser.add_argument("--update-readme", default=None, metavar="DOC",
@@ -758,6 +764,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')}={value:g} is not allowed; it is {what}: use a value in [0, 1]")
     if args.bootstrap < 100:
         parser.error(f"--bootstrap={args.bootstrap} is not allowed; use 100 or more draws")
+    for lr in args.rtt_lrs:
+        if not (math.isfinite(lr) and lr > 0):
+            parser.error(f"--rtt-lrs {lr:g} is not allowed; use positive learning rates")
     return args
 
 
@@ -780,7 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = Options(min_forgetting=args.min_forgetting, min_retain_kept=args.min_retain_kept,
                       recovery_threshold=args.recovery_threshold, absolute_threshold=args.absolute_threshold,
                       match_target=args.match_forgetting, match_tolerance=args.match_tolerance,
-                      bootstrap=args.bootstrap, attacker=args.attacker[0])
+                      bootstrap=args.bootstrap, attacker=args.attacker[0], rtt_lrs=tuple(args.rtt_lrs))
     attackers = tuple(dict.fromkeys(args.attacker))
     try:
         check_inputs(args)

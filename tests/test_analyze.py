@@ -557,7 +557,8 @@ def test_a_compare_folder_that_does_not_exist_is_refused_before_anything_is_writ
 @pytest.mark.parametrize("option, value", [("--min-retain-kept", "7"), ("--min-forgetting", "-0.1"),
                                            ("--recovery-threshold", "1.5"), ("--match-forgetting", "30"),
                                            ("--match-tolerance", "nan"), ("--bootstrap", "10"),
-                                           ("--bootstrap", "many"), ("--attacker", "oracle")])
+                                           ("--bootstrap", "many"), ("--attacker", "oracle"), ("--rtt-lrs", "0"),
+                                           ("--rtt-lrs", "inf")])
 def test_every_analysis_option_outside_its_range_is_refused_in_one_line(option, value, tmp_path, capsys):
     seeded_run(tmp_path, 0, 0, 8, ["s0"], base=20, a=4, b=12)
     with pytest.raises(SystemExit) as stop:
@@ -591,6 +592,17 @@ def test_each_attacker_picks_its_lr_and_epoch_as_it_says(results, attacker, b, c
     table = analyze_recovery.analyze(results, analyze_recovery.Options(attacker=attacker), stream=open("/dev/null", "w"))
     lora = row(table, "LORA")
     assert lora.B == pytest.approx(b) and lora.C == pytest.approx(c)
+
+
+def test_the_attacker_can_be_held_to_some_of_the_lrs_it_ran(results):
+    """--rtt-lrs 1e-6: split 0 no longer has lr 2e-6 to choose (B 0.5, not
+    0.6), and C is held to the same lrs (split 0: 0.8 either way)."""
+    options = analyze_recovery.Options(rtt_lrs=(1e-6,))
+    lora = row(analyze_recovery.analyze(results, options, stream=open("/dev/null", "w")), "LORA")
+    assert lora.B == pytest.approx((0.5 + 0.7) / 2) and lora.C == pytest.approx((0.8 + 0.85) / 2)
+    every = row(analyze_recovery.analyze(results, analyze_recovery.Options(rtt_lrs=(1e-6, 2e-6)),
+                                         stream=open("/dev/null", "w")), "LORA")
+    assert every.B == pytest.approx((0.6 + 0.7) / 2)
 
 
 def test_several_attackers_are_reported_each_in_turn(results, capsys):
