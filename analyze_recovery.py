@@ -40,6 +40,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.stats import spearmanr
 
 from toolkit.bootstrap import (
     Difference,
@@ -409,8 +410,6 @@ def weight_distance_line(method: str, dataset: str, units: list[Unit]) -> str | 
     and its recovered fraction (over its held-out splits), pooled and within
     each rank (rank sets the size, so the pooled rho alone would mostly rank
     ranks). None where the rows carry no update sizes."""
-    from scipy.stats import spearmanr
-
     runs: dict[tuple, list[Unit]] = {}
     for unit in units:
         if "B" in unit.vectors and not math.isnan(unit.update_rel_norm):
