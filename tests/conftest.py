@@ -30,6 +30,14 @@ SMALL_DATA = ["random_bd.facts_per_split=4", "random_bd.num_dev=2"]
 NUMERIC_PATH = "device.bf16_autocast=false"
 
 
+def cpu_policy():
+    """The suite's numeric path for tests that load a model themselves: CPU,
+    fp32, no bf16 autocast (auto would time bf16 and take it on some CPUs)."""
+    from toolkit.device import resolve_device_policy
+
+    return resolve_device_policy({"device": "cpu", "bf16_autocast": False})
+
+
 def on_the_suites_path(overrides) -> list[str]:
     overrides = list(overrides)
     given = any(o.lstrip("+~").startswith("device.bf16_autocast=") for o in overrides)

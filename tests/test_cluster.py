@@ -18,10 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import psutil
 import pytest
-
-import pandas as pd
 
 from conftest import ROOT, SMALL_DATA, assert_refused, pipeline_command
 

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import sweep_frames, unlearn_settings
+from conftest import cpu_policy, sweep_frames, unlearn_settings
 from rmu import unlearn_pipeline
-from toolkit.device import resolve_device_policy
 from toolkit.models import load_model
 from toolkit.names import LossType
 from toolkit.prompts import collate, encode, load_examples_from
@@ -46,7 +45,7 @@ def _batch(tokenizer, root, names):
 
 
 def test_objective_trains_only_chosen_weights_and_steers_toward_target(tiny_llama, byte_level_tokenizer, facts):
-    policy = resolve_device_policy({"device": "cpu"})
+    policy = cpu_policy()
     model, frozen = load_model(str(tiny_llama), policy), load_model(str(tiny_llama), policy).requires_grad_(False)
     layers = unlearn_pipeline.choose_layers(model.config.num_hidden_layers)
     trained = unlearn_pipeline.select_trainable(model, layers.layer_ids, ["mlp.down_proj.weight"])

@@ -16,8 +16,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import (SMALL_DATA, assert_refused, config, pipeline_command, planned, rows, run_cli, run_sweep,
-                      smoketest_args)
+from conftest import (
+    SMALL_DATA,
+    assert_refused,
+    config,
+    pipeline_command,
+    planned,
+    rows,
+    run_cli,
+    run_sweep,
+    smoketest_args,
+)
 from toolkit.planner import Plan
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import pandas as pd
+import pytest
 
 from conftest import SMALL_DATA, config, planned, run_sweep
 

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from conftest import cpu_policy
 from toolkit import device
 from toolkit.data import McqRow
 from toolkit.device import (
@@ -78,7 +79,7 @@ def test_encode_masks_prefix_and_collate_masks_padding(byte_level_tokenizer):
 def test_nll_excludes_padding(tiny_llama, byte_level_tokenizer):
     """A padded batch gives the token-weighted mean of the rows' own NLLs."""
     tok = byte_level_tokenizer
-    model = load_model(str(tiny_llama), resolve_device_policy({"device": "cpu"}))
+    model = load_model(str(tiny_llama), cpu_policy())
     a = encode(tok, TextPair("", "In 1965, Aaron Abernathy was born."), 64)
     b = encode(tok, TextPair("", "Yara Zabala"), 64)
     with torch.no_grad():
@@ -91,7 +92,7 @@ def test_nll_excludes_padding(tiny_llama, byte_level_tokenizer):
 
 def test_nll_matches_transformers_loss(tiny_llama, byte_level_tokenizer):
     tok = byte_level_tokenizer
-    model = load_model(str(tiny_llama), resolve_device_policy({"device": "cpu"}))
+    model = load_model(str(tiny_llama), cpu_policy())
     batch = collate([encode(tok, TextPair("", "In 1965, Aaron Abernathy was born."), 64)], tok.pad_token_id)
     with torch.no_grad():
         reference = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.item()
@@ -113,7 +114,7 @@ def test_calibrated_accuracy_removes_letter_bias():
 
 def test_evaluate_mcq_uses_last_prompt_position(tiny_llama, byte_level_tokenizer):
     """Batched (padded) evaluation gives the same letter logits as one row at a time."""
-    model = load_model(str(tiny_llama), resolve_device_policy({"device": "cpu"}))
+    model = load_model(str(tiny_llama), cpu_policy())
     rows = [McqRow("When was Aaron Abernathy born?", ("1961", "1958", "1965", "1994"), 2),
             McqRow("When was Yara Zabala born?", ("2001", "1999", "1903", "1967"), 0)]
     def scored(some_rows, batch_size):
@@ -201,7 +202,7 @@ def test_measuring_bf16_leaves_the_seeded_random_stream_alone():
 
 
 def test_optimizer_sees_only_trainable_parameters(tiny_llama):
-    model = load_model(str(tiny_llama), resolve_device_policy({"device": "cpu"}))
+    model = load_model(str(tiny_llama), cpu_policy())
     freeze_embeddings(model)
     optimizer = make_optimizer("lion", model, 1e-4, resolve_device_policy({}, CPU_ONLY))
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -238,7 +239,7 @@ def _train_steps(model, tokenizer, steps=3, lr=1e-2):
 
 
 def test_lora_training_changes_only_adapters(tiny_llama, byte_level_tokenizer):
-    model = load_model(str(tiny_llama), resolve_device_policy({"device": "cpu"}))
+    model = load_model(str(tiny_llama), cpu_policy())
     peft_model = attach_lora(model, rank=4)
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
     _train_steps(peft_model, byte_level_tokenizer)
@@ -253,7 +254,7 @@ def test_lora_training_changes_only_adapters(tiny_llama, byte_level_tokenizer):
 def test_merged_model_matches_peft_model_and_saves_plainly(tiny_llama, byte_level_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = load_model(str(tiny_llama), resolve_device_policy({"device": "cpu"}))
+    model = load_model(str(tiny_llama), cpu_policy())
     peft_model = attach_lora(model, rank=4)
     batch = _train_steps(peft_model, byte_level_tokenizer)
     with torch.no_grad():
@@ -273,7 +274,7 @@ def test_merged_model_matches_peft_model_and_saves_plainly(tiny_llama, byte_leve
 
 
 def test_lora_alpha_defaults_to_twice_the_rank(tiny_llama):
-    model = load_model(str(tiny_llama), resolve_device_policy({"device": "cpu"}))
+    model = load_model(str(tiny_llama), cpu_policy())
     config = attach_lora(model, rank=8).peft_config["default"]
     assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 16, 0.0)
     assert set(config.target_modules) == set(DEFAULT_LORA_TARGETS)
@@ -281,7 +282,7 @@ def test_lora_alpha_defaults_to_twice_the_rank(tiny_llama):
 
 @pytest.mark.parametrize("use_rslora, expected", [(False, 16 / 16), (True, 16 / 4)])
 def test_rank_stabilised_scaling_divides_alpha_by_the_root_of_the_rank(tiny_llama, use_rslora, expected):
-    model = load_model(str(tiny_llama), resolve_device_policy({"device": "cpu"}))
+    model = load_model(str(tiny_llama), cpu_policy())
     peft_model = attach_lora(model, rank=16, alpha=16, use_rslora=use_rslora)
     assert {layer.scaling["default"] for layer in lora_layers(peft_model)} == {expected}
 
@@ -297,7 +298,7 @@ def test_lora_without_target_modules_names_what_the_model_has(tmp_path):
 
 
 def test_checkpoint_save_is_atomic(tiny_llama, byte_level_tokenizer, tmp_path, monkeypatch):
-    model = load_model(str(tiny_llama), resolve_device_policy({"device": "cpu"}))
+    model = load_model(str(tiny_llama), cpu_policy())
 
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import finetune_corpus
-from conftest import finetune_settings, made_up_facts, unlearn_settings
+from conftest import cpu_policy, finetune_settings, made_up_facts, unlearn_settings
 from toolkit import evaluation, models
 from toolkit.data import DataValidationError, load_mcq, load_training_rows, read_jsonl
-from toolkit.device import resolve_device_policy
 from toolkit.evaluation import Evaluator
 from toolkit.facts import MAX_YEAR, MIN_YEAR, write_random_bd_dataset
 from toolkit.losses import mean_token_nll
@@ -38,7 +37,7 @@ def facts(small_facts) -> Path:
 
 
 def corpus_nll(model_path, tokenizer, root, names) -> float:
-    model = load_model(str(model_path), resolve_device_policy({"device": "cpu"}))
+    model = load_model(str(model_path), cpu_policy())
     encoded = [encode(tokenizer, p, 64) for p in load_examples_from(str(root), names, LossType.CORPUS)]
     with torch.no_grad():
         return mean_token_nll(model, collate(encoded, tokenizer.pad_token_id)).item()
@@ -265,7 +264,7 @@ def test_a_check_scores_only_what_its_decision_needs_and_the_rest_later(tiny_lla
     """A bounded scoring stops once the mean is certainly above (or at least)
     a threshold and returns a bound that decides the same; finished later it
     gives exactly the scores of one pass."""
-    policy = resolve_device_policy({"device": "cpu"})
+    policy = cpu_policy()
     model = load_model(str(tiny_llama), policy)
     files = EvalFiles(tuple(VAL), (), "", "")
     evaluator = Evaluator.build(load_tokenizer(str(tiny_llama)), files, str(facts), 0, 2, policy)
@@ -290,7 +289,7 @@ def test_a_checks_log_line_marks_a_bound_as_a_bound(tiny_llama, facts):
     were the accuracy; one that scored everything logs the exact mean."""
     from toolkit.settings import StopRule
 
-    policy = resolve_device_policy({"device": "cpu"})
+    policy = cpu_policy()
     model = load_model(str(tiny_llama), policy)
     evaluator = Evaluator.build(load_tokenizer(str(tiny_llama)), EvalFiles(tuple(VAL), tuple(VAL_RETAIN), "", ""),
                                 str(facts), 0, 2, policy)
@@ -347,7 +346,7 @@ def test_the_finetune_objective_with_lora_trains_only_the_adapter(tiny_llama, fa
 
 @pytest.mark.parametrize("bits, group, max_levels", [(4, 64, 16), (8, None, 255)])
 def test_quantizing_changes_linear_weights_to_the_expected_levels(tiny_llama, facts, bits, group, max_levels):
-    policy = resolve_device_policy({"device": "cpu"})
+    policy = cpu_policy()
     model = load_model(str(tiny_llama), policy)
     before = {n: m.weight.detach().clone() for n, m in quantizable_linears(model)}
     head_before = model.get_output_embeddings().weight.detach().clone()
@@ -374,7 +373,7 @@ def test_choice_scoring_gives_each_choice_the_log_likelihood_it_has_alone(tiny_l
     harness way), summed or per byte; the answer is their arg-max."""
     import torch
 
-    policy = resolve_device_policy({"device": "cpu"})
+    policy = cpu_policy()
     model = load_model(str(tiny_llama), policy)
     tokenizer = load_tokenizer(str(tiny_llama))
     evaluator = Evaluator.build(tokenizer, EvalFiles(tuple(VAL[:1]), (), "", "", scoring), str(facts), 0, 3, policy)

@@ -16,8 +16,8 @@ import argparse
 import time
 
 import torch
-
 from embedded import add_model_arguments, load_fp32  # noqa: E402  (puts the project on the path)
+
 from toolkit.data import data_file, load_mcq  # noqa: E402
 from toolkit.datasets import DATASETS, ensure_dataset  # noqa: E402
 from toolkit.evaluation import Evaluator  # noqa: E402

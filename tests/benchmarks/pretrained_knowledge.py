@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from embedded import ROOT, add_model_arguments, load_fp32  # noqa: E402  (puts the project on the path)
+
 from toolkit.data import read_jsonl, write_jsonl  # noqa: E402
 from toolkit.datasets import DATASETS, ensure_dataset  # noqa: E402
 from toolkit.evaluation import Evaluator  # noqa: E402

@@ -22,9 +22,9 @@ import argparse
 import math
 from dataclasses import replace
 
+import embedded  # noqa: F401  (puts the project on the path)
 import numpy as np
 
-import embedded  # noqa: F401  (puts the project on the path)
 import analyze_recovery  # noqa: E402
 from toolkit.comparison import recovered_per_seed, t_quantile  # noqa: E402
 
