@@ -420,17 +420,19 @@ def weight_distance_line(method: str, dataset: str, units: list[Unit]) -> str | 
     for (rank, _, _), group in sorted(runs.items()):
         points.setdefault(rank, []).append((group[0].update_rel_norm, recovered_fraction_of(group)))
 
-    def rho(pairs) -> str:
+    def rho(pairs) -> str | None:
         if len(pairs) < 3 or len({x for x, _ in pairs}) < 2 or len({y for _, y in pairs}) < 2:
-            return f"- ({len(pairs)} run(s))"
+            return None
         result = spearmanr(*zip(*pairs))
-        return f"{result.statistic:+.2f} (p {result.pvalue:.2f}, {len(pairs)} run(s))"
+        return f"{result.statistic:+.2f} (p {result.pvalue:.2f}, {len(pairs)} runs)"
 
     sizes = ", ".join(f"{np.mean([x for x, _ in pairs]):.4f} at rank {rank}" for rank, pairs in points.items())
-    within = "; ".join(f"rank {rank} {rho(pairs)}" for rank, pairs in points.items())
-    pooled = [pair for pairs in points.values() for pair in pairs]
-    return (f"weight distance ({method}, {dataset}): update size (relative Frobenius norm of the LoRA delta) {sizes}; "
-            f"recovered fraction against update size, Spearman rho {rho(pooled)} pooled; within rank: {within}")
+    line = f"weight distance ({method}, {dataset}): update size (relative Frobenius norm of the LoRA delta) {sizes}"
+    if pooled := rho([pair for pairs in points.values() for pair in pairs]):
+        line += f"; recovered fraction against update size, Spearman rho {pooled} pooled"
+        within = [f"rank {rank} {r}" for rank, pairs in points.items() if (r := rho(pairs))]
+        line += f"; within rank: {'; '.join(within)}" if within else ""
+    return line
 
 
 @dataclass

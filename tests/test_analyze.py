@@ -377,6 +377,7 @@ def test_a_slice_is_compared_with_a_prediction_interval_from_the_published_seeds
 HEADLINE_BLOCKS = [
     ("rank_study.md", "rank-study", "rank_study", ()),
     ("pretraining_facts.md", "rank-study-pretrained", "rank_study_pretrained", ("paper", "cross_fitted")),
+    ("pretraining_facts.md", "years-pretrained", "years_pretrained", ("paper", "cross_fitted")),
 ]
 
 
@@ -406,7 +407,7 @@ def test_weight_distance_is_set_against_what_rtt_recovers_within_each_rank(tmp_p
     [line] = analysis.distances
     assert line.startswith("weight distance (LORA, D): update size (relative Frobenius norm of the LoRA delta) "
                            "0.0250 at rank 8, 0.0250 at rank 64; ")
-    assert line.endswith("within rank: rank 8 +1.00 (p 0.00, 4 run(s)); rank 64 -1.00 (p 0.00, 4 run(s))")
+    assert line.endswith("within rank: rank 8 +1.00 (p 0.00, 4 runs); rank 64 -1.00 (p 0.00, 4 runs)")
     assert list(analysis.table.update_rel_norm) == pytest.approx([0.025, 0.025])
     assert "weight distance" in analyze_recovery.headline(tmp_path, analyze_recovery.Options(bootstrap=200))
     bare = tmp_path / "bare"
