@@ -779,6 +779,12 @@ def check_inputs(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"--compare: {args.compare} is not a folder; name the published results "
                                     "folder (e.g. results/rank_study)")
         load_results(args.compare)
+    if args.rtt_lrs:
+        ran = sorted(set(load_results(args.results_dir).rtt.get("lr", pd.Series(dtype=float)).astype(float)))
+        for lr in args.rtt_lrs:
+            if not np.isclose(lr, ran).any():
+                raise ValueError(f"--rtt-lrs {lr:g} is not allowed; the RTT rows under {args.results_dir} ran "
+                                 f"lrs {', '.join(f'{r:g}' for r in ran) or 'none'}")
     if args.update_readme:
         path, (begin, end) = Path(args.update_readme), block_markers(args.block)
         if not path.is_file() or begin not in (text := path.read_text(encoding="utf-8")) or end not in text:

@@ -606,6 +606,14 @@ def test_the_attacker_can_be_held_to_some_of_the_lrs_it_ran(results):
     assert every.B == pytest.approx((0.6 + 0.7) / 2)
 
 
+def test_an_attacker_lr_the_rows_never_ran_is_refused_before_anything_is_written(results, capsys):
+    before = written_files(results)
+    assert analyze_recovery.main(["--results-dir", str(results), "--rtt-lrs", "1e-6", "5e-6"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line == f"error: --rtt-lrs 5e-06 is not allowed; the RTT rows under {results} ran lrs 1e-06, 2e-06"
+    assert written_files(results) == before
+
+
 def test_several_attackers_are_reported_each_in_turn(results, capsys):
     """--attacker paper cross_fitted: each attacker's section is what that
     attacker alone prints; the CSV holds both tables, named; the headline
