@@ -40,7 +40,6 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
 
 from toolkit.bootstrap import (
     Difference,
@@ -54,6 +53,7 @@ from toolkit.bootstrap import (
     nanstd,
     paired_differences,
     point_means,
+    rank_correlation,
     ratio,
     recovered_fraction_of,
     trend,
@@ -423,8 +423,8 @@ def weight_distance_line(method: str, dataset: str, units: list[Unit]) -> str | 
     def rho(pairs) -> str | None:
         if len(pairs) < 3 or len({x for x, _ in pairs}) < 2 or len({y for _, y in pairs}) < 2:
             return None
-        result = spearmanr(*zip(*pairs))
-        return f"{result.statistic:+.2f} (p {result.pvalue:.2f}, {len(pairs)} runs)"
+        rho, p = rank_correlation(*zip(*pairs))
+        return f"{rho:+.2f} (p {p:.2f}, {len(pairs)} runs)"
 
     sizes = ", ".join(f"{np.mean([x for x, _ in pairs]):.4f} at rank {rank}" for rank, pairs in points.items())
     line = f"weight distance ({method}, {dataset}): update size (relative Frobenius norm of the LoRA delta) {sizes}"

@@ -407,7 +407,8 @@ def test_weight_distance_is_set_against_what_rtt_recovers_within_each_rank(tmp_p
     [line] = analysis.distances
     assert line.startswith("weight distance (LORA, D): update size (relative Frobenius norm of the LoRA delta) "
                            "0.0250 at rank 8, 0.0250 at rank 64; ")
-    assert line.endswith("within rank: rank 8 +1.00 (p 0.00, 4 runs); rank 64 -1.00 (p 0.00, 4 runs)")
+    # 4 runs in order: the exact permutation p is 2/24 (both orders of 24 as extreme), not scipy's t-based 0
+    assert line.endswith("within rank: rank 8 +1.00 (p 0.08, 4 runs); rank 64 -1.00 (p 0.08, 4 runs)")
     assert list(analysis.table.update_rel_norm) == pytest.approx([0.025, 0.025])
     assert "weight distance" in analyze_recovery.headline(tmp_path, analyze_recovery.Options(bootstrap=200))
     bare = tmp_path / "bare"
@@ -648,3 +649,17 @@ def test_the_floor_of_pretraining_facts_is_rtt_on_their_remapped_twin(tmp_path):
     table = analyze_recovery.analyze(r, analyze_recovery.Options(), stream=open("/dev/null", "w"))
     assert row(table, "LORA").floor == pytest.approx(0.4)
 
+
+
+def test_rank_correlation_gives_the_exact_permutation_p_for_a_few_runs_and_scipys_rho():
+    from scipy.stats import spearmanr
+
+    from toolkit.bootstrap import rank_correlation
+
+    assert rank_correlation([0.01, 0.02, 0.03], [0.9, 0.8, 0.7]) == pytest.approx((-1.0, 1 / 3))  # 2 of 6 orders
+    assert rank_correlation([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx((0.8, 8 / 24))  # |rho| >= 0.8: 8 of 24
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=30), rng.normal(size=30)
+    rho, p = rank_correlation(x, y)
+    assert rho == pytest.approx(spearmanr(x, y).statistic)
+    assert p == pytest.approx(spearmanr(x, y).pvalue, abs=0.03)  # many runs: the t approximation holds
