@@ -71,8 +71,9 @@ def plot(table, path: Path, title: str, source: str = "") -> None:
                        label="A below chance (answer avoided)" if len(avoided) else None)
         for probe, marker in zip(PROBES, ("D", "P", "X")):
             if group[f"{probe}_recovered"].notna().any():
-                _errorbar(right, group, f"{probe}_recovered", marker=marker, label=probe)
-        _errorbar(right, group, "recovered_fraction", marker="o", linestyle=":", label="rtt (all weights)")
+                _errorbar(right, group, f"{probe}_recovered", shift, marker=marker, label=probe + suffix)
+        _errorbar(right, group, "recovered_fraction", shift, marker="o", linestyle=":",
+                  label=f"rtt (all weights){suffix}")
         flagged = group[group.too_little_forgetting]
         left.scatter(flagged.lora_rank, flagged.recovered_fraction, s=140, facecolors="none", edgecolors="orange",
                      label="too little forgetting" if len(flagged) else None)
