@@ -650,7 +650,6 @@ def test_the_floor_of_pretraining_facts_is_rtt_on_their_remapped_twin(tmp_path):
     assert row(table, "LORA").floor == pytest.approx(0.4)
 
 
-
 def test_rank_correlation_gives_the_exact_permutation_p_for_a_few_runs_and_scipys_rho():
     from scipy.stats import spearmanr
 
