@@ -26,7 +26,7 @@ $(STAMP): requirements.txt
 
 demo: $(STAMP)
 	$(PY) pipeline.py --config-name=demo_cpu $(ARGS)
-	$(PY) analyze_recovery.py --results-dir evals/demo_cpu --compare results/rank_study
+	$(PY) analyze_recovery.py --results-dir evals/demo_cpu --compare results/rank_study results/rank_study_fp32
 
 # One invocation per seed: each finished seed is a whole slice (its rows can be committed).
 STUDY ?= rank_study

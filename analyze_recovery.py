@@ -61,6 +61,8 @@ from toolkit.bootstrap import (
 from toolkit.comparison import (
     Agreement,
     agreements,
+    check_one_scoring_mode,
+    comparable_published,
     left_out_sentence,
     machine_lines,
     machine_of,
@@ -183,7 +185,17 @@ def load_results(results_dir: str | Path) -> Results:
                               for stage in ("unlearn", "rtt", "quant"))
     if unlearning.empty:
         raise FileNotFoundError(f"no unlearning CSVs under {table_dir(results_dir, 'unlearn')}; run pipeline.py first")
-    return Results(unlearning, rtt, quant)
+    results = Results(unlearning, rtt, quant)
+    check_one_scoring_mode(results, str(results_dir))
+    return results
+
+
+def published_results(results_dir: str | Path, published_dirs: Sequence[str | Path]) -> tuple[list[str], Results]:
+    """The published rows a comparison can rest on (toolkit.comparison.comparable_published), as one Results."""
+    published = [(str(folder), load_results(folder)) for folder in published_dirs]
+    _, lines, kept = comparable_published(load_results(results_dir), str(results_dir), published)
+    return lines, Results(*(pd.concat([getattr(r, stage) for r in kept], ignore_index=True)
+                            for stage in ("unlearning", "rtt", "quant")))
 
 
 def _vector(correct: dict | None, name: str, epoch: int, accuracy: float) -> np.ndarray:
@@ -551,7 +563,8 @@ def format_table(table: pd.DataFrame) -> str:
     return shown.to_string(index=False)
 
 
-def compare(results_dir: str | Path, published_dir: str | Path, options: Options, stream=None) -> list[Agreement]:
+def compare(results_dir: str | Path, published_dirs: str | Path | Sequence[str | Path], options: Options,
+            stream=None) -> list[Agreement]:
     """Print the published table beside this slice's (already printed), how
     many of its jobs came out exactly as published, where the published rows
     hold the slice's own seeds one line per rank comparing the rerun with
@@ -559,13 +572,18 @@ def compare(results_dir: str | Path, published_dir: str | Path, options: Options
     (is the slice like the published seeds it lacks?), and last the verdict
     over every rank together (family-wise 95%, Holm)."""
     stream = stream or sys.stdout
-    my_results, published_results = load_results(results_dir), load_results(published_dir)
+    published_dirs = [published_dirs] if isinstance(published_dirs, (str, Path)) else list(published_dirs)
+    my_results = load_results(results_dir)
+    kept_lines, their_results = published_results(results_dir, published_dirs)
     mine, my_left_out = units_of(my_results, options)
-    published, left_out = units_of(published_results, options)
+    published, left_out = units_of(their_results, options)
     table = summarize(published, options).table
-    print(f"\npublished ({published_dir}; {len(left_out)} flagged run(s) left out):", file=stream)
+    print(f"\npublished ({', '.join(map(str, published_dirs))}; {len(left_out)} flagged run(s) left out):",
+          file=stream)
+    for line in kept_lines:
+        print(line, file=stream)
     print(format_table(table) if not table.empty else "(no published rows yet)", file=stream)
-    if sentence := same_key_sentence(my_results, published_results):
+    if sentence := same_key_sentence(my_results, their_results):
         print(sentence, file=stream)
     for check in same_seed_checks(mine, published):
         print(check.sentence(), file=stream)
@@ -755,9 +773,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--update-readme", default=None, metavar="DOC",
                         help="write the headline (table, trend, paired differences) into DOC's rank-study block "
                              "(docs/rank_study.md)")
-    parser.add_argument("--compare", default=None, metavar="PUBLISHED_DIR",
+    parser.add_argument("--compare", default=None, nargs="+", metavar="PUBLISHED_DIR",
                         help="also print the table of published rows (e.g. results/rank_study) and, per rank, "
-                             "whether this slice agrees with them")
+                             "whether this slice agrees with them; of several folders, the rows on this slice's "
+                             "numeric path are used (a verdict across scoring modes, datasets or paths is refused)")
     args = parser.parse_args(argv)
     for name, what in FRACTIONS.items():
         value = getattr(args, name)
@@ -771,14 +790,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_out_dir(out_dir: str) -> None:
+    """--out-dir must be a folder, or a path a folder can be made at."""
+    existing = Path(out_dir).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out-dir: {out_dir} is not allowed; {existing} is a file: name a folder (it is made "
+                         "when absent)")
+
+
 def check_inputs(args: argparse.Namespace) -> None:
     """What the command reads after it has written its table, checked first
     (the results folder itself is read, and refused, before anything is written)."""
+    if args.out_dir:
+        check_out_dir(args.out_dir)
     if args.compare:
-        if not Path(args.compare).is_dir():
-            raise FileNotFoundError(f"--compare: {args.compare} is not a folder; name the published results "
-                                    "folder (e.g. results/rank_study)")
-        load_results(args.compare)
+        for folder in args.compare:
+            if not Path(folder).is_dir():
+                raise FileNotFoundError(f"--compare: {folder} is not a folder; name the published results "
+                                        "folder (e.g. results/rank_study)")
+        published_results(args.results_dir, args.compare)
     if args.rtt_lrs:
         ran = sorted(set(load_results(args.results_dir).rtt.get("lr", pd.Series(dtype=float)).astype(float)))
         for lr in args.rtt_lrs:

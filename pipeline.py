@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import os
 import math
+import os
 import socket
 import sys
 import time
@@ -35,26 +35,20 @@ from omegaconf import DictConfig, OmegaConf
 import finetune_corpus
 import rmu.unlearn_pipeline  # noqa: F401 - registers CUT
 import unlearn_corpus
-from toolkit.checks import check_before_loading
 from toolkit.cluster import check_shared_storage
 from toolkit.data import DataValidationError
 from toolkit.device import resolve_device_policy
 from toolkit.evaluation import Evaluator, mean_by_epoch
 from toolkit.grid import get_log_range
 from toolkit.jobs import JobReport, QuantJob, RttJob, Run, TeachJob, write_marker
+from toolkit.model_checks import check_before_loading
 from toolkit.models import load_model, load_tokenizer, resolve_model_path
 from toolkit.planner import Plan, build_plan
 from toolkit.quantize import quantize_weights
 from toolkit.registry import METHODS
-from toolkit.results import (
-    FAILURES,
-    drop_superseded_rows,
-    quant_row,
-    rtt_row,
-    unlearning_row,
-    write_failures,
-    write_row,
-)
+from toolkit.resources import Resources, check_fits, live_nodes, task_resources, wait_for_one
+from toolkit.results import FAILURES, drop_superseded_rows, write_failures, write_row
+from toolkit.rows import quant_row, rtt_row, unlearning_row
 from toolkit.settings import NAMES, PROGRESS_MODES, ConfigError, first_line
 from toolkit.sweep_settings import RaySettings, SweepSettings, resolve_progress
 
@@ -118,33 +112,6 @@ RUNNERS = {Run: run_unlearning, RttJob: run_rtt, QuantJob: run_quant, TeachJob: 
 # --------------------------------------------------------------------------
 # Ray
 # --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Resources:
-    num_cpus: float
-    num_gpus: float
-    at_once: int = 1  # tasks of this size the cluster runs side by side
-
-    def options(self) -> dict:
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
-
-
-def task_resources(ray_settings: RaySettings, cluster: Mapping[str, float]) -> Resources:
-    """Per-task CPUs and GPUs from the config and what the cluster has; a task
-    never asks for a GPU the cluster lacks (the paper's code hung on CPU)."""
-    have_gpus = float(cluster.get("GPU", 0))
-    have_cpus = float(cluster.get("CPU", 1))
-    cpus = ray_settings.cpus_per_task
-    gpus = ray_settings.gpus_per_task
-    gpus = (1.0 if have_gpus >= 1 else 0.0) if gpus in (None, "auto") else float(gpus)
-    if gpus > have_gpus:
-        raise ConfigError(f"ray.gpus_per_task: {gpus:g} is more than the {have_gpus:g} GPU(s) the Ray cluster has; "
-                          "use auto or 0")
-    if cpus > have_cpus:
-        raise ConfigError(f"ray.cpus_per_task: {cpus} is more than the {have_cpus:g} CPU(s) the Ray cluster has")
-    at_once = min(have_cpus // cpus, have_gpus // gpus if gpus else math.inf)
-    return Resources(float(cpus), gpus, max(1, int(at_once)))
 
 
 def configure_logging(progress: str = "lines") -> None:
@@ -371,10 +338,10 @@ class Sweep:
         bar = SweepProgress(self.sweep.progress, len(pending), len(self.plan.jobs()) - len(pending) - len(self.skipped_flagged))
         fill()
         while refs:
-            done, _ = ray.wait(list(refs), num_returns=1)
-            job = refs.pop(done[0])
+            done = wait_for_one(list(refs), self.resources)
+            job = refs.pop(done)
             try:
-                report = ray.get(done[0])
+                report = ray.get(done)
             except Exception as err:  # noqa: BLE001 - one failure stays one failure
                 failure = self.record_failure(job, err)
                 blocked = waiting.pop(job.key, [])
@@ -469,7 +436,8 @@ def read_settings(cfg: Mapping | DictConfig) -> SweepSettings:
 
 
 def run_one(job, resources: Resources, sweep: SweepSettings):
-    return ray.get(perform.options(**resources.options()).remote(job, sweep.progress, sweep.plugins, os.getcwd()))
+    ref = perform.options(**resources.options()).remote(job, sweep.progress, sweep.plugins, os.getcwd())
+    return ray.get(wait_for_one([ref], resources))
 
 
 def preflight(sweep: SweepSettings, plan: Plan, resources: Resources) -> None:
@@ -503,7 +471,10 @@ def execute(cfg: DictConfig | Mapping) -> Sweep | None:
     if sweep.ray.address:
         nodes = check_shared_storage(os.getcwd(), sweep.data_root, sweep.models_dir)
         print(f"ray: {nodes} node(s) share this folder, {sweep.data_root} and {sweep.models_dir}", flush=True)
-    resources = task_resources(sweep.ray, ray.cluster_resources())
+    nodes = live_nodes()
+    resources = task_resources(sweep.ray.cpus_per_task, sweep.ray.gpus_per_task, nodes)
+    if sweep.teach_cpus:  # a bad value whether or not this sweep teaches
+        check_fits(sweep.teach_cpus, resources.num_gpus, nodes, "teach.cpus")
     resolve_model_path(sweep.model_id, sweep.models_dir)
     if plan.teach and not Path(plan.teach.model_path, "config.json").is_file():
         print(f"teaching {plan.base_model} the facts of {plan.teach.dataset.name} -> {plan.teach.model_path}",

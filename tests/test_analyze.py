@@ -168,7 +168,7 @@ def bits(correct: int, n: int) -> str:
 
 
 def seeded_run(results, index, seed, rank, files, *, base, a, b, c=None, floor=None, n=20, stop_reached=None,
-               quant4=None, lora_rtt=None, retain_after=0.9, key=None, machine=None, update=None):
+               quant4=None, lora_rtt=None, retain_after=0.9, key=None, machine=None, update=None, columns=None):
     """A hand-made run: per file, base/A/B (and C, floor, probes) correct counts out of n;
     `machine`: the CPU named in its provenance columns (bf16 autocast on)."""
     key = key or f"key-r{rank}-s{seed}"
@@ -181,7 +181,8 @@ def seeded_run(results, index, seed, rank, files, *, base, a, b, c=None, floor=N
         "forget_correct": {f: {0: bits(base, n), 5: bits(a, n)} for f in files},
         "retain_accs": {"r": {0: 1.0, 5: retain_after}}, "val_files": files, "run_key": key,
         "stop_reached": stop_reached, "stop_reason": None if stop_reached is None else ("target" if stop_reached else "epochs"),
-        "stop_target": 0.3, "stop_forget_acc": a / n, **({"update_rel_norm": update} if update is not None else {})})
+        "stop_target": 0.3, "stop_forget_acc": a / n, **({"update_rel_norm": update} if update is not None else {}),
+        **(columns or {})})
     for split, f in enumerate(files):
         for probe, value in (("rtt", b), ("lora_rtt", lora_rtt)):
             if value is None:
@@ -190,14 +191,14 @@ def seeded_run(results, index, seed, rank, files, *, base, a, b, c=None, floor=N
                 "base_model": model, "condition": "unlearned", "dataset": "D", "lr": 1e-4, "epochs": 2,
                 "skip_split": split, "val_files": [f], "forget_accs_local": {0: a / n, 2: value / n},
                 "forget_correct_local": {0: bits(a, n), 2: bits(value, n)}, "probe": probe, "seed": seed,
-                "upstream_key": key, "rtt_key": f"{key}-{probe}-{split}"})
+                "upstream_key": key, "rtt_key": f"{key}-{probe}-{split}", **(columns or {})})
         for condition, value in (("baseline", c), ("never_taught", floor)):
             if value is not None:
                 write_result_csv(results / "ft", 9000 + index * 10 + split, {
                     "base_model": "/taught", "condition": condition, "dataset": "D", "lr": 1e-4, "epochs": 2,
                     "skip_split": split, "val_files": [f], "forget_accs_local": {0: 1.0, 2: value / n},
                     "forget_correct_local": {0: bits(n, n), 2: bits(value, n)}, "probe": "rtt", "seed": seed,
-                    "rtt_key": f"{condition}-{seed}-{split}"})
+                    "rtt_key": f"{condition}-{seed}-{split}", **(columns or {})})
     if quant4 is not None:
         write_result_csv(results / "quant", index, {
             "model_path": model, "condition": "unlearned", "dataset": "D", "probe": "quant4", "bits": 4,
@@ -662,3 +663,69 @@ def test_rank_correlation_gives_the_exact_permutation_p_for_a_few_runs_and_scipy
     rho, p = rank_correlation(x, y)
     assert rho == pytest.approx(spearmanr(x, y).statistic)
     assert p == pytest.approx(spearmanr(x, y).pvalue, abs=0.03)  # many runs: the t approximation holds
+
+
+# ---------------------------------------------------------------- analyses that would compare unlike rows
+
+FP32 = {"machine_cpu": "CPU X", "device": "cpu", "dtype": "float32", "bf16_autocast": False}
+BF16 = {**FP32, "bf16_autocast": True}
+
+
+def study(root: Path, seeds, **columns) -> Path:
+    for seed in seeds:
+        seeded_run(root, seed, seed, 8, ["s0", "s1"], base=20, a=4, b=10 + seed % 3, columns=columns)
+    return root
+
+
+def test_an_out_dir_that_names_a_file_is_refused_before_anything_is_written(tmp_path, capsys):
+    study(tmp_path / "mine", [0])
+    (tmp_path / "a-file").write_text("")
+    before = written_files(tmp_path)
+    for out in (tmp_path / "a-file", tmp_path / "a-file" / "below"):
+        line = refused(["--results-dir", str(tmp_path / "mine"), "--out-dir", str(out)], capsys)
+        assert line == (f"error: --out-dir: {out} is not allowed; {tmp_path / 'a-file'} is a file: name a folder "
+                        "(it is made when absent)")
+    assert written_files(tmp_path) == before
+
+
+def test_a_results_folder_that_mixes_scoring_modes_is_refused(tmp_path, capsys):
+    study(tmp_path, [0, 1], scoring="letter")
+    study(tmp_path, [2], scoring="choice")
+    before = written_files(tmp_path)
+    line = refused(["--results-dir", str(tmp_path)], capsys)
+    assert line == (f"error: the rows under {tmp_path} mix scoring modes (letter: 6 row(s), choice: 3 row(s)); a "
+                    "table across modes means nothing: move each mode's rows to a folder of its own and analyse "
+                    "them one at a time")
+    assert written_files(tmp_path) == before
+
+
+@pytest.mark.parametrize("mine, theirs, message", [
+    ({"scoring": "choice"}, {"scoring": "letter"}, "are scored by choice, those under {published} by letter; a "
+                                                   "verdict across scoring modes means nothing"),
+    ({"dataset": "E"}, {}, "are on E, those under {published} on D; a verdict across datasets means nothing"),
+    (FP32, BF16, "no published run ran on your numeric path (cpu float32); the folders hold cpu float32 + bf16 "
+                 "autocast, and a verdict across numeric paths means nothing"),
+], ids=["scoring", "dataset", "numeric-path"])
+def test_compare_refuses_a_verdict_across_unlike_rows(tmp_path, capsys, mine, theirs, message):
+    study(tmp_path / "mine", [7], **mine)
+    study(tmp_path / "published", [0, 1, 2, 3], **theirs)
+    before = written_files(tmp_path)
+    line = refused(["--results-dir", str(tmp_path / "mine"), "--compare", str(tmp_path / "published")], capsys)
+    assert line.startswith("error: --compare: ") and message.format(published=tmp_path / "published") in line
+    assert written_files(tmp_path) == before
+
+
+def test_compare_keeps_the_published_rows_of_the_slices_own_numeric_path(tmp_path, capsys):
+    """Two published folders, one per path (as results/rank_study and its
+    fp32 twin): the verdict rests on the rows of the slice's path alone, and
+    a line says what was left out."""
+    study(tmp_path / "mine", [7], **FP32)
+    study(tmp_path / "bf16", [0, 1, 2, 3], **BF16)
+    study(tmp_path / "fp32", [0, 1, 2], **FP32)
+    assert analyze_recovery.main(["--results-dir", str(tmp_path / "mine"), "--bootstrap", "200", "--compare",
+                                  str(tmp_path / "bf16"), str(tmp_path / "fp32")]) == 0
+    out = capsys.readouterr().out
+    assert (f"compare: {tmp_path / 'bf16'}: 0 run(s) on your numeric path (cpu float32) kept, 4 on cpu float32 + "
+            "bf16 autocast left out (the study keeps numeric paths apart)") in out
+    assert "agreement, rank 8: this slice (seed 7; splits 0, 1) 0.44 vs published 0.44 over 3 other seeds" in out
+    assert "verdict: your run agrees" in out

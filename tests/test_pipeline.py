@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import pipeline
-from conftest import ROOT, assert_refused, config, made_up_facts, planned, run_cli, run_sweep, sweep_frames
+from conftest import PAPER_DATA, ROOT, assert_refused, config, made_up_facts, planned, run_cli, run_sweep, sweep_frames
 from rmu import unlearn_pipeline
 from toolkit.data import DataValidationError, load_mcq, missing_files
 from toolkit.datasets import DATASETS
@@ -18,9 +18,9 @@ from toolkit.device import cpu_features, cpu_model
 from toolkit.facts import write_random_bd_dataset
 from toolkit.grid import GridPoint, dataset_grid, get_log_range, unlearned_model_path
 from toolkit.names import Datasets, LossType, UnlearnType
-from toolkit.results import drop_superseded_rows, read_rows, recorded_rows, unlearning_row, write_result_csv, write_row
+from toolkit.results import drop_superseded_rows, read_rows, recorded_rows, write_result_csv, write_row
+from toolkit.rows import unlearning_row
 from toolkit.settings import ConfigError
-from toolkit.sweep_settings import RaySettings
 from unlearn_corpus import CorpusUnlearning, UnlearnResult
 
 
@@ -58,7 +58,7 @@ def test_model_path_names_the_rank():
 
 
 def test_lora_routes_to_gradient_difference_with_rank(tmp_path, shared_data):
-    cfg = config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}", "model_id=/x/tiny"])
+    cfg = config(overrides=[f"data_root={shared_data}", PAPER_DATA, f"models_dir={tmp_path}", "model_id=/x/tiny"])
     plan = planned(cfg)
     run = plan.runs[0]
     objective = pipeline.METHODS[UnlearnType.LORA].objective(run.settings)
@@ -71,7 +71,7 @@ def test_lora_routes_to_gradient_difference_with_rank(tmp_path, shared_data):
 
 
 def test_baseline_rtt_runs_once_per_dataset_and_setting(tmp_path, shared_data):
-    cfg = config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}/m", f"results_dir={tmp_path}/r",
+    cfg = config(overrides=[f"data_root={shared_data}", PAPER_DATA, f"models_dir={tmp_path}/m", f"results_dir={tmp_path}/r",
                             "model_id=/x/tiny", "baseline_rtt=true", "unlearn.lora_ranks=[1,2,4]",
                             "ft.num_splits=2", "ft.lrs=[1e-6,2e-6]"])
     plan = planned(cfg)
@@ -103,6 +103,18 @@ BAD_VALUES = [
     ("baseline_rtt_seeds=[7]", "baseline_rtt_seeds: [7] is not allowed; use seeds from seeds ([0])"),
     ("slice=[]", "slice: [] is not allowed; give at least one value"),
     ("slice=[3]", "slice: [3] is not allowed; use seeds from seeds ([0])"),
+    # a list that names runs gives each value once (seeds always did)
+    ("unlearn.lora_ranks=[4,4]", "unlearn.lora_ranks: [4, 4] is not allowed; give each value once (4 is given 2 times)"),
+    ("seeds=[0,0]", "seeds: [0, 0] is not allowed; give each value once"),
+    ("ft.lrs=[1e-5,0.00001]", "ft.lrs: [1e-05, 1e-05] is not allowed; give each value once"),
+    ("ft.epochs_lst=[2,3,2]", "ft.epochs_lst: [2, 3, 2] is not allowed; give each value once (2 is given 2 times)"),
+    ("unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN.rcs.add=[7,7.0]",
+     "is not allowed; give each value once (7.0 is given 2 times)"),
+    ("unlearn.types=[LORA,LORA]", "unlearn.types: ['LORA', 'LORA'] is not allowed; give each value once"),
+    ("ft.loss_types=[QUESTION_LETTER_ANSWER,QUESTION_LETTER_ANSWER]", "ft.loss_types: ['QUESTION_LETTER_ANSWER', "),
+    ("quant.bits=[4,4]", "quant.bits: [4, 4] is not allowed; give each value once"),
+    # a resource no node can give
+    ("ray.gpus_per_task=-1", "ray.gpus_per_task: -1 is not allowed; use auto or a number of GPUs >= 0"),
     ("plugins=[no_such_plugin_module]", "plugins: 'no_such_plugin_module' cannot be imported (ModuleNotFoundError: "
                                         "No module named 'no_such_plugin_module')"),
     ("plugins=[broken_plugin]", "plugins: 'broken_plugin' cannot be imported (RuntimeError: "
@@ -146,7 +158,20 @@ MALFORMED_ROWS = [
     ("split_3", '{"question": "When?", "choices": ["1", "2", "3", "4"], "answer": 7}',
      "random_bd/split_3.jsonl:2: 'answer' must be an integer 0..3, got 7"),
     ("corpus_split_6", '{"text": "unterminated', "random_bd/corpus_split_6.jsonl:2: not valid JSON"),
-    ("dev", '{"text": "a corpus row where questions belong"}', "random_bd/dev.jsonl:2: 'question' must be a string"),
+    ("dev", '{"text": "a corpus row where questions belong"}', "random_bd/dev.jsonl:2: 'question' must be a non-empty "
+                                                               "string"),
+    # a choice left empty, the right answer listed twice, a JSON boolean for the answer, a row that is a list
+    ("split_1", '{"question": "When?", "choices": ["1990", "", "1991", "1992"], "answer": 0}',
+     "random_bd/split_1.jsonl:2: 'choices' must be non-empty strings or whole numbers, got '' in ['1990', '', "),
+    ("split_2", '{"question": "When?", "choices": ["1990", "1991", "1990", "1992"], "answer": 0}',
+     "random_bd/split_2.jsonl:2: 'choices' lists the right answer '1990' 2 times (A, C), so a model that picks its "
+     "twin is scored wrong; fix the row, or set allow_repeated_answers=true"),
+    ("split_4", '{"question": "When?", "choices": ["1990", "1991", "1993", "1992"], "answer": true}',
+     "random_bd/split_4.jsonl:2: 'answer' must be an integer 0..3, got true"),
+    ("corpus_split_1", '{"text": "  "}', "random_bd/corpus_split_1.jsonl:2: corpus rows need a non-empty string 'text' "
+                                         "field, got \"  \""),
+    ("split_5", '["When?", ["1990", "1991", "1993", "1992"], 0]',
+     "random_bd/split_5.jsonl:2: a row must be a JSON object ({...}), got a list"),
     ("split_8", b'{"question": "When was Ren\xe9 born?", "choices": ["1", "2", "3", "4"], "answer": 0}',
      "random_bd/split_8.jsonl:2: not valid UTF-8 (byte 0xe9); save the file as UTF-8"),
 ]
@@ -166,12 +191,24 @@ def test_a_malformed_data_row_is_refused_in_one_line_before_any_model_loads(name
     assert_refused(run_sweep(smoketest_refusal_args(None, tmp_path)), message, tmp_path)
 
 
-def test_a_data_file_that_is_not_utf8_is_refused_through_the_cli(tmp_path):
-    name, line, message = MALFORMED_ROWS[-1]
+@pytest.mark.parametrize("case", [3, len(MALFORMED_ROWS) - 1], ids=["not-utf8", "a-list"])
+def test_a_malformed_data_file_is_refused_through_the_cli(tmp_path, case):
+    """No Hydra traceback (nor its HYDRA_FULL_ERROR line): one error line."""
+    name, line, message = MALFORMED_ROWS[case]
     write_malformed_row(tmp_path, name, line)
     result = run_cli(smoketest_refusal_args(None, tmp_path), cwd=tmp_path, timeout=120)
     assert_refused(result, message, tmp_path)
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
+
+
+def test_the_papers_random_bd_is_refused_for_its_repeated_answers_unless_allowed(shared_data, tmp_path):
+    """The paper's random_bd lists the right answer twice in some questions:
+    named (file and line) unless the sweep says to score them as given."""
+    overrides = [f"data_root={shared_data}", f"models_dir={tmp_path}", "model_id=/x/tiny"]
+    with pytest.raises(DataValidationError, match=r"random_bd/split_0.jsonl:49: 'choices' lists the right answer "
+                                                  r"'1972' 2 times \(B, C\)"):
+        planned(config(overrides=overrides))
+    assert planned(config(overrides=[*overrides, PAPER_DATA])).runs
 
 
 def test_a_results_file_that_cannot_be_read_is_refused_in_one_line(tmp_path):
@@ -223,7 +260,7 @@ def test_a_torn_results_row_is_refused_in_one_line(tmp_path):
 
 
 def test_unpublished_wmdp_files_fail_validation(shared_data):
-    cfg = config(overrides=[f"data_root={shared_data}", "datasets=[WMDP_MCQ_CORPUS]", "model_id=/x/tiny",
+    cfg = config(overrides=[f"data_root={shared_data}", PAPER_DATA, "datasets=[WMDP_MCQ_CORPUS]", "model_id=/x/tiny",
                             "unlearn.types_config.LORA.datasets_config.WMDP_MCQ_CORPUS.lrs=[1e-4]"])
     with pytest.raises(DataValidationError, match="wmdp-deduped/corpus_split_0.jsonl"):
         planned(cfg)
@@ -288,7 +325,7 @@ def test_a_key_written_twice_keeps_its_newest_row(tmp_path):
 
 
 def test_unlearning_row_carries_rank(tmp_path, shared_data):
-    cfg = config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}/m", "model_id=/x/tiny",
+    cfg = config(overrides=[f"data_root={shared_data}", PAPER_DATA, f"models_dir={tmp_path}/m", "model_id=/x/tiny",
                             "unlearn.lora_ranks=[16]", "seeds=[2]"])
     run = planned(cfg).runs[0]
     result = UnlearnResult(run.model_path, {}, {}, {}, {}, 123)
@@ -297,25 +334,28 @@ def test_unlearning_row_carries_rank(tmp_path, shared_data):
     assert row["seed"] == 2 and row["run_key"] == run.key
 
 
-@pytest.mark.parametrize("cpus, gpus, cluster, expected", [
-    (1, "auto", {"CPU": 2}, pipeline.Resources(1, 0, 2)),
-    (2, "auto", {"CPU": 8, "GPU": 4}, pipeline.Resources(2, 1, 4)),
-    (1, 0, {"CPU": 8, "GPU": 4}, pipeline.Resources(1, 0, 8)),
-    (2, 0.25, {"CPU": 16, "GPU": 1}, pipeline.Resources(2, 0.25, 4)),  # GPU-bound
-    (3, 0, {"CPU": 2.5}, None),  # more than the cluster: refused
+@pytest.mark.parametrize("cpus, gpus, nodes, expected", [
+    (1, "auto", [{"CPU": 2}], pipeline.Resources(1, 0, 2)),
+    (2, "auto", [{"CPU": 8, "GPU": 4}], pipeline.Resources(2, 1, 4)),
+    (1, 0, [{"CPU": 8, "GPU": 4}], pipeline.Resources(1, 0, 8)),
+    (2, 0.25, [{"CPU": 16, "GPU": 1}], pipeline.Resources(2, 0.25, 4)),  # GPU-bound
+    (2, 0, [{"CPU": 3}, {"CPU": 2}], pipeline.Resources(2, 0, 2)),  # one task a node, not 5 // 2 across them
+    (3, 0, [{"CPU": 2.5}], "ray.cpus_per_task: 3 is more than the 2.5 CPU"),
+    # 4 CPUs in the cluster, but no node holds 3: Ray would queue the task for ever
+    (3, 0, [{"CPU": 2}, {"CPU": 2}], "ray.cpus_per_task: 3 is more than the 2 CPU"),
+    (2, 1, [{"CPU": 4}, {"CPU": 1, "GPU": 1}], r"ray: a task of 2 CPU\(s\) and 1 GPU\(s\) is more than any node"),
 ])
-def test_task_resources(cpus, gpus, cluster, expected):
-    ray_cfg = RaySettings(address=None, num_cpus=None, cpus_per_task=cpus, gpus_per_task=gpus, max_retries=0)
-    if expected is None:
-        with pytest.raises(ConfigError, match="ray.cpus_per_task: 3 is more than the 2.5 CPU"):
-            pipeline.task_resources(ray_cfg, cluster)
+def test_task_resources(cpus, gpus, nodes, expected):
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=expected):
+            pipeline.task_resources(cpus, gpus, nodes)
     else:
-        assert pipeline.task_resources(ray_cfg, cluster) == expected
+        assert pipeline.task_resources(cpus, gpus, nodes) == expected
 
 
 def test_task_never_asks_for_a_missing_gpu():
     with pytest.raises(ConfigError, match="ray.gpus_per_task: 1 is more than the 0 GPU"):
-        pipeline.task_resources(RaySettings(None, None, 1, 1, 0), {"CPU": 2})
+        pipeline.task_resources(1, 1, [{"CPU": 2}])
 
 
 def test_lora_smoketest_end_to_end(merged_sweep, tiny_llama):
@@ -450,7 +490,7 @@ def test_the_gpu_sweep_carries_the_studys_design():
 
 
 def test_method_settings_override_the_shared_ones(tmp_path, shared_data):
-    cfg = config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}", "model_id=/x/tiny",
+    cfg = config(overrides=[f"data_root={shared_data}", PAPER_DATA, f"models_dir={tmp_path}", "model_id=/x/tiny",
                             "unlearn.types=[CUT]", "unlearn.cut_scs=[7]", "unlearn.optimizer=lion"])
     settings = planned(cfg).runs[0].settings
     assert settings.train.optimizer == "adamw"  # types_config.CUT.optimizer beats unlearn.optimizer

@@ -201,6 +201,9 @@ BAD_INPUTS = [
     # folders that cannot be written, a cluster that cannot be reached
     ("RESULTS_UNDER_A_FILE", "is a file, not a folder"),
     ("ray.address=127.0.0.1:9", "ray.address: '127.0.0.1:9' cannot be reached"),
+    # a task no node can hold would wait for ever: refused before Ray starts any work
+    ("ray.cpus_per_task=4096", "ray.cpus_per_task: 4096 is more than the "),
+    ("teach.cpus=4096", "teach.cpus: a task of 4096 CPU(s) is more than any node of the Ray cluster has ("),
 ]
 
 
@@ -234,3 +237,25 @@ def bad_input_args(override, tiny_llama, gpt2_folder, tmp_path) -> list[str]:
     results = [a for a in extra if a.startswith("results_dir=")] or [f"results_dir={tmp_path}/evals"]
     return ["--config-name=lora_smoketest", *model, *SMALL_DATA, *rest, *results,
             f"models_dir={tmp_path}/models", f"data_root={tmp_path}/data"]
+
+
+def test_a_wait_for_a_task_no_live_node_can_run_ends_in_a_clear_error(ray_session):
+    """The check before a wait covers the nodes at the start; a node that
+    leaves mid-sweep is caught by the wait itself: a task that no live node
+    can hold ends the wait with one clear line instead of a hang."""
+    import ray
+
+    from toolkit.resources import Resources, wait_for_one
+    from toolkit.settings import ConfigError
+
+    ref = ray.remote(num_cpus=4096)(lambda: 1).remote()  # Ray queues it: no node has 4096 CPUs
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConfigError, match=r"ray: a task of 4096 CPU\(s\) is more than any node of the Ray "
+                                              r"cluster has \(2 CPU/0 GPU\).*have left the cluster"):
+            wait_for_one([ref], Resources(4096, 0), poll_s=0.2)
+    finally:
+        ray.cancel(ref, force=True)
+    assert time.monotonic() - started < 10
+    finished = ray.remote(num_cpus=1)(lambda: 7).remote()
+    assert ray.get(wait_for_one([finished], Resources(1, 0), poll_s=0.2)) == 7

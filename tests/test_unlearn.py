@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import finetune_corpus
-from conftest import cpu_policy, finetune_settings, made_up_facts, unlearn_settings
+from conftest import PAPER_DATA, cpu_policy, finetune_settings, made_up_facts, unlearn_settings
 from toolkit import evaluation, models
 from toolkit.data import DataValidationError, load_mcq, load_training_rows, read_jsonl
 from toolkit.evaluation import Evaluator
@@ -429,9 +429,9 @@ def test_gradient_checkpointing_is_a_setting_every_stage_shares_and_not_part_of_
     from conftest import config, planned
     from toolkit.settings import key_settings
 
-    on = planned(config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}", "model_id=/x/tiny",
+    on = planned(config(overrides=[f"data_root={shared_data}", PAPER_DATA, f"models_dir={tmp_path}", "model_id=/x/tiny",
                                    "train.gradient_checkpointing=true"]))
-    off = planned(config(overrides=[f"data_root={shared_data}", f"models_dir={tmp_path}", "model_id=/x/tiny"]))
+    off = planned(config(overrides=[f"data_root={shared_data}", PAPER_DATA, f"models_dir={tmp_path}", "model_id=/x/tiny"]))
     assert on.runs[0].settings.train.gradient_checkpointing and on.runs[0].rtt[0].settings.train.gradient_checkpointing
     assert not off.runs[0].settings.train.gradient_checkpointing
     assert on.runs[0].key == off.runs[0].key and "gradient_checkpointing" not in key_settings(on.runs[0].settings.train)

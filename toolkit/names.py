@@ -55,3 +55,10 @@ class Datasets(_Named):
     WORLD_FACTS_REMAPPED = auto()  # the same questions, each answer moved to another fact (the floor)
     RANDOM_BD_ALL_SPLITS = auto()
     WMDP_MCQ_CORPUS = auto()
+
+
+# The stop rule's one reason that is not a flag (a run that reached its forget target).
+STOP_TARGET = "target"
+
+# The bit widths the quantization probe rounds weights to.
+QUANT_BITS = (8, 4)

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from toolkit.checkpoints import adapter_base, model_checkpoint_path
 from toolkit.checks import check_folders, check_methods
 from toolkit.data import data_file, files_fingerprint, fingerprint
 from toolkit.datasets import DATASETS, FLOOR_DATASETS, DatasetFiles, ensure_dataset
-from toolkit.device import importable
 from toolkit.grid import (
     GridPoint,
     dataset_grid,
@@ -21,9 +21,7 @@ from toolkit.grid import (
     with_labels,
 )
 from toolkit.jobs import QuantJob, RttJob, Run, TeachJob, marker_key
-from toolkit.models import adapter_base, model_checkpoint_path
-from toolkit.names import Datasets, LossType
-from toolkit.quantize import QUANT_BITS
+from toolkit.names import QUANT_BITS, Datasets, LossType
 from toolkit.registry import METHODS, Method
 from toolkit.results import TABLES, recorded_rows
 from toolkit.settings import (
@@ -39,6 +37,8 @@ from toolkit.settings import (
     TrainSettings,
     UnlearnSettings,
     build_settings,
+    distinct,
+    importable,
     is_int,
     key_settings,
     train_settings,
@@ -155,8 +155,9 @@ class Planner:
             probes.append(("lora_rtt", {**ft, **{k: v for k, v in lora_cfg.items() if k in ("lrs", "epochs_lst")}},
                            build_settings(LoraSettings, lora_cfg, "ft.lora_rtt")))
         jobs = []
-        loss_types = [parse_enum(LossType, name, "ft.loss_types")
-                      for name in SOME_NAMES.check(ft["loss_types"], "ft.loss_types")]
+        loss_types = distinct([parse_enum(LossType, name, "ft.loss_types")
+                               for name in SOME_NAMES.check(ft["loss_types"], "ft.loss_types")], "ft.loss_types",
+                              ft["loss_types"])
         for probe, section, attacker in probes:
             key_prefix = "ft" if probe == "rtt" else "ft.lora_rtt"
             lrs = POSITIVE_NUMBERS.each(section["lrs"], f"{key_prefix}.lrs")
@@ -278,13 +279,13 @@ def build_plan(sweep: SweepSettings) -> Plan:
                           for p in dataset_grid(sweep.config, name, d) if p.seed in sweep.slice_seeds])
     check_folders(sweep, [*sweep.datasets, *filter(None, [sweep.teach_dataset])])
     for dataset in sweep.datasets:
-        ensure_dataset(sweep.data_root, dataset, sweep.random_bd, largest_k_shot(sweep.config))
+        ensure_sweep_dataset(sweep, dataset)
         if dataset in FLOOR_DATASETS and sweep.never_taught_rtt:
-            ensure_dataset(sweep.data_root, FLOOR_DATASETS[dataset], sweep.random_bd, largest_k_shot(sweep.config))
+            ensure_sweep_dataset(sweep, FLOOR_DATASETS[dataset])
     base_model = model_checkpoint_path(sweep.model_id, sweep.models_dir)
     teach = planner.teach_job(base_model)
     if teach:
-        ensure_dataset(sweep.data_root, teach.dataset, sweep.random_bd, largest_k_shot(sweep.config))
+        ensure_sweep_dataset(sweep, teach.dataset)
     plan = Plan(base_model, teach.model_path if teach else base_model, teach)
     recorded = recorded_rows(sweep.results_dir)  # with rerun=true too: the new rows replace these
     if sweep.only_ft:
@@ -359,6 +360,11 @@ def _with_earlier_rows(jobs, rows) -> tuple:
     return tuple(replace(job, replaces=tuple(rows[job.stage].get(job.key, ()))) for job in jobs)
 
 
+def ensure_sweep_dataset(sweep: SweepSettings, dataset: Datasets) -> None:
+    ensure_dataset(sweep.data_root, dataset, sweep.random_bd, largest_k_shot(sweep.config),
+                   sweep.allow_repeated_answers)
+
+
 def only_ft_jobs(planner: Planner) -> list[RttJob]:
     """`only_ft`: RTT on given models, `ft_model_paths: [[path, DATASET], ...]`."""
     jobs: list[RttJob] = []
@@ -368,8 +374,7 @@ def only_ft_jobs(planner: Planner) -> list[RttJob]:
         path, dataset = str(entry[0]), parse_enum(Datasets, entry[1], "ft_model_paths")
         if not (Path(path, "config.json").is_file() or adapter_base(path)):
             raise ConfigError(f"ft_model_paths: {path!r} is not a model folder (no config.json)")
-        ensure_dataset(planner.sweep.data_root, dataset, planner.sweep.random_bd,
-                       largest_k_shot(planner.sweep.config))
+        ensure_sweep_dataset(planner.sweep, dataset)
         jobs += planner.rtt_jobs(path, dataset, "given", upstream=path, seeds=planner.sweep.seeds[:1],
                                  who=model_name(path)[:24])
     if not jobs:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 
 from toolkit.losses import decoder_and_head
-
-QUANT_BITS = (8, 4)
+from toolkit.names import QUANT_BITS
 
 
 def quantizable_linears(model) -> list[tuple[str, torch.nn.Linear]]:

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from toolkit.objective import Objective
 from toolkit.settings import POSITIVE_INTS, Allowed, UnlearnSettings
-from toolkit.stage import Objective
 
 
 @dataclass(frozen=True)

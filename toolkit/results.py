@@ -1,7 +1,7 @@
 """The results schema, in one place: the table of each stage (its folder
 and key column), the columns of each row, a row written whole, and rows read
 back with their keys as text. The pipeline writes through it and the analysis
-reads through it."""
+reads through it; it needs no torch (a job's row is built in toolkit.rows)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-from toolkit.device import provenance, resolve_device_policy
-from toolkit.evaluation import Evaluator
-from toolkit.jobs import QuantJob, RttJob, Run
-from toolkit.models import weights_digest
+from toolkit.names import STOP_TARGET
 from toolkit.settings import ConfigError, first_line
-from toolkit.stage import StopOutcome
-
-if TYPE_CHECKING:  # the stage modules import the toolkit, never the other way round
-    from finetune_corpus import FinetuneResult
-    from unlearn_corpus import UnlearnResult
 
 
 @dataclass(frozen=True)
@@ -170,7 +162,7 @@ def recorded_rows(results_dir: str | os.PathLike) -> Recorded:
                 key, reason = row.get(table.key), row.get("stop_reason")
                 if key:
                     keys.setdefault(key, []).append(str(path))
-                    if reason and reason != StopOutcome.TARGET:
+                    if reason and reason != STOP_TARGET:
                         recorded.flagged.add(key)
     return recorded
 
@@ -184,63 +176,3 @@ def drop_superseded_rows(results_dir: str | os.PathLike) -> int:
     for path in superseded:
         Path(path).unlink(missing_ok=True)
     return len(superseded)
-
-
-def stop_columns(run: Run, result: UnlearnResult) -> dict:
-    rule, stop = run.settings.stop, result.stop
-    return {"stop_target": rule.stop_at_forget_acc, "stop_retain_floor": rule.stop_retain_floor,
-            "stop_step": stop.step if stop else None, "stop_reached": stop.reached if stop else None,
-            "stop_reason": stop.reason if stop else None, "stop_forget_acc": stop.forget_acc if stop else None,
-            "stop_retain_acc": stop.retain_acc if stop else None}
-
-
-def unlearning_row(run: Run, result: UnlearnResult) -> dict:
-    point, settings = run.point, run.settings
-    return {
-        "model_path": run.model_path if result.save_name else "", "dataset": point.dataset,
-        "unlearn_type": point.unlearn_type, "loss_type": point.loss_type, "lora_rank": point.lora_rank,
-        "lr": point.lr, "epochs": point.epochs, "retain_coeff": point.retain_coeff,
-        "steering_coeff": point.steering_coeff, "max_samples": point.max_samples,
-        "forget_accs": result.forget_accs, "forget_accs_calibrated": result.forget_accs_calibrated,
-        "retain_accs": result.retain_accs, "retain_accs_calibrated": result.retain_accs_calibrated,
-        "forget_correct": result.forget_correct, "trainable_params": result.trainable_params,
-        "base_model": run.base_model, "start_weights": weights_digest(run.base_model),
-        "save_name": result.save_name, "save_format": result.save_format,
-        "val_files": settings.evals.val_files, "scoring": settings.evals.scoring, "project_name": settings.train.wandb_project_name,
-        "data_seed": point.seed, "seed": point.seed, "just_eval": settings.train.epochs == 0, "steps": result.steps,
-        **stop_columns(run, result), "seconds": round(result.seconds, 1), "phase_seconds": result.phase_seconds,
-        "run_key": run.key, **result.update,
-        **provenance(resolve_device_policy(settings.train.device)),
-    }
-
-
-def rtt_row(job: RttJob, result: FinetuneResult) -> dict:
-    lora = job.settings.lora
-    return {
-        "base_model": job.base_model, "condition": job.condition, "dataset": job.dataset,
-        "unlearn_type": job.unlearn_type, "lora_rank": job.lora_rank, "loss_type": job.loss_type,
-        "lr": job.lr, "epochs": job.epochs, "skip_split": job.skip_split,
-        "train_files": job.train_files, "val_files": [job.val_file], "scoring": job.settings.evals.scoring,
-        "forget_accs_local": result.forget_accs_local,
-        "forget_accs_calibrated_local": result.forget_accs_calibrated_local,
-        "retain_accs_local": result.retain_accs_local,
-        "retain_accs_calibrated_local": result.retain_accs_calibrated_local,
-        "forget_correct_local": result.forget_correct_local, "probe": job.probe,
-        "attacker_rank": lora.lora_rank if lora else 0, "upstream_key": job.upstream,
-        "rtt_key": job.key, "data_seed": job.seed, "seed": job.seed,
-        "project_name": job.settings.train.wandb_project_name, "seconds": round(result.seconds, 1),
-        "phase_seconds": result.phase_seconds, **provenance(resolve_device_policy(job.settings.train.device)),
-    }
-
-
-def quant_row(job: QuantJob, evaluator: Evaluator) -> dict:
-    point = job.point
-    return {
-        "model_path": job.model_path, "condition": job.condition, "dataset": job.dataset,
-        "probe": f"quant{job.bits}", "bits": job.bits, "blocksize": job.blocksize,
-        "unlearn_type": point.unlearn_type if point else "", "lora_rank": point.lora_rank if point else 0,
-        "seed": point.seed if point else None, "scoring": evaluator.mode, "forget_accs": evaluator.forget_log.accs,
-        "forget_correct": evaluator.forget_log.correct, "retain_accs": evaluator.retain_log.accs,
-        "upstream_key": job.upstream, "probe_key": job.key,
-        **provenance(resolve_device_policy(job.train.device)),
-    }

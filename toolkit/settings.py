@@ -5,6 +5,7 @@ allowed), and which of them decide a run's result (its key)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -22,6 +23,15 @@ def first_line(err: BaseException) -> str:
     """An error's first non-empty line, short enough for a one-line refusal."""
     lines = [line for line in str(err).splitlines() if line.strip()]
     return (lines[0] if lines else type(err).__name__)[:200]
+
+
+def importable(module: str) -> bool:
+    """Whether an optional package is installed and imports (flash-attn, triton, bitsandbytes)."""
+    try:
+        importlib.import_module(module)
+    except Exception:  # a broken CUDA extension raises more than ImportError
+        return False
+    return True
 
 
 def is_int(value) -> bool:
@@ -47,12 +57,27 @@ class Allowed:
         return self.normalise(value)
 
     def each(self, values, key: str, *, empty_ok: bool = False) -> list:
-        """Check every value of a list setting (a sweep axis or a list of files)."""
+        """Check every value of a list setting that names runs (a sweep axis):
+        each value allowed, and each given once (a repeat would run twice)."""
         if not isinstance(values, (list, tuple)):
             raise ConfigError(f"{key}: {values!r} is not allowed; use a list of {self.describe}")
         if not values and not empty_ok:
             raise ConfigError(f"{key}: [] is not allowed; give at least one value ({self.describe})")
-        return [self.check(value, key) for value in values]
+        checked = [self.check(value, key) for value in values]
+        distinct(checked, key, shown=values)
+        return checked
+
+
+def distinct(values: Sequence, key: str, shown: Any = None) -> Sequence:
+    """`values`, refused when one is given twice: a list that names runs runs
+    each of them once."""
+    seen: list = []
+    for value in values:
+        if value in seen:
+            raise ConfigError(f"{key}: {list(shown if shown is not None else values)!r} is not allowed; give each "
+                              f"value once ({value!r} is given {list(values).count(value)} times)")
+        seen.append(value)
+    return values
 
 
 POSITIVE_INTS = Allowed("positive integers", lambda v: is_int(v) and v >= 1)

@@ -10,16 +10,17 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Mapping, Protocol, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
 from toolkit.device import DevicePolicy, resolve_device_policy
 from toolkit.evaluation import AccuracyLog, Check, Evaluator
 from toolkit.models import is_peft, load_model, load_tokenizer, save_checkpoint
-from toolkit.names import LossType
+from toolkit.names import STOP_TARGET, LossType
+from toolkit.objective import OPTIONAL_SETTINGS, Objective, unused_settings  # noqa: F401 - the protocol, re-exported
 from toolkit.prompts import Encoded, collate, encode_files
-from toolkit.settings import EvalFiles, SaveSettings, StopRule, TrainSettings, UnlearnSettings, key_settings
+from toolkit.settings import EvalFiles, SaveSettings, StopRule, TrainSettings, key_settings
 from toolkit.training import (
     count_parameters,
     enable_gradient_checkpointing,
@@ -49,27 +50,6 @@ class Stage:
         return collate(examples, self.tokenizer.pad_token_id, self.policy.device)
 
 
-class Objective(Protocol):
-    """What a stage trains. `uses` names the optional unlearning settings it
-    honours ("lora", "freeze_layers"); the planner refuses the others when set."""
-
-    uses: frozenset[str]
-
-    def prepare(self, model, stage: Stage): ...  # returns the model to train (e.g. wrapped with LoRA)
-
-    def epoch_steps(self, epoch: int) -> Sequence: ...  # one item per optimizer step
-
-    def loss(self, model, step) -> tuple[torch.Tensor, dict[str, float]]: ...
-
-
-OPTIONAL_SETTINGS = {"lora": "unlearn.lora_*", "freeze_layers": "unlearn.freeze_layers"}
-
-
-def unused_settings(settings: UnlearnSettings, uses: Iterable[str]) -> list[str]:
-    """The optional settings set for this run that its objective would ignore."""
-    return [key for name, key in OPTIONAL_SETTINGS.items() if getattr(settings, name) and name not in uses]
-
-
 @dataclass(frozen=True)
 class StopOutcome:
     step: int  # optimizer steps taken
@@ -78,7 +58,7 @@ class StopOutcome:
     forget_acc: float
     retain_acc: float
 
-    TARGET: ClassVar[str] = "target"  # the one reason that is not a flag
+    TARGET: ClassVar[str] = STOP_TARGET  # the one reason that is not a flag
 
     @property
     def reached(self) -> bool:

@@ -9,24 +9,26 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from toolkit.device import resolve_device_policy
 from toolkit.facts import RandomBdSpec
 from toolkit.grid import parse_enum, parse_name
 from toolkit.names import DataFormat, Datasets
 from toolkit.registry import METHODS
 from toolkit.settings import (
     BOOLEAN,
-    SCORING,
     FRACTION_OR_NULL,
     NAMES,
     NON_NEGATIVE_INTS,
     POSITIVE_INTS,
     POSITIVE_NUMBERS,
     PROGRESS_MODES,
+    SCORING,
     SOME_NAMES,
     WANDB_MODES,
+    Allowed,
     ConfigError,
     build_settings,
+    distinct,
+    is_number,
     one_of,
 )
 
@@ -96,6 +98,7 @@ class SweepSettings:
     ray: RaySettings
     device: dict  # device.*, with bf16_autocast decided once for every job (it measures this machine)
     scoring: str = "letter"  # how every question is scored (toolkit.settings.SCORING_MODES)
+    allow_repeated_answers: bool = False  # score questions that list their right answer twice, as given
 
     @property
     def rtt_on(self) -> bool:
@@ -115,8 +118,6 @@ class SweepSettings:
         if num_splits == 0 and not (flags["dont_ft"] or flags["just_eval"]):
             raise ConfigError("ft.num_splits: 0 is not allowed; use a positive integer (to run no RTT, set dont_ft=true)")
         NON_NEGATIVE_INTS.each(cfg["seeds"], "seeds")
-        if len(set(cfg["seeds"])) != len(cfg["seeds"]):
-            raise ConfigError(f"seeds: {cfg['seeds']!r} is not allowed; give each seed once")
         in_slice = seeds_subset(cfg, "slice")
         baseline = [s for s in seeds_subset(cfg, "baseline_rtt_seeds") if s in in_slice]
         preflight = FRACTION_OR_NULL.check(cfg["preflight"]["min_forget_acc"], "preflight.min_forget_acc")
@@ -128,6 +129,8 @@ class SweepSettings:
         random_bd.check_capacity()
         one_of(*WANDB_MODES).check(cfg["wandb_mode"], "wandb_mode")
         device = dict(cfg["device"])
+        from toolkit.device import resolve_device_policy  # torch: the policy measures this machine
+
         policy = resolve_device_policy(device)
         if device.get("bf16_autocast") == "auto":
             device["bf16_autocast"] = policy.autocast_dtype is not None
@@ -137,6 +140,8 @@ class SweepSettings:
         if not methods:
             raise ConfigError("unlearn.types: [] is not allowed; give at least one of " + ", ".join(METHODS))
         datasets = [parse_enum(Datasets, d, "datasets") for d in SOME_NAMES.check(cfg["datasets"], "datasets")]
+        distinct(datasets, "datasets", cfg["datasets"])
+        distinct(methods, "unlearn.types", types)
         data_format = parse_enum(DataFormat, cfg["unlearn"]["data_format"], "unlearn.data_format")
         teach = parse_enum(Datasets, cfg["teach"]["dataset"], "teach.dataset") if cfg["teach"]["enabled"] else None
         return cls(
@@ -144,7 +149,8 @@ class SweepSettings:
             data_format, cfg["model_id"], cfg["data_root"], cfg["models_dir"], cfg["results_dir"],
             cfg["wandb_project_name"], resolve_progress(cfg["progress"]), plugins, **flags, num_splits=num_splits,
             preflight_min_forget_acc=preflight, teach_dataset=teach, teach_cpus=teach_cpus, random_bd=random_bd,
-            ray=ray, device=device, scoring=SCORING.check(cfg.get("scoring", "letter"), "scoring"))
+            ray=ray, device=device, scoring=SCORING.check(cfg.get("scoring", "letter"), "scoring"),
+            allow_repeated_answers=BOOLEAN.check(cfg.get("allow_repeated_answers", False), "allow_repeated_answers"))
 
     @staticmethod
     def read_ray(ray: Mapping) -> RaySettings:
@@ -152,4 +158,8 @@ class SweepSettings:
         if num_cpus is not None:
             POSITIVE_INTS.check(num_cpus, "ray.num_cpus")
         return RaySettings(ray["address"], num_cpus, POSITIVE_NUMBERS.check(ray["cpus_per_task"], "ray.cpus_per_task"),
-                           ray.get("gpus_per_task", "auto"), NON_NEGATIVE_INTS.check(ray["max_retries"], "ray.max_retries"))
+                           GPUS.check(ray.get("gpus_per_task", "auto"), "ray.gpus_per_task"),
+                           NON_NEGATIVE_INTS.check(ray["max_retries"], "ray.max_retries"))
+
+
+GPUS = Allowed("auto or a number of GPUs >= 0", lambda v: v in ("auto", None) or (is_number(v) and v >= 0))
