@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
-import math
 import os
 import socket
 import sys
@@ -26,7 +26,7 @@ import warnings
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import hydra
 import ray
@@ -35,22 +35,24 @@ from omegaconf import DictConfig, OmegaConf
 import finetune_corpus
 import rmu.unlearn_pipeline  # noqa: F401 - registers CUT
 import unlearn_corpus
-from toolkit.cluster import check_shared_storage
+from toolkit.cluster import check_reachable, check_shared_storage, start_ray
 from toolkit.data import DataValidationError
 from toolkit.device import resolve_device_policy
-from toolkit.evaluation import Evaluator, mean_by_epoch
+from toolkit.evaluation import mean_by_epoch
 from toolkit.grid import get_log_range
 from toolkit.jobs import JobReport, QuantJob, RttJob, Run, TeachJob, write_marker
 from toolkit.model_checks import check_before_loading
-from toolkit.models import load_model, load_tokenizer, resolve_model_path
+from toolkit.models import resolve_model_path
 from toolkit.planner import Plan, build_plan
+from toolkit.probes import runner_for
 from toolkit.quantize import quantize_weights
 from toolkit.registry import METHODS
 from toolkit.resources import Resources, check_fits, live_nodes, task_resources, wait_for_one
 from toolkit.results import FAILURES, drop_superseded_rows, write_failures, write_row
-from toolkit.rows import quant_row, rtt_row, unlearning_row
+from toolkit.rows import rtt_row, unlearning_row
+from toolkit.score_probe import score_under
 from toolkit.settings import NAMES, PROGRESS_MODES, ConfigError, first_line
-from toolkit.sweep_settings import RaySettings, SweepSettings, resolve_progress
+from toolkit.sweep_settings import SweepSettings, resolve_progress
 
 log = logging.getLogger("pipeline")
 
@@ -88,15 +90,10 @@ def run_rtt(job: RttJob) -> JobReport:
 def run_quant(job: QuantJob) -> JobReport:
     """Score a model's forget and retain files, its linear weights rounded to
     `bits` bits first (none: a plain evaluation, the pre-flight check)."""
-    policy = resolve_device_policy(job.train.device)
-    tokenizer, model = load_tokenizer(job.model_path), load_model(job.model_path, policy)
-    if job.bits is not None:
-        quantize_weights(model, job.bits, job.blocksize)
-    evaluator = Evaluator.build(tokenizer, job.evals, job.train.data_root, job.train.k_shot, job.train.val_batch_size,
-                                policy)
-    forget, retain = evaluator(model, 0)
-    scored = f"forget {forget:.2f}" + ("" if math.isnan(retain) else f", retain {retain:.2f}")
-    return JobReport(job.key, scored, forget, row=quant_row(job, evaluator) if job.results_dir else None)
+    if job.bits is None:
+        return score_under(job, None, "")
+    return score_under(job, functools.partial(quantize_weights, bits=job.bits, blocksize=job.blocksize),
+                       f"quant{job.bits}", bits=job.bits, blocksize=job.blocksize)
 
 
 def run_teach(job: TeachJob) -> JobReport:
@@ -107,6 +104,11 @@ def run_teach(job: TeachJob) -> JobReport:
 
 
 RUNNERS = {Run: run_unlearning, RttJob: run_rtt, QuantJob: run_quant, TeachJob: run_teach}
+
+
+def runner_of(job) -> Callable:
+    """The runner of a job: the pipeline's own, or the one its probe registered (toolkit.probes)."""
+    return RUNNERS.get(type(job)) or runner_for(type(job))
 
 
 # --------------------------------------------------------------------------
@@ -138,7 +140,7 @@ def perform(job, progress: str, plugins: Sequence[str] = (), origin: str | None 
     import_plugins(plugins)
     use_assigned_cpus()
     with working_directory(origin):
-        report = RUNNERS[type(job)](job)
+        report = runner_of(job)(job)
     node = ray.get_runtime_context().get_node_id()
     return replace(report, node=node, row=None if report.row is None else {**report.row, "ray_node": node})
 
@@ -183,71 +185,6 @@ def import_plugins(modules: Sequence[str]) -> None:
             raise ConfigError(f"plugins: {module!r} cannot be imported ({type(err).__name__}: {first_line(err)}); "
                               "name a module on the Python path (PYTHONPATH) that registers methods (toolkit.registry.register)") \
                 from None
-
-
-def start_ray(ray_settings: RaySettings, progress: str) -> None:
-    """A private local Ray instance unless `ray.address` names a cluster to
-    join: a stale cluster address recorded on the machine is never used."""
-    if ray.is_initialized():
-        return
-    # Token authentication stays on; only its start-up notice is quiet.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": progress == "bars", "include_dashboard": False}
-    address = ray_settings.address
-    if not address:
-        ray.init(address="local", num_cpus=ray_settings.num_cpus, **quiet)
-        return
-    project = str(Path(__file__).resolve().parent)
-    try:
-        ray.init(address=address, runtime_env={"working_dir": project,
-                                               "excludes": ["models", "data", "evals", "results"]}, **quiet)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ConfigError(f"ray.address: {address!r} cannot be reached ({str(err).splitlines()[0][:160]})") from None
-
-
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Ray retries an unreachable head for minutes; a plain TCP connect says
-    in seconds whether there is anything to join ("auto" is left to Ray)."""
-    if address == "auto":
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"ray.address: {address!r} cannot be reached ({err}); use host:port of a running "
-                          "Ray head, or null for a local instance") from None
-    check_token(address, f"{host or '127.0.0.1'}:{port}")
-
-
-@contextlib.contextmanager
-def native_stderr_silenced():
-    """File descriptor 2 to /dev/null for a moment (what native code writes there too)."""
-    sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
-
-
-def check_token(address: str, gcs_address: str) -> None:
-    """A head with token authentication refuses a driver without its token:
-    say so in one line (ray.init would retry for a while, then blame the network)."""
-    try:
-        with native_stderr_silenced():  # Ray's C++ client logs each refusal itself
-            ray._raylet.GcsClient(address=gcs_address)
-    except ray.exceptions.AuthenticationError:
-        mode = os.environ.get("RAY_AUTH_MODE", "")
-        fix = ("export RAY_AUTH_TOKEN=<the token `ray get-auth-token` prints on the head> (or RAY_AUTH_TOKEN_PATH)"
-               if mode == "token" else "export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the token `ray get-auth-token` "
-               "prints on the head>")
-        raise ConfigError(f"ray.address: the Ray head at {address!r} uses token authentication and refused this "
-                          f"driver's token; {fix}") from None
-    except Exception:  # noqa: BLE001 - a private API: anything else is left to ray.init
-        pass
 
 
 @dataclass
@@ -490,7 +427,8 @@ def execute(cfg: DictConfig | Mapping) -> Sweep | None:
     print(f"numeric path: {policy.device}, {str(policy.dtype).removeprefix('torch.')} weights, bf16 autocast "
           f"{'on' if policy.autocast_dtype is not None else 'off'}", flush=True)
     print(f"sweep: {len(plan.runs)} unlearning run(s), {plan.rtt_count()} RTT run(s), "
-          f"{sum(len(r.quant) for r in plan.runs) + len(plan.reference_quant)} quantization probe(s); "
+          f"{sum(len(r.quant) for r in plan.runs) + len(plan.reference_quant)} quantization probe(s)"
+          + (f", {others} other probe(s)" if (others := sum(len(r.probes) for r in plan.runs)) else "") + "; "
           f"{len(plan.pending())} job(s) to run", flush=True)
     runner.run()
     drop_superseded_rows(sweep.results_dir)

@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from toolkit.architecture import decoder_layers, parameter_layers
 from toolkit.models import load_model
 from toolkit.names import UnlearnType
 from toolkit.registry import Axis, Method, register
@@ -50,10 +51,11 @@ def choose_layers(num_layers: int, layer_id: int | None = None, layer_ids: Seque
 
 def select_trainable(model, layer_ids: Sequence[int], param_names: Sequence[str]) -> list[str]:
     """Freeze everything but `param_names` (e.g. mlp.down_proj.weight) of the given layers."""
-    wanted = {f"layers.{i}.{p}" for i in layer_ids for p in param_names}
+    wanted = {(i, p) for i in layer_ids for p in param_names}
+    layer_of = parameter_layers(model)  # by the model's structure, not Llama's `layers.{i}.` names
     chosen = []
     for name, param in model.named_parameters():
-        keep = any(name.endswith(w) for w in wanted)
+        keep = any(layer_of.get(name) == i and name.endswith(f".{p}") for i, p in wanted)
         param.requires_grad_(keep)
         if keep:
             chosen.append(name)
@@ -70,7 +72,7 @@ class _Stop(Exception):
 def layer_activations(model, batch: Mapping[str, torch.Tensor], layer_id: int) -> torch.Tensor:
     """Output of decoder layer `layer_id`, [batch, seq, hidden]; the forward
     pass stops there, which saves most of the compute on a deep model."""
-    layer = model.get_decoder().layers[layer_id]
+    layer = decoder_layers(model)[layer_id]
     captured = {}
 
     def hook(_module, _inputs, output):
@@ -102,10 +104,10 @@ class RmuSettings:
     def check_model(self, skeleton) -> None:
         """Before any weights load: the layers exist and hold the parameters to train."""
         layers = choose_layers(skeleton.config.num_hidden_layers, self.layer_id, self.layer_ids)
-        names = {n for n, _ in skeleton.named_parameters()}
+        layer_of = parameter_layers(skeleton)
         for i in layers.layer_ids:
             for p in self.param_names:
-                if not any(n.endswith(f"layers.{i}.{p}") for n in names):
+                if not any(layer == i and n.endswith(f".{p}") for n, layer in layer_of.items()):
                     raise ValueError(f"param_names {list(self.param_names)!r}: layer {i} has no {p!r}")
 
 

@@ -75,12 +75,14 @@ def run_sweep(args) -> Finished:
     """`python pipeline.py ARGS` in this process: the same config composition
     and the same entry (`pipeline.drive`), on the session's Ray instance when
     one is up. Registry rows a plugin adds are removed afterwards (and the
-    plugin module forgotten, so a later sweep imports it again)."""
+    plugin module forgotten, so a later sweep imports it again); so are the probe rows."""
     import pipeline
 
     name, overrides = _split_args(args)
+    from toolkit.probes import PROBE_REGISTRY
+
     cfg = config(name, overrides)
-    methods, modules = dict(pipeline.METHODS), set(sys.modules)
+    methods, probes, modules = dict(pipeline.METHODS), dict(PROBE_REGISTRY), set(sys.modules)
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -88,6 +90,8 @@ def run_sweep(args) -> Finished:
     finally:
         pipeline.METHODS.clear()
         pipeline.METHODS.update(methods)
+        PROBE_REGISTRY.clear()
+        PROBE_REGISTRY.update(probes)
         for plugin in set(cfg.plugins or ()) - modules:
             sys.modules.pop(plugin, None)
     return Finished(code, out.getvalue(), err.getvalue())

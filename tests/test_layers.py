@@ -74,3 +74,34 @@ def test_the_toolkit_has_no_import_circle():
 
     for module in sorted(graph):
         visit(module, [])
+
+
+# ---------------------------------------------------------------- one seam for model families
+
+def tiny_models():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=3, n_head=2, n_positions=32))
+    return {"llama": (llama, llama.model.layers, "mlp.down_proj.weight"),
+            "gpt2": (gpt2, gpt2.transformer.h, "mlp.c_proj.weight")}
+
+
+def test_layers_are_found_by_structure_in_llama_and_gpt2():
+    """RMU's steered layer, its trained parameters and frozen layer ranges
+    ask the model for its layers: GPT-2 (`transformer.h.{i}`) works as Llama does."""
+    from rmu.unlearn_pipeline import RmuSettings, select_trainable
+    from toolkit.architecture import decoder_layers, parameter_layers
+    from toolkit.training import freeze_layer_ranges
+
+    for family, (model, layers, down) in tiny_models().items():
+        assert decoder_layers(model) is layers, family
+        layer_of = parameter_layers(model)
+        assert sorted(set(layer_of.values())) == [0, 1, 2], family
+        freeze_layer_ranges(model, [(0, 2)])
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        assert frozen == {n for n, i in layer_of.items() if i in (0, 1)}, family
+        chosen = select_trainable(model, [1, 2], [down])
+        assert len(chosen) == 2 and all(layer_of[n] in (1, 2) and n.endswith(down) for n in chosen), family
+        RmuSettings.check_model(RmuSettings(6.5, 2, [1, 2], (down,), 0), model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -10,7 +11,18 @@ import pandas as pd
 import pytest
 
 import pipeline
-from conftest import PAPER_DATA, ROOT, assert_refused, config, made_up_facts, planned, run_cli, run_sweep, sweep_frames
+from conftest import (
+    PAPER_DATA,
+    ROOT,
+    assert_refused,
+    config,
+    made_up_facts,
+    planned,
+    run_cli,
+    run_sweep,
+    smoketest_args,
+    sweep_frames,
+)
 from rmu import unlearn_pipeline
 from toolkit.data import DataValidationError, load_mcq, missing_files
 from toolkit.datasets import DATASETS
@@ -115,6 +127,8 @@ BAD_VALUES = [
     ("quant.bits=[4,4]", "quant.bits: [4, 4] is not allowed; give each value once"),
     # a resource no node can give
     ("ray.gpus_per_task=-1", "ray.gpus_per_task: -1 is not allowed; use auto or a number of GPUs >= 0"),
+    ("probes=[nope]", "probes: 'nope' is not allowed; use probes registered by a plugin module (none is registered; "
+                      "add its module to plugins)"),
     ("plugins=[no_such_plugin_module]", "plugins: 'no_such_plugin_module' cannot be imported (ModuleNotFoundError: "
                                         "No module named 'no_such_plugin_module')"),
     ("plugins=[broken_plugin]", "plugins: 'broken_plugin' cannot be imported (RuntimeError: "
@@ -595,6 +609,17 @@ def test_the_demo_plans_exactly_the_published_rows_of_its_seed(tmp_path):
     assert [job.label for job in plan.pending()] == ["C rtt v0 s13", "C rtt v1 s13"]
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_the_pretraining_study_plans_exactly_its_published_rows(tmp_path, seed):
+    """The same contract for the second half: every job of a published seed
+    (its runs, RTT, C and floor) finds its row under the key it was written
+    with, so a rerun of the study runs nothing."""
+    published = ROOT / "results" / "rank_study_pretrained"
+    plan = planned(config("rank_study_pretrained", [f"data_root={tmp_path}/data", f"results_dir={published}",
+                                                    "device.bf16_autocast=true", f"slice=[{seed}]"]))
+    assert len(plan.jobs()) == (53 if seed == 0 else 43) and plan.pending() == []
+
+
 def test_job_labels_tell_the_jobs_of_a_sweep_apart(tmp_path):
     """On the default grid one rank has three lrs and three retain
     coefficients, and RTT three lrs: every job prints a label of its own
@@ -654,3 +679,53 @@ def test_the_pretraining_study_runs_end_to_end_under_choice_scoring(tiny_llama, 
     for column in ("B", "C", "floor", "lora_rtt_recovered", "quant4_recovered", "update_rel_norm"):
         assert table[column].notna().all(), column
 
+
+
+# a step large enough that the tiny model's answers move (base != A), so recovery ratios are defined
+FORGETS = "unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN.lrs=[0.03]"
+
+
+def test_a_probe_added_through_the_registry_alone_runs_end_to_end(tiny_llama, tmp_path, ray_session, monkeypatch):
+    """tests/toy_probe.py adds the `noise` probe with one registry row (its job
+    builder, its runner, its marker); nothing else knows it. It runs on each
+    unlearned model after the run, a rerun finds it finished, and its measure
+    is in the analysis table and drawn in the figure."""
+    import importlib
+    import sys
+
+    import analyze_recovery
+    from toolkit import plots
+    from toolkit.probes import PROBE_REGISTRY
+
+    # 12 facts a split (60 forget questions): base and A cannot tie by chance as on 4
+    args = smoketest_args(tiny_llama, tmp_path, "plugins=[toy_probe]", "probes=[noise]", "seeds=[0,1]", FORGETS,
+                          "ft.num_splits=2", "random_bd.facts_per_split=12", "random_bd.num_dev=2",
+                          data_root=tmp_path / "data")
+    result = run_sweep(args)
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
+    assert "2 unlearning run(s), 4 RTT run(s), 0 quantization probe(s), 2 other probe(s)" in result.stdout
+    results = analyze_recovery.load_results(tmp_path / "evals")
+    noise = results.quant[results.quant.probe == "noise"]
+    assert len(noise) == 2 and set(noise.upstream_key) == set(results.unlearning.run_key)
+    assert set(noise.scale) == {0.01} and all(set(accs) == set(row.val_files) for accs, (_, row) in
+                                              zip(noise.forget_accs, results.unlearning.iterrows()))
+    drawn = []
+    original = plots._errorbar
+    monkeypatch.setattr(plots, "_errorbar", lambda ax, group, measure, *a, **kw: (drawn.append((measure, kw.get(
+        "marker"))), original(ax, group, measure, *a, **kw))[1])
+    # where its plugin is imported, the analysis takes the probe's marker from its row (else a marker of its own)
+    registered = dict(PROBE_REGISTRY)
+    importlib.import_module("toy_probe")
+    try:
+        table = analyze_recovery.analyze(tmp_path / "evals", analyze_recovery.Options(bootstrap=200),
+                                         stream=(printed := io.StringIO()))
+    finally:
+        PROBE_REGISTRY.clear()
+        PROBE_REGISTRY.update(registered)
+        sys.modules.pop("toy_probe", None)
+    assert table.noise.notna().all() and table.noise_recovered.notna().all(), table[["base", "A", "noise", "B"]]
+    assert "noise recovered" in printed.getvalue()
+    assert ("noise_recovered", "v") in drawn
+    assert "finished earlier; nothing to run" in run_sweep(args).stdout
+    source = "".join((ROOT / name).read_text() for name in ("pipeline.py", "analyze_recovery.py"))
+    assert "noise" not in source and "NoiseJob" not in source

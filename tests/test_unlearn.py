@@ -189,7 +189,7 @@ def test_embedded_alias_is_materialized_once(tmp_path, monkeypatch, tiny_llama):
         shutil.copytree(tiny_llama, target)
         return Path(target)
 
-    monkeypatch.setattr(models, "_package_dir", lambda package: tmp_path)
+    monkeypatch.setattr(models, "package_dir", lambda package: tmp_path)
     monkeypatch.setattr(models, "materialize_gguf", fake_materialize)
     first = resolve_model_path("smollm2-135m", tmp_path / "models")
     second = resolve_model_path("smollm2-135m", tmp_path / "models")

@@ -5,13 +5,19 @@ before any model loads."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
+import sys
 import uuid
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from toolkit.settings import ConfigError
+
+if TYPE_CHECKING:
+    from toolkit.sweep_settings import RaySettings
 
 CHECK_DIR = ".cluster-check"  # under models_dir; removed after the check
 FIX = ("put the project, data_root and models_dir on storage every node mounts at the same path "
@@ -99,3 +105,77 @@ def _gather(refs: list, nodes: list[dict], timeout_s: float) -> list:
         raise ConfigError(f"ray node {late['NodeManagerAddress']} did not answer the storage check within "
                           f"{timeout_s:g} s; check that it is alive (ray status)")
     return ray.get(refs)
+
+
+# --------------------------------------------------------------------------
+# Joining: a private local instance, or a cluster that answers and accepts this driver
+# --------------------------------------------------------------------------
+
+
+def start_ray(ray_settings: RaySettings, progress: str) -> None:
+    """A private local Ray instance unless `ray.address` names a cluster to
+    join: a stale cluster address recorded on the machine is never used."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Token authentication stays on; only its start-up notice is quiet.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": progress == "bars", "include_dashboard": False}
+    address = ray_settings.address
+    if not address:
+        ray.init(address="local", num_cpus=ray_settings.num_cpus, **quiet)
+        return
+    project = str(Path(__file__).resolve().parents[1])  # the project folder: Ray ships it to each node
+    try:
+        ray.init(address=address, runtime_env={"working_dir": project,
+                                               "excludes": ["models", "data", "evals", "results"]}, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"ray.address: {address!r} cannot be reached ({str(err).splitlines()[0][:160]})") from None
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Ray retries an unreachable head for minutes; a plain TCP connect says
+    in seconds whether there is anything to join ("auto" is left to Ray)."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"ray.address: {address!r} cannot be reached ({err}); use host:port of a running "
+                          "Ray head, or null for a local instance") from None
+    check_token(address, f"{host or '127.0.0.1'}:{port}")
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """File descriptor 2 to /dev/null for a moment (what native code writes there too)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def check_token(address: str, gcs_address: str) -> None:
+    """A head with token authentication refuses a driver without its token:
+    say so in one line (ray.init would retry for a while, then blame the network)."""
+    import ray
+
+    try:
+        with native_stderr_silenced():  # Ray's C++ client logs each refusal itself
+            ray._raylet.GcsClient(address=gcs_address)
+    except ray.exceptions.AuthenticationError:
+        mode = os.environ.get("RAY_AUTH_MODE", "")
+        fix = ("export RAY_AUTH_TOKEN=<the token `ray get-auth-token` prints on the head> (or RAY_AUTH_TOKEN_PATH)"
+               if mode == "token" else "export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the token `ray get-auth-token` "
+               "prints on the head>")
+        raise ConfigError(f"ray.address: the Ray head at {address!r} uses token authentication and refused this "
+                          f"driver's token; {fix}") from None
+    except Exception:  # noqa: BLE001 - a private API: anything else is left to ray.init
+        pass

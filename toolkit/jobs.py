@@ -38,6 +38,7 @@ class Run:
     results_dir: str = ""
     quant: tuple["QuantJob", ...] = ()
     replaces: tuple[str, ...] = ()  # rows of an earlier run with this key (a rerun replaces them)
+    probes: tuple = ()  # the jobs of registered probes (toolkit.probes) on its model
     stage = "unlearn"
 
     @property

@@ -22,6 +22,7 @@ from toolkit.grid import (
 )
 from toolkit.jobs import QuantJob, RttJob, Run, TeachJob, marker_key
 from toolkit.names import QUANT_BITS, Datasets, LossType
+from toolkit.probes import PROBE_REGISTRY, ProbeTarget
 from toolkit.registry import METHODS, Method
 from toolkit.results import TABLES, recorded_rows
 from toolkit.settings import (
@@ -68,7 +69,7 @@ class Plan:
         """Every job, each unlearning run before the jobs that need its model."""
         out: list = []
         for run in self.runs:
-            out += [run, *run.rtt, *run.quant]
+            out += [run, *run.rtt, *run.quant, *run.probes]
         return out + self.baseline_rtt + self.floor_rtt + self.given_rtt + self.reference_quant
 
     def pending(self) -> list:
@@ -314,8 +315,10 @@ def add_runs(planner: Planner, plan: Plan, points: list[GridPoint]) -> None:
         rtt = planner.rtt_jobs(path, point.dataset, "unlearned", upstream=key, seeds=[point.seed], point=point,
                                who=point.label) if run_rtt else []
         quant = planner.quant_jobs(path, point.dataset, "unlearned", key, point, point.label) if sweep.saves_models else []
+        target = ProbeTarget(planner, path, point.dataset, key, point, point.label)
+        probes = [job for name in sweep.probes for job in PROBE_REGISTRY[name].jobs(target)] if sweep.saves_models else []
         plan.runs.append(Run(planner.next_index(), point, plan.unlearn_from, path, tuple(rtt), settings, key,
-                             sweep.results_dir, tuple(quant)))
+                             sweep.results_dir, tuple(quant), probes=tuple(probes)))
     for dataset in sweep.datasets:
         if run_rtt and sweep.baseline_rtt:
             plan.baseline_rtt += planner.rtt_jobs(plan.unlearn_from, dataset, "baseline", upstream=upstream,
@@ -336,16 +339,17 @@ def mark_finished(plan: Plan, recorded: Mapping[str, Mapping[str, list[str]]], r
     rows = {stage: recorded.get(stage, {}) for stage in TABLES}
     for i, run in enumerate(plan.runs):
         have_row = run.key in rows["unlearn"]
-        probes_pending = [j for j in (*run.rtt, *run.quant) if j.key not in rows[j.stage]]
+        probes_pending = [j for j in (*run.rtt, *run.quant, *run.probes) if j.key not in rows[j.stage]]
         model_ok = not run.model_needed or marker_key(run.model_path) == run.key
         if have_row and (model_ok or not probes_pending):
             plan.finished.add(run.key)
         plan.runs[i] = replace(run, replaces=tuple(rows["unlearn"].get(run.key, ())),
-                               rtt=_with_earlier_rows(run.rtt, rows), quant=_with_earlier_rows(run.quant, rows))
+                               rtt=_with_earlier_rows(run.rtt, rows), quant=_with_earlier_rows(run.quant, rows),
+                               probes=_with_earlier_rows(run.probes, rows))
     for job_list in (plan.baseline_rtt, plan.floor_rtt, plan.given_rtt, plan.reference_quant):
         job_list[:] = _with_earlier_rows(job_list, rows)
     for run in plan.runs:
-        for job in (*run.rtt, *run.quant):
+        for job in (*run.rtt, *run.quant, *run.probes):
             if job.key in rows[job.stage]:
                 plan.finished.add(job.key)
     for job in (*plan.baseline_rtt, *plan.floor_rtt, *plan.given_rtt, *plan.reference_quant):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from toolkit.names import CHANCE, PROBES
+from toolkit.names import CHANCE
+from toolkit.probes import marker_of, measured_probes
 
 
 def series(lora):
@@ -69,7 +70,9 @@ def plot(table, path: Path, title: str, source: str = "") -> None:
         avoided = group[group.answer_avoided]
         middle.scatter(avoided.lora_rank, avoided.A, s=160, facecolors="none", edgecolors="red",
                        label="A below chance (answer avoided)" if len(avoided) else None)
-        for probe, marker in zip(PROBES, ("D", "P", "X")):
+        # every probe the table measures is drawn, with its registered marker
+        for probe in measured_probes(group.columns):
+            marker = marker_of(probe)
             if group[f"{probe}_recovered"].notna().any():
                 _errorbar(right, group, f"{probe}_recovered", shift, marker=marker, label=probe + suffix)
         _errorbar(right, group, "recovered_fraction", shift, marker="o", linestyle=":",

@@ -63,14 +63,19 @@ def rtt_row(job: RttJob, result: FinetuneResult) -> dict:
     }
 
 
-def quant_row(job: QuantJob, evaluator: Evaluator) -> dict:
+def score_row(job: QuantJob, evaluator: Evaluator, probe: str, **columns) -> dict:
+    """A row of the quant table: the model's forget (and retain) files
+    scored under a probe (quantization, or a registered probe's transform)."""
     point = job.point
     return {
-        "model_path": job.model_path, "condition": job.condition, "dataset": job.dataset,
-        "probe": f"quant{job.bits}", "bits": job.bits, "blocksize": job.blocksize,
+        "model_path": job.model_path, "condition": job.condition, "dataset": job.dataset, "probe": probe, **columns,
         "unlearn_type": point.unlearn_type if point else "", "lora_rank": point.lora_rank if point else 0,
         "seed": point.seed if point else None, "scoring": evaluator.mode, "forget_accs": evaluator.forget_log.accs,
         "forget_correct": evaluator.forget_log.correct, "retain_accs": evaluator.retain_log.accs,
         "upstream_key": job.upstream, "probe_key": job.key,
         **provenance(resolve_device_policy(job.train.device)),
     }
+
+
+def quant_row(job: QuantJob, evaluator: Evaluator) -> dict:
+    return score_row(job, evaluator, f"quant{job.bits}", bits=job.bits, blocksize=job.blocksize)

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from toolkit.facts import RandomBdSpec
 from toolkit.grid import parse_enum, parse_name
 from toolkit.names import DataFormat, Datasets
+from toolkit.probes import plannable
 from toolkit.registry import METHODS
 from toolkit.settings import (
     BOOLEAN,
@@ -40,6 +41,16 @@ def resolve_progress(mode: str) -> str:
     if mode == "auto":
         return "bars" if sys.stderr.isatty() else "lines"
     return mode
+
+
+def read_probes(names) -> list[str]:
+    """`probes:`, each a probe a plugin registered (toolkit.probes.register_probe), each once."""
+    allowed = plannable()
+    for name in NAMES.check(names, "probes"):
+        if name not in allowed:
+            raise ConfigError(f"probes: {name!r} is not allowed; use probes registered by a plugin module "
+                              f"({', '.join(allowed) or 'none is registered'}; add its module to plugins)")
+    return list(distinct(names, "probes"))
 
 
 def seeds_subset(cfg: Mapping, key: str) -> list[int]:
@@ -99,6 +110,7 @@ class SweepSettings:
     device: dict  # device.*, with bf16_autocast decided once for every job (it measures this machine)
     scoring: str = "letter"  # how every question is scored (toolkit.settings.SCORING_MODES)
     allow_repeated_answers: bool = False  # score questions that list their right answer twice, as given
+    probes: tuple[str, ...] = ()  # registered probes (toolkit.probes) run on every unlearned model
 
     @property
     def rtt_on(self) -> bool:
@@ -150,7 +162,8 @@ class SweepSettings:
             cfg["wandb_project_name"], resolve_progress(cfg["progress"]), plugins, **flags, num_splits=num_splits,
             preflight_min_forget_acc=preflight, teach_dataset=teach, teach_cpus=teach_cpus, random_bd=random_bd,
             ray=ray, device=device, scoring=SCORING.check(cfg.get("scoring", "letter"), "scoring"),
-            allow_repeated_answers=BOOLEAN.check(cfg.get("allow_repeated_answers", False), "allow_repeated_answers"))
+            allow_repeated_answers=BOOLEAN.check(cfg.get("allow_repeated_answers", False), "allow_repeated_answers"),
+            probes=tuple(read_probes(cfg.get("probes") or [])))
 
     @staticmethod
     def read_ray(ray: Mapping) -> RaySettings:

@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from toolkit.architecture import parameter_layers
 from toolkit.device import DevicePolicy
 from toolkit.settings import OPTIMIZER_NAMES
 
@@ -42,9 +43,9 @@ def warmup_then_constant(optimizer, warmup_steps: int):
 def freeze_layer_ranges(model, ranges: Sequence[Sequence[int]]) -> None:
     """Freeze decoder layers in each half-open [start, end) range."""
     frozen = {i for start, end in ranges for i in range(start, end)}
+    layer_of = parameter_layers(model)
     for name, param in model.named_parameters():
-        parts = name.split(".")
-        if "layers" in parts and int(parts[parts.index("layers") + 1]) in frozen:
+        if layer_of.get(name) in frozen:
             param.requires_grad_(False)
 
 
