@@ -729,3 +729,14 @@ def test_a_probe_added_through_the_registry_alone_runs_end_to_end(tiny_llama, tm
     assert "finished earlier; nothing to run" in run_sweep(args).stdout
     source = "".join((ROOT / name).read_text() for name in ("pipeline.py", "analyze_recovery.py"))
     assert "noise" not in source and "NoiseJob" not in source
+
+
+def test_a_model_folder_is_derived_from_its_run_key(tmp_path):
+    """Two sweeps that differ only in a setting the folder's name leaves out
+    (lora_alpha) save to two folders; the run key ends the folder's name."""
+    where = [f"data_root={tmp_path}/data", f"models_dir={tmp_path}/m", "model_id=/x/tiny"]
+    [plain_run], [alpha_run] = (planned(config(overrides=[*where, "unlearn.lora_ranks=[4]", *extra])).runs[:1]
+                                for extra in ([], ["unlearn.lora_alpha=4"]))
+    assert plain_run.key != alpha_run.key and plain_run.model_path != alpha_run.model_path
+    assert plain_run.model_path.endswith(f"-{plain_run.key}") and alpha_run.settings.save.path == alpha_run.model_path
+    assert all(job.base_model == alpha_run.model_path for job in alpha_run.rtt)

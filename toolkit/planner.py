@@ -146,7 +146,7 @@ class Planner:
     # ---- RTT (and the adapter-relearning probe)
 
     def rtt_jobs(self, model_path: str, dataset: Datasets, condition: str, *, upstream: str, seeds: Sequence[int],
-                 point: GridPoint | None = None, who: str = "") -> list[RttJob]:
+                 point: GridPoint | None = None, who: str = "", key_model: str | None = None) -> list[RttJob]:
         """RTT loss types x lrs x epochs x held-out splits x seeds for one model,
         then the same with a LoRA attacker when ft.lora_rtt is enabled."""
         ft = self.cfg["ft"]
@@ -173,11 +173,12 @@ class Planner:
                             for seed in seeds:
                                 jobs.append(self.rtt_job(model_path, dataset, condition, loss_type, lr, epochs, skip,
                                                          seed, probe, attacker, upstream, point,
-                                                         " ".join([who, probe, *shown])))
+                                                         " ".join([who, probe, *shown]), key_model=key_model))
         return jobs
 
     def rtt_job(self, model_path, dataset, condition, loss_type, lr, epochs, skip, seed, probe, attacker, upstream,
-                point, who) -> RttJob:
+                point, who, *, key_model: str | None = None) -> RttJob:
+        """One RTT job; `key_model` names its model in the key (see `add_runs`), else its folder does."""
         ft, files = self.cfg["ft"], DATASETS[dataset]
         train_files = tuple(f for i, f in enumerate(files.val_files) if i != skip)
         label = f"{who} v{skip}" + (f" s{seed}" if point is None and condition == "baseline" else "")
@@ -188,7 +189,8 @@ class Planner:
             evals=files.evals(ft["eval_retain"], [files.val_files[skip]], self.sweep.scoring),
             train_files=train_files,
             extra_corpus_files=(), loss_type=loss_type, lora=attacker, save=SaveSettings(None, "merged"))
-        key = fingerprint("rtt", probe, condition, key_settings(settings), self.data_key(dataset), upstream)
+        named = replace(settings, train=replace(settings.train, model=key_model)) if key_model else settings
+        key = fingerprint("rtt", probe, condition, key_settings(named), self.data_key(dataset), upstream)
         return RttJob(self.next_index(), model_path, dataset, condition, loss_type, lr, epochs, skip, train_files,
                       files.val_files[skip], point.unlearn_type if point else "", point.lora_rank if point else 0,
                       key, settings, seed, probe, upstream, self.sweep.results_dir)
@@ -196,7 +198,7 @@ class Planner:
     # ---- quantization probe and plain evaluation
 
     def quant_jobs(self, model_path: str, dataset: Datasets, condition: str, upstream: str,
-                   point: GridPoint | None, who: str) -> list[QuantJob]:
+                   point: GridPoint | None, who: str, key_model: str | None = None) -> list[QuantJob]:
         quant = self.cfg["quant"]
         bits = Allowed(f"bits from {QUANT_BITS}", lambda v: v in QUANT_BITS).each(quant["bits"], "quant.bits",
                                                                                           empty_ok=True)
@@ -206,7 +208,7 @@ class Planner:
         for b in bits:
             train = self.eval_settings(model_path, f"{who} quant{b}".strip())
             evals = DATASETS[dataset].evals(quant["eval_retain"], scoring=self.sweep.scoring)
-            key = fingerprint("quant", b, blocksize, condition, model_path, key_settings(evals),
+            key = fingerprint("quant", b, blocksize, condition, key_model or model_path, key_settings(evals),
                                  self.data_key(dataset), upstream)
             jobs.append(QuantJob(self.next_index(), model_path, dataset, condition, b, evals, train, blocksize, key,
                                  upstream, point, self.sweep.results_dir))
@@ -309,12 +311,17 @@ def add_runs(planner: Planner, plan: Plan, points: list[GridPoint]) -> None:
     upstream = plan.teach.key if plan.teach else plan.base_model
     run_rtt = sweep.rtt_on and sweep.saves_models
     for point in points:
-        path = unlearned_model_path(sweep.config, point, plan.unlearn_from)
-        settings = planner.unlearn_settings(point, plan.unlearn_from, path)
-        key = planner.run_key(point, settings, upstream)
+        # The model's folder is its descriptive name (the first edition's folder) and its run key, so sweeps
+        # that differ only in a setting the name leaves out (lora_alpha, say) never share a folder; its probes'
+        # keys name the model by the descriptive name and the run key (`upstream`), as the published keys do.
+        name = unlearned_model_path(sweep.config, point, plan.unlearn_from)
+        key = planner.run_key(point, planner.unlearn_settings(point, plan.unlearn_from, name), upstream)
+        path = f"{name}-{key}"
+        settings = planner.unlearn_settings(point, plan.unlearn_from, path)  # the same key: the folder is not in it
         rtt = planner.rtt_jobs(path, point.dataset, "unlearned", upstream=key, seeds=[point.seed], point=point,
-                               who=point.label) if run_rtt else []
-        quant = planner.quant_jobs(path, point.dataset, "unlearned", key, point, point.label) if sweep.saves_models else []
+                               who=point.label, key_model=name) if run_rtt else []
+        quant = planner.quant_jobs(path, point.dataset, "unlearned", key, point, point.label,
+                                   key_model=name) if sweep.saves_models else []
         target = ProbeTarget(planner, path, point.dataset, key, point, point.label)
         probes = [job for name in sweep.probes for job in PROBE_REGISTRY[name].jobs(target)] if sweep.saves_models else []
         plan.runs.append(Run(planner.next_index(), point, plan.unlearn_from, path, tuple(rtt), settings, key,
