@@ -729,3 +729,24 @@ def test_compare_keeps_the_published_rows_of_the_slices_own_numeric_path(tmp_pat
             "bf16 autocast left out (the study keeps numeric paths apart)") in out
     assert "agreement, rank 8: this slice (seed 7; splits 0, 1) 0.44 vs published 0.44 over 3 other seeds" in out
     assert "verdict: your run agrees" in out
+
+
+def test_ties_go_to_the_highest_lr_then_the_latest_epoch_whatever_the_row_order():
+    """Two lrs reach the same V accuracy (2 of 4) at epochs 1 and 2, with
+    other questions right: every attacker takes lr 1e-5 at epoch 2, in either
+    order of the rows (the order files are read in is no rule)."""
+    from toolkit.attackers import ATTACKERS
+
+    def rtt_row(lr, split, accs, bits):
+        return {"lr": lr, "epochs": 2, "skip_split": split, "forget_accs_local": accs,
+                "forget_correct_local": bits}
+
+    rows = []
+    for split in (0, 1):
+        rows.append(rtt_row(1e-6, split, {"0": 0.0, "1": 0.5, "2": 0.5}, {"0": "0000", "1": "1100", "2": "1100"}))
+        rows.append(rtt_row(1e-5, split, {"0": 0.0, "1": 0.5, "2": 0.5}, {"0": "0000", "1": "0110", "2": "0011"}))
+    for frame in (pd.DataFrame(rows), pd.DataFrame(rows[::-1])):
+        for name, attacker in ATTACKERS.items():
+            best = attacker(frame, 0)
+            expected = (1e-5, 2, 2)
+            assert best["choice"] == expected and list(best["vector"]) == [0, 0, 1, 1], name

@@ -740,3 +740,41 @@ def test_a_model_folder_is_derived_from_its_run_key(tmp_path):
     assert plain_run.key != alpha_run.key and plain_run.model_path != alpha_run.model_path
     assert plain_run.model_path.endswith(f"-{plain_run.key}") and alpha_run.settings.save.path == alpha_run.model_path
     assert all(job.base_model == alpha_run.model_path for job in alpha_run.rtt)
+
+
+def test_a_method_declares_its_own_sweep_axis_and_the_grid_rows_and_analysis_follow(tmp_path):
+    """TOYSCALE (tests/toy_method.py) declares one axis, `unlearn.toy_scales`,
+    in its registry row, and nothing else: the grid has a run per value, each
+    with its own key, label and folder, its settings carry the value, its row
+    names the axis, and the analysis keeps the values apart."""
+    import importlib
+    import sys
+
+    import analyze_recovery
+    import pipeline
+    from toolkit.rows import unlearning_row
+    from unlearn_corpus import UnlearnResult
+
+    before = dict(pipeline.METHODS)
+    try:
+        importlib.import_module("toy_method")
+        block = "{loss_type: CORPUS, datasets_config: {RANDOM_BD_SAME_RETAIN: {epochs_lst: [1], lrs: [1e-3], rcs: [0.0]}}}"
+        plan = planned(config(overrides=[f"data_root={tmp_path}/data", f"models_dir={tmp_path}/m", "model_id=/x/tiny",
+                                         "plugins=[toy_method]", "unlearn.types=[TOYSCALE]", "+unlearn.toy_scales=[0.5,2]",
+                                         f"+unlearn.types_config.TOYSCALE={block}"]))
+        assert [run.label for run in plan.runs] == ["TOYSCALE ascent_scale0.5 s0 unlearn", "TOYSCALE ascent_scale2 s0 unlearn"]
+        assert [run.settings.method.ascent_scale for run in plan.runs] == [0.5, 2.0]
+        assert len({run.key for run in plan.runs}) == 2 and len({run.model_path for run in plan.runs}) == 2
+        for i, run in enumerate(plan.runs):
+            row = unlearning_row(run, UnlearnResult(run.model_path, {f: {0: 0.8, 1: 0.3 + 0.2 * i} for f in
+                                                                     run.settings.evals.val_files}, {}, {}, {}, 1))
+            assert row["sweep_axes"] == ["ascent_scale"] and row["ascent_scale"] == run.settings.method.ascent_scale
+            write_result_csv(tmp_path / "r" / "unlearning", i, {**row, "val_files": list(run.settings.evals.val_files)})
+    finally:
+        pipeline.METHODS.clear()
+        pipeline.METHODS.update(before)
+        sys.modules.pop("toy_method", None)
+    table = analyze_recovery.analyze(tmp_path / "r", analyze_recovery.Options(bootstrap=200),
+                                     stream=(printed := io.StringIO()))
+    assert list(table.axis_ascent_scale) == [0.5, 2.0] and list(table.A.round(2)) == [0.3, 0.5]
+    assert "ascent_scale" in printed.getvalue().splitlines()[0]

@@ -1,14 +1,16 @@
-"""A method added through the registry alone: one `register` call and one objective (the
-config block comes from the command line). Used by a pipeline test as a
-plugin (`plugins=[toy_method]`): forget-only gradient ascent, no retain term."""
+"""Methods added through the registry alone: one `register` call and one objective (the
+config block comes from the command line). Used by pipeline tests as a
+plugin (`plugins=[toy_method]`): TOY, forget-only gradient ascent, no retain
+term; TOYSCALE, the same with its loss scaled by a hyper-parameter the
+method sweeps itself (its `Axis`: `unlearn.toy_scales`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from toolkit.losses import mean_token_nll
-from toolkit.registry import Method, register
-from toolkit.settings import UnlearnSettings
+from toolkit.registry import Axis, Method, register
+from toolkit.settings import POSITIVE_NUMBERS, UnlearnSettings, setting
 from toolkit.stage import Stage
 from unlearn_corpus import ForgetRetainData
 
@@ -32,3 +34,21 @@ class ForgetOnlyAscent:
 
 
 register("TOY", Method(ForgetOnlyAscent))
+
+
+@dataclass(frozen=True)
+class ScaleSettings:
+    """TOYSCALE's own setting, one value per run of its axis."""
+
+    ascent_scale: float = setting(POSITIVE_NUMBERS)
+
+
+@dataclass
+class ScaledAscent(ForgetOnlyAscent):
+    def loss(self, model, step):
+        loss, logs = super().loss(model, step)
+        return loss * self.settings.method.ascent_scale, logs
+
+
+register("TOYSCALE", Method(ScaledAscent, settings=ScaleSettings,
+                            axis=Axis("ascent_scale", "unlearn.toy_scales", POSITIVE_NUMBERS)))

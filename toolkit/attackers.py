@@ -48,7 +48,8 @@ def attempts(rows: pd.DataFrame, every_epoch: bool) -> dict[tuple, dict]:
 
 
 def _best(options: dict[tuple, dict]) -> dict | None:
-    return max(options.values(), key=lambda a: a["final"]) if options else None
+    """The best V accuracy; among tied cells, TIE_ORDER's."""
+    return max(options.values(), key=lambda a: (a["final"], a["choice"])) if options else None
 
 
 def best_rtt(rows: pd.DataFrame) -> dict | None:

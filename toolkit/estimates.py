@@ -151,7 +151,7 @@ def summarize(units: list[Unit], options: Options) -> Analysis:
         for setting, group in sorted(by_setting.items(), key=lambda kv: [str(v) for v in kv[0]]):
             est = estimate(group, panel, probes)
             estimates[setting] = est
-            rows.append({**dict(zip(SETTING, setting)), **est.row})
+            rows.append({**dict(zip(SETTING, setting)), **{f"axis_{k}": v for k, v in setting.axes}, **est.row})
         if line := weight_distance_line(method, dataset, family):
             distances.append(line)
         ranks = [s.lora_rank for s in estimates]

@@ -50,16 +50,26 @@ class GridPoint:
     lora_rank: int = 0
     seed: int = 0
     shown: tuple[str, ...] = field(default=(), compare=False)  # the fields that tell runs apart in the sweep
+    # A method's own axes beyond the two the first edition published (rank, steering coefficient): (field, value)
+    axes: tuple[tuple[str, Any], ...] = ()
+
+    def value(self, name: str) -> Any:
+        """An axis's value at this point, by its field name."""
+        return getattr(self, name) if name in SLOTS else dict(self.axes)[name]
 
     @property
     def label(self) -> str:
         """A short name for progress lines and failures: the method, its own
-        axis, what varies within the sweep (see `with_labels`) and the seed."""
+        axes, what varies within the sweep (see `with_labels`) and the seed."""
         parts = [self.unlearn_type] + ([f"r{self.lora_rank}"] if self.lora_rank else [])
         parts += [f"c{self.steering_coeff:g}"] if self.steering_coeff is not None else []
+        parts += [f"{name}{value:g}" if isinstance(value, float) else f"{name}{value}" for name, value in self.axes]
         parts += [LABEL_PARTS[name](self) for name in self.shown]
         return " ".join(parts + [f"s{self.seed}"])
 
+
+# The axes with a slot of their own (their columns were published); any other axis goes in `axes`.
+SLOTS = ("lora_rank", "steering_coeff")
 
 LABEL_PARTS = {"dataset": lambda p: p.dataset.name, "lr": lambda p: f"lr{p.lr:g}",
                "retain_coeff": lambda p: f"rc{p.retain_coeff:g}", "epochs": lambda p: f"e{p.epochs}",
@@ -141,7 +151,9 @@ def dataset_grid(cfg: Mapping, name: str, dataset: Datasets) -> list[GridPoint]:
         for e in epochs:
             for combo in _product(axes):
                 grid = by_rank.get(combo.get("lora_rank", 0), shared)
-                points += [GridPoint(name, dataset, loss_type, lr, e, rc, ms, seed=s, **combo)
+                slots = {k: v for k, v in combo.items() if k in SLOTS}
+                others = tuple((k, v) for k, v in combo.items() if k not in SLOTS)
+                points += [GridPoint(name, dataset, loss_type, lr, e, rc, ms, seed=s, axes=others, **slots)
                            for lr in grid.lrs for rc in grid.rcs for s in seeds]
     return points
 
@@ -170,4 +182,4 @@ def unlearned_model_path(cfg: Mapping, point: GridPoint, base_model: str) -> str
     stop = f"-stop{target}" if target is not None else ""
     return str(Path(cfg["models_dir"]) / point.unlearn_type / point.dataset.name / cfg["wandb_project_name"] /
                f"rank{point.lora_rank}-sc{sc}-{model_name(base_model)}-rc{point.retain_coeff}-lr{point.lr}"
-               f"-epochs{point.epochs}{stop}-seed{point.seed}")
+               f"-epochs{point.epochs}{stop}-seed{point.seed}{''.join(f'-{k}{v}' for k, v in point.axes)}")

@@ -127,7 +127,7 @@ class Planner:
         lora = build_settings(LoraSettings, section, "unlearn", lora_rank=point.lora_rank) if method.lora else None
         own = None
         if method.settings is not None:
-            values = {a.field: getattr(point, a.field) for a in method.axes if a.field != "lora_rank"}
+            values = {a.field: point.value(a.field) for a in method.axes if a.field != "lora_rank"}
             own = build_settings(method.settings, block, block_key, **values)
         save = build_settings(SaveSettings, section, "unlearn",
                                  path=model_path if section["save_unlearn_model"] and not just_eval else None)

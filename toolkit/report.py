@@ -31,7 +31,11 @@ def figure_source(table: pd.DataFrame) -> str:
 def format_table(table: pd.DataFrame) -> str:
     shown = pd.DataFrame({"attacker": table.attacker} if "attacker" in table else {}, index=table.index)
     shown = shown.assign(**{"method": table.unlearn_type, "rank": table.lora_rank, "lr": table.lr,
-                            "rc": table.retain_coeff, "seeds": table.n_seeds, "splits": table.n_splits,
+                            "rc": table.retain_coeff,
+                            # a method's own axes: CUT's steering coefficient, and any a method declares
+                            **({"sc": table.steering_coeff} if table.steering_coeff.notna().any() else {}),
+                            **{c.removeprefix("axis_"): table[c] for c in table.columns if c.startswith("axis_")},
+                            "seeds": table.n_seeds, "splits": table.n_splits,
                             "base": table.base.map(lambda v: f"{v:.2f}")})
     for name in ("A", "B", "C", "floor"):
         shown[name] = _with_ci(table, name)

@@ -31,6 +31,7 @@ def unlearning_row(run: Run, result: UnlearnResult) -> dict:
         "unlearn_type": point.unlearn_type, "loss_type": point.loss_type, "lora_rank": point.lora_rank,
         "lr": point.lr, "epochs": point.epochs, "retain_coeff": point.retain_coeff,
         "steering_coeff": point.steering_coeff, "max_samples": point.max_samples,
+        **({"sweep_axes": [k for k, _ in point.axes], **dict(point.axes)} if point.axes else {}),
         "forget_accs": result.forget_accs, "forget_accs_calibrated": result.forget_accs_calibrated,
         "retain_accs": result.retain_accs, "retain_accs_calibrated": result.retain_accs_calibrated,
         "forget_correct": result.forget_correct, "trainable_params": result.trainable_params,

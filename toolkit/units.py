@@ -27,9 +27,10 @@ class Setting(NamedTuple):
     epochs: int
     retain_coeff: float
     steering_coeff: float | None
+    axes: tuple = ()  # a method's other axes, (field, value), from its rows' `sweep_axes`
 
 
-SETTING = list(Setting._fields)
+SETTING = list(Setting._fields[:-1])  # the published columns; other axes are `axis_{field}` columns
 
 
 # A dataset whose floor rows are RTT on another (pretraining facts: their remapped twin)
@@ -118,7 +119,9 @@ def units_of(results: Results, options: Options) -> tuple[list[Unit], list[LeftO
                     f"vs target {float(run.get('stop_target', math.nan)):.3f}) {run.model_path}")
             left_out.append(LeftOut(run.unlearn_type, rank, seed, str(run.get("stop_reason")), line))
             continue
-        setting = Setting(*(run[k] if pd.notna(run[k]) else None for k in SETTING))
+        axes = tuple((name, run.get(name)) for name in run.get("sweep_axes") or ()) \
+            if isinstance(run.get("sweep_axes"), list) else ()
+        setting = Setting(*(run[k] if pd.notna(run[k]) else None for k in SETTING), axes)
         retain = {f: _by_epoch(a) for f, a in (run.retain_accs or {}).items()}
         retain_after = float(np.mean([a[max(a)] for a in retain.values()])) if retain else math.nan
         retain_before = float(np.mean([a[0] for a in retain.values()])) if retain else math.nan
