@@ -778,3 +778,24 @@ def test_a_method_declares_its_own_sweep_axis_and_the_grid_rows_and_analysis_fol
                                      stream=(printed := io.StringIO()))
     assert list(table.axis_ascent_scale) == [0.5, 2.0] and list(table.A.round(2)) == [0.3, 0.5]
     assert "ascent_scale" in printed.getvalue().splitlines()[0]
+
+
+def test_the_stop_rule_takes_several_targets_each_a_run_of_its_own(tmp_path):
+    """unlearn.stop_at_forget_acc=[0.4, 0.3]: every setting runs to each depth
+    of forgetting (its own key, label, folder and stop rule; its row says
+    which); one target in a list plans exactly what the number plans."""
+    where = [f"data_root={tmp_path}/data", f"models_dir={tmp_path}/m", "model_id=/x/tiny", "unlearn.lora_ranks=[4]",
+             "unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN.lrs=[1e-3]",
+             "unlearn.types_config.LORA.datasets_config.RANDOM_BD_SAME_RETAIN.rcs={range: [], add: [1.0]}"]
+    deep = planned(config(overrides=[*where, "unlearn.stop_at_forget_acc=[0.4,0.3]"]))
+    assert [run.settings.stop.stop_at_forget_acc for run in deep.runs] == [0.4, 0.3]
+    assert [run.label for run in deep.runs] == ["LORA r4 stop0.4 s0 unlearn", "LORA r4 stop0.3 s0 unlearn"]
+    assert len({run.key for run in deep.runs}) == 2 and "-stop0.3-seed0-" in deep.runs[1].model_path
+    one, number = (planned(config(overrides=[*where, f"unlearn.stop_at_forget_acc={v}"])) for v in ("[0.3]", "0.3"))
+    assert [(r.key, r.model_path, r.label) for r in one.runs] == [(r.key, r.model_path, r.label) for r in number.runs]
+    assert number.runs[0].key == deep.runs[1].key  # the same run, whichever way it was asked for
+    with pytest.raises(ConfigError, match=r"unlearn.stop_at_forget_acc: 1.5 is not allowed; use null, a number in "
+                                          r"\[0, 1\], or a list"):
+        planned(config(overrides=[*where, "unlearn.stop_at_forget_acc=[0.4,1.5]"]))
+    with pytest.raises(ConfigError, match="give each value once"):
+        planned(config(overrides=[*where, "unlearn.stop_at_forget_acc=[0.3,0.3]"]))

@@ -182,7 +182,8 @@ BAD_INPUTS = [
     ("unlearn.warmup_steps=-1", "unlearn.warmup_steps: -1 is not allowed; use integers >= 0"),
     ("unlearn.eval_every=0", "unlearn.eval_every: 0 is not allowed; use positive integers"),
     ("random_bd.facts_per_split=0", "random_bd.facts_per_split: 0 is not allowed; use positive integers"),
-    ("unlearn.stop_at_forget_acc=1.5", "unlearn.stop_at_forget_acc: 1.5 is not allowed; use null or a number in [0, 1]"),
+    ("unlearn.stop_at_forget_acc=1.5", "unlearn.stop_at_forget_acc: 1.5 is not allowed; use null, a number in [0, 1], or a "
+                                       "list of such numbers"),
     ("unlearn.stop_check_every=0", "unlearn.stop_check_every: 0 is not allowed; use positive integers"),
     ("unlearn.stop_retain_floor=-0.1", "unlearn.stop_retain_floor: -0.1 is not allowed"),
     ("seeds=[-1]", "seeds: -1 is not allowed; use integers >= 0"),

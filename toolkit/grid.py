@@ -9,7 +9,15 @@ from typing import Any, Iterable, Mapping
 
 from toolkit.names import Datasets, LossType
 from toolkit.registry import METHODS
-from toolkit.settings import NON_NEGATIVE_INTS, POSITIVE_INTS, POSITIVE_NUMBERS, ConfigError, distinct
+from toolkit.settings import (
+    NON_NEGATIVE_INTS,
+    POSITIVE_INTS,
+    POSITIVE_NUMBERS,
+    Allowed,
+    ConfigError,
+    distinct,
+    is_number,
+)
 
 
 def get_log_range(start: float, end: float, step: float) -> list[float]:
@@ -63,11 +71,14 @@ class GridPoint:
         axes, what varies within the sweep (see `with_labels`) and the seed."""
         parts = [self.unlearn_type] + ([f"r{self.lora_rank}"] if self.lora_rank else [])
         parts += [f"c{self.steering_coeff:g}"] if self.steering_coeff is not None else []
-        parts += [f"{name}{value:g}" if isinstance(value, float) else f"{name}{value}" for name, value in self.axes]
+        parts += [f"{SHORT.get(name, name)}{value:g}" if isinstance(value, float) else f"{SHORT.get(name, name)}{value}"
+                  for name, value in self.axes]
         parts += [LABEL_PARTS[name](self) for name in self.shown]
         return " ".join(parts + [f"s{self.seed}"])
 
 
+# Label names of axes whose field name is long.
+SHORT = {"stop_at_forget_acc": "stop"}
 # The axes with a slot of their own (their columns were published); any other axis goes in `axes`.
 SLOTS = ("lora_rank", "steering_coeff")
 
@@ -146,6 +157,7 @@ def dataset_grid(cfg: Mapping, name: str, dataset: Datasets) -> list[GridPoint]:
         raise ConfigError(f"{ds_key}.by_rank is not allowed for {name}; only LORA (a LoRA method) sweeps ranks")
     by_rank = _grids_by_rank(ds_cfg.get("by_rank"), shared, f"{ds_key}.by_rank")
     axes = [[{}]] + [[{axis.field: v} for v in axis.allowed.each(select(cfg, axis.key), axis.key)] for axis in method.axes]
+    axes += [[{STOP_AXIS: t} for t in targets] for targets in [stop_targets(cfg)] if len(targets) > 1]
     points = []
     for ms in max_samples:
         for e in epochs:
@@ -156,6 +168,20 @@ def dataset_grid(cfg: Mapping, name: str, dataset: Datasets) -> list[GridPoint]:
                 points += [GridPoint(name, dataset, loss_type, lr, e, rc, ms, seed=s, axes=others, **slots)
                            for lr in grid.lrs for rc in grid.rcs for s in seeds]
     return points
+
+
+# How deep unlearning goes is a sweep axis of every method when the stop rule names several targets.
+STOP_AXIS = "stop_at_forget_acc"
+STOP_TARGETS = Allowed("null, a number in [0, 1], or a list of such numbers",
+                       lambda v: v is None or (is_number(v) and 0 <= v <= 1))
+
+
+def stop_targets(cfg: Mapping) -> list[float | None]:
+    """`unlearn.stop_at_forget_acc`: one target (or null), or several, each a run of its own."""
+    value = cfg["unlearn"][STOP_AXIS]
+    if isinstance(value, (list, tuple)):
+        return [None if v is None else float(v) for v in STOP_TARGETS.each(value, f"unlearn.{STOP_AXIS}")]
+    return [STOP_TARGETS.check(value, f"unlearn.{STOP_AXIS}")]
 
 
 def _product(axes: list[list[dict]]) -> list[dict]:
@@ -178,8 +204,9 @@ def model_name(model_path: str) -> str:
 
 def unlearned_model_path(cfg: Mapping, point: GridPoint, base_model: str) -> str:
     sc = point.steering_coeff if point.steering_coeff is not None else "none"
-    target = cfg["unlearn"]["stop_at_forget_acc"]
+    target = point.value(STOP_AXIS) if STOP_AXIS in dict(point.axes) else stop_targets(cfg)[0]
     stop = f"-stop{target}" if target is not None else ""
+    others = "".join(f"-{k}{v}" for k, v in point.axes if k != STOP_AXIS)
     return str(Path(cfg["models_dir"]) / point.unlearn_type / point.dataset.name / cfg["wandb_project_name"] /
                f"rank{point.lora_rank}-sc{sc}-{model_name(base_model)}-rc{point.retain_coeff}-lr{point.lr}"
-               f"-epochs{point.epochs}{stop}-seed{point.seed}{''.join(f'-{k}{v}' for k, v in point.axes)}")
+               f"-epochs{point.epochs}{stop}-seed{point.seed}{others}")

@@ -12,11 +12,13 @@ from toolkit.checks import check_folders, check_methods
 from toolkit.data import data_file, files_fingerprint, fingerprint
 from toolkit.datasets import DATASETS, FLOOR_DATASETS, DatasetFiles, ensure_dataset
 from toolkit.grid import (
+    STOP_AXIS,
     GridPoint,
     dataset_grid,
     method_block,
     model_name,
     parse_enum,
+    stop_targets,
     unlearned_model_path,
     with_labels,
 )
@@ -137,7 +139,9 @@ class Planner:
             evals=DATASETS[point.dataset].evals(scoring=self.sweep.scoring),
             forget_files=forget, retain_files=retain, loss_type=point.loss_type, retain_loss_type=retain_loss,
             retain_coeff=point.retain_coeff, max_samples=point.max_samples, lora=lora,
-            stop=build_settings(StopRule, section, "unlearn"), save=save, method=own)
+            stop=build_settings(StopRule, section, "unlearn", stop_at_forget_acc=stop_targets(self.cfg)[0]
+                                if STOP_AXIS not in dict(point.axes) else point.value(STOP_AXIS)),
+            save=save, method=own)
 
     def run_key(self, point: GridPoint, settings: UnlearnSettings, upstream: str) -> str:
         return fingerprint("unlearn", point.unlearn_type, key_settings(settings), self.data_key(point.dataset),
