@@ -52,7 +52,7 @@ from toolkit.estimates import match_forgetting, summarize
 from toolkit.plots import plot
 from toolkit.report import attacker_heading, block_markers, figure_source, format_table, print_flags
 from toolkit.result_frames import Results, load_results, published_results
-from toolkit.units import LeftOut, Options, units_of
+from toolkit.units import LeftOut, Options, step0_check, units_of
 
 
 def compare(results_dir: str | Path, published_dirs: str | Path | Sequence[str | Path], options: Options,
@@ -161,7 +161,7 @@ def report(results_dir: str | Path, results: Results, options: Options, stream,
            show_left_out: bool = True) -> tuple[pd.DataFrame, str]:
     """One attacker's table, trend, paired differences and flags, printed; the table and its title."""
     units, left_out = units_of(results, options)
-    for line in left_out if show_left_out else ():
+    for line in [*left_out, *step0_check(results)] if show_left_out else ():
         print(line, file=stream)
     analysis = summarize(units, options)
     table = analysis.table

@@ -750,3 +750,20 @@ def test_ties_go_to_the_highest_lr_then_the_latest_epoch_whatever_the_row_order(
             best = attacker(frame, 0)
             expected = (1e-5, 2, 2)
             assert best["choice"] == expected and list(best["vector"]) == [0, 0, 1, 1], name
+
+
+def test_the_analysis_names_every_rtt_run_that_did_not_start_from_a(tmp_path, capsys):
+    """A planted mismatch (RTT on split s1 starts at 6 of 20 where the
+    unlearning row measured A = 4 of 20) is named with its run and split."""
+    from toolkit.units import step0_check
+
+    seeded_run(tmp_path, 0, 0, 8, ["s0", "s1"], base=20, a=4, b=12)
+    [planted] = [p for p in (tmp_path / "ft").glob("*.csv") if "s1" in p.read_text()]
+    planted.write_text(planted.read_text().replace('""0"": 0.2', '""0"": 0.3'))
+    lines = step0_check(analyze_recovery.load_results(tmp_path))
+    assert lines == ["step-0 mismatch: LORA rank 8 seed 0 s1: RTT starts at 0.300, the unlearning row measured "
+                     "A = 0.200 (key-r8-s0)",
+                     "step-0 check: RTT's V accuracy before its first step equals A on 1 of 2 held-out splits (the "
+                     "mismatches above: RTT did not start from the model the unlearning row measured)"]
+    assert analyze_recovery.main(["--results-dir", str(tmp_path), "--bootstrap", "200"]) == 0
+    assert lines[0] in capsys.readouterr().out

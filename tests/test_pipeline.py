@@ -799,3 +799,14 @@ def test_the_stop_rule_takes_several_targets_each_a_run_of_its_own(tmp_path):
         planned(config(overrides=[*where, "unlearn.stop_at_forget_acc=[0.4,1.5]"]))
     with pytest.raises(ConfigError, match="give each value once"):
         planned(config(overrides=[*where, "unlearn.stop_at_forget_acc=[0.3,0.3]"]))
+
+
+@pytest.mark.parametrize("sweep", ["merged_sweep", "adapter_sweep"])
+def test_rtt_starts_from_the_model_the_unlearning_row_measured(sweep, request):
+    """On the suite's path (fp32), merged or adapter: RTT's V accuracy before
+    its first step is A, the unlearning row's last accuracy, on every split."""
+    import analyze_recovery
+    from toolkit.units import step0_check
+
+    lines = step0_check(analyze_recovery.load_results(request.getfixturevalue(sweep) / "evals"))
+    assert lines == ["step-0 check: RTT's V accuracy before its first step equals A on 4 of 4 held-out splits"]

@@ -158,3 +158,34 @@ def units_of(results: Results, options: Options) -> tuple[list[Unit], list[LeftO
             out.append(Unit(setting, seed, file, split, vectors, retain_before, retain_after, epoch_to_recover,
                             run.model_path, machine_of(run), float(run.get("update_rel_norm", math.nan))))
     return out, left_out
+
+
+def step0_check(results: Results) -> list[str]:
+    """The model RTT starts from must be the model the unlearning row measured:
+    RTT's V accuracy before its first step against the run's A, per held-out
+    split. A line per split where they differ, then one line of the count."""
+    rtt = results.rtt
+    if rtt.empty or "forget_accs_local" not in rtt:
+        return []
+    rtt = rtt[(rtt.condition == "unlearned") & (_column(rtt, "probe", "rtt").fillna("rtt") == "rtt")]
+    checked, lines = 0, []
+    for _, run in results.unlearning.iterrows():
+        forget_accs = run.forget_accs if isinstance(run.forget_accs, dict) else {}
+        starts: dict[str, set[float]] = {}
+        for _, row in rtt_of_run(rtt, run).iterrows():
+            accs, files = _by_epoch(row.forget_accs_local or {}), row.get("val_files") or []
+            if 0 in accs and len(files) == 1 and files[0] in forget_accs:
+                starts.setdefault(files[0], set()).add(round(accs[0], 9))
+        for file, values in sorted(starts.items()):
+            measured = _by_epoch(forget_accs[file])
+            a = round(measured[max(measured)], 9)
+            checked += 1
+            if values != {a}:
+                lines.append(f"step-0 mismatch: {run.unlearn_type} rank {run.lora_rank} seed {run.get('seed')} {file}: "
+                             f"RTT starts at {', '.join(f'{v:.3f}' for v in sorted(values))}, the unlearning row "
+                             f"measured A = {a:.3f} ({run.get('run_key')})")
+    if checked:
+        lines.append(f"step-0 check: RTT's V accuracy before its first step equals A on {checked - len(lines)} of "
+                     f"{checked} held-out splits" + (" (the mismatches above: RTT did not start from the model the "
+                                                     "unlearning row measured)" if lines else ""))
+    return lines
