@@ -38,6 +38,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+import toolkit.merge_fidelity  # noqa: F401 - the built-in probes' rows (their markers in the figure)
 from toolkit.attackers import ATTACKER_NOTES, ATTACKERS  # noqa: F401 - the analysis's API, re-exported
 from toolkit.comparison import (
     Agreement,

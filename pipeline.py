@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import finetune_corpus
 import rmu.unlearn_pipeline  # noqa: F401 - registers CUT
+import toolkit.merge_fidelity  # noqa: F401 - registers the merge-fidelity probes
 import unlearn_corpus
 from toolkit.cluster import check_reachable, check_shared_storage, start_ray
 from toolkit.data import DataValidationError

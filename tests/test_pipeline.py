@@ -810,3 +810,23 @@ def test_rtt_starts_from_the_model_the_unlearning_row_measured(sweep, request):
 
     lines = step0_check(analyze_recovery.load_results(request.getfixturevalue(sweep) / "evals"))
     assert lines == ["step-0 check: RTT's V accuracy before its first step equals A on 4 of 4 held-out splits"]
+
+
+def test_the_merge_fidelity_probe_scores_the_model_as_a_16_bit_checkpoint_stores_it(tiny_llama, tmp_path,
+                                                                                      ray_session):
+    """probes=[merge_bf16,merge_fp16]: each unlearned model scored with every
+    weight rounded to bf16 and to fp16, a quant-table row each, per rank,
+    and a measure each in the analysis table."""
+    import analyze_recovery
+
+    result = run_sweep(smoketest_args(tiny_llama, tmp_path, "probes=[merge_bf16,merge_fp16]", "unlearn.lora_ranks=[2,4]",
+                                      "ft.num_splits=1", FORGETS))
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
+    results = analyze_recovery.load_results(tmp_path / "evals")
+    rows = results.quant.sort_values(["lora_rank", "probe"])
+    assert list(zip(rows.lora_rank, rows.probe, rows.cast_dtype)) == [
+        (2, "merge_bf16", "bfloat16"), (2, "merge_fp16", "float16"), (4, "merge_bf16", "bfloat16"),
+        (4, "merge_fp16", "float16")]
+    table = analyze_recovery.analyze(tmp_path / "evals", analyze_recovery.Options(bootstrap=200),
+                                     stream=io.StringIO())
+    assert list(table.lora_rank) == [2, 4] and table.merge_bf16.notna().all() and table.merge_fp16.notna().all()
