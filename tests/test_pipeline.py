@@ -587,7 +587,7 @@ def test_two_seeds_give_two_model_folders_and_analysis_counts_both(merged_sweep)
     frames = sweep_frames(merged_sweep)
     unlearning = frames["unlearning"]
     assert sorted(unlearning.seed) == [0, 1] and unlearning.model_path.nunique() == 2
-    assert all(Path(p).is_dir() and p.endswith(f"seed{s}") for p, s in zip(unlearning.model_path, unlearning.seed))
+    assert all(Path(p).is_dir() and f"-seed{s}-" in p for p, s in zip(unlearning.model_path, unlearning.seed))
     unlearned = frames["ft"][(frames["ft"].condition == "unlearned") & (frames["ft"].probe == "rtt")]
     assert sorted(unlearned.seed) == [0, 0, 1, 1]
     table = analyze_recovery.analyze(merged_sweep / "evals", analyze_recovery.Options(bootstrap=200), out_dir=merged_sweep / "two-seeds")

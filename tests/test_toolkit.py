@@ -465,6 +465,47 @@ def test_world_facts_are_written_in_the_papers_split_layout_with_same_relation_d
     assert any(first["choices"][first["answer"]] in r["text"] for r in corpus)
 
 
+def forget_split_names(folder) -> list[tuple[set[str], set[str]]]:
+    """Per forget split (0-4): its questions' subjects and their right answers."""
+    from toolkit.data import read_jsonl
+
+    rows = [read_jsonl(folder / f"split_{i}.jsonl") for i in range(5)]
+    return [({r["subject"] for r in split}, {r["choices"][r["answer"]] for r in split}) for split in rows]
+
+
+def test_the_by_country_forget_splits_say_nothing_about_each_other(tmp_path):
+    """RTT measures hidden knowledge only when T says nothing about V: in the
+    second edition's deal, no forget split's subject or right answer is a
+    subject or right answer in another forget split (all facts about one
+    country, its capital and its cities, in one split), on the files as
+    written, for all facts and for those the embedded model knows. The first
+    edition's deal breaks this (a V city shares its answer country with T)."""
+    from itertools import permutations
+
+    from toolkit.data import read_jsonl
+    from toolkit.datasets import BY_COUNTRY_DIRS, GENERATORS, WORLD_KNOWN_DIR
+    from toolkit.names import Datasets
+
+    for dataset in (Datasets.WORLD_FACTS_BY_COUNTRY, Datasets.WORLD_FACTS_BY_COUNTRY_KNOWN):
+        folder = tmp_path / BY_COUNTRY_DIRS[dataset]
+        GENERATORS[folder.name](folder, None)
+        splits = forget_split_names(folder)
+        assert all(len(subjects) >= 30 for subjects, _ in splits)
+        for i, j in permutations(range(5), 2):
+            assert not (splits[i][0] | splits[i][1]) & (splits[j][0] | splits[j][1]), (dataset, i, j)
+        # the same questions as the first edition's deal, fact by fact: only the splits changed
+        GENERATORS[WORLD_KNOWN_DIR](tmp_path / "old", None)
+        old = {r["question"]: r for i in range(10) for r in read_jsonl(tmp_path / "old" / f"split_{i}.jsonl")}
+        new = [r for i in range(10) for r in read_jsonl(folder / f"split_{i}.jsonl")]
+        if dataset == Datasets.WORLD_FACTS_BY_COUNTRY_KNOWN:
+            assert abs(len(new) - len(old)) <= 5  # the dev questions differ (chemical symbols now)
+            assert all(old[r["question"]] == r for r in new if r["question"] in old)
+            assert sum(r["question"] in old for r in new) >= len(new) - 5
+    old_splits = forget_split_names(tmp_path / "old")
+    shared = sum(bool(old_splits[i][1] & old_splits[j][1]) for i, j in permutations(range(5), 2))
+    assert shared == 20  # every pair of the first edition's forget splits shares a right answer
+
+
 def test_a_scoring_mode_is_part_of_a_key_except_the_letter_mode_published_keys_were_made_with():
     from toolkit.settings import EvalFiles, key_settings
 

@@ -62,6 +62,9 @@ MMLU_RETAIN_CATS = ("health", "history", "law", "philosophy", "social sciences")
 
 YEARS_DIR, RANDOM_BD_DIR, WMDP_DIR = "dates-years-trimmed", "random_bd", "wmdp-deduped"
 WORLD_DIR, WORLD_KNOWN_DIR, WORLD_REMAPPED_DIR = "world_facts", "world_facts_known", "world_facts_remapped"
+BY_COUNTRY_DIRS = {Datasets.WORLD_FACTS_BY_COUNTRY: "world_facts_by_country",
+                   Datasets.WORLD_FACTS_BY_COUNTRY_KNOWN: "world_facts_by_country_known",
+                   Datasets.WORLD_FACTS_BY_COUNTRY_REMAPPED: "world_facts_by_country_remapped"}
 
 
 def _files(directory: str, pattern: str, keys: Iterable) -> tuple[str, ...]:
@@ -102,7 +105,7 @@ DATASETS: dict[Datasets, DatasetFiles] = {
     # all of them, those the embedded model knows (the study's), and those remapped (its floor).
     **{dataset: _split_layout(directory) for dataset, directory in (
         (Datasets.WORLD_FACTS, WORLD_DIR), (Datasets.WORLD_FACTS_KNOWN, WORLD_KNOWN_DIR),
-        (Datasets.WORLD_FACTS_REMAPPED, WORLD_REMAPPED_DIR))},
+        (Datasets.WORLD_FACTS_REMAPPED, WORLD_REMAPPED_DIR), *BY_COUNTRY_DIRS.items())},
     # The paper's WMDP retain corpus (wikitext) was never published: MMLU retain stands in.
     Datasets.WMDP_MCQ_CORPUS: DatasetFiles(
         _files(WMDP_DIR, "corpus_split_{}", FIVE), _files(WMDP_DIR, "whp_corpus_split_{}", FIVE),
@@ -115,15 +118,25 @@ DATASETS: dict[Datasets, DatasetFiles] = {
 # never-taught model, so their floor is RTT from the model before unlearning
 # on the same questions with the answers remapped (same format, same answer
 # distribution, nothing learned in pretraining to bring back).
-FLOOR_DATASETS = {Datasets.WORLD_FACTS_KNOWN: Datasets.WORLD_FACTS_REMAPPED}
+FLOOR_DATASETS = {Datasets.WORLD_FACTS_KNOWN: Datasets.WORLD_FACTS_REMAPPED,
+                  Datasets.WORLD_FACTS_BY_COUNTRY_KNOWN: Datasets.WORLD_FACTS_BY_COUNTRY_REMAPPED}
 
 
 # The datasets the project writes itself, by folder.
+def world_facts_writer(known: bool, remap: bool, by_country: bool):
+    """A generator of one world-facts variant: all facts or those the embedded model knows, remapped or not,
+    dealt by fact (the first edition's) or by country."""
+    keep = known_to_embedded if known else (lambda fact: True)
+    return lambda directory, _made_up: write_world_facts(directory, keep, remap=remap, by_country=by_country)
+
+
+WORLD_VARIANTS = {  # folder -> (known only, remapped, dealt by country)
+    WORLD_DIR: (False, False, False), WORLD_KNOWN_DIR: (True, False, False), WORLD_REMAPPED_DIR: (True, True, False),
+    **{BY_COUNTRY_DIRS[d]: (known, remap, True) for d, known, remap in (
+        (Datasets.WORLD_FACTS_BY_COUNTRY, False, False), (Datasets.WORLD_FACTS_BY_COUNTRY_KNOWN, True, False),
+        (Datasets.WORLD_FACTS_BY_COUNTRY_REMAPPED, True, True))}}
 GENERATORS = {RANDOM_BD_DIR: write_random_bd_dataset,
-              WORLD_DIR: lambda directory, _made_up: write_world_facts(directory),
-              WORLD_KNOWN_DIR: lambda directory, _made_up: write_world_facts(directory, known_to_embedded),
-              WORLD_REMAPPED_DIR: lambda directory, _made_up: write_world_facts(directory, known_to_embedded,
-                                                                               remap=True)}
+              **{folder: world_facts_writer(*variant) for folder, variant in WORLD_VARIANTS.items()}}
 
 
 def ensure_dataset(data_root: str, dataset: Datasets, made_up: RandomBdSpec, k_shot: int = 0,

@@ -53,6 +53,10 @@ class Datasets(_Named):
     WORLD_FACTS = auto()  # facts the model learned in pretraining (toolkit.world_facts)
     WORLD_FACTS_KNOWN = auto()  # those the embedded model answers under choice scoring
     WORLD_FACTS_REMAPPED = auto()  # the same questions, each answer moved to another fact (the floor)
+    # The second edition's: the same facts and questions, every fact about one country in one split
+    WORLD_FACTS_BY_COUNTRY = auto()
+    WORLD_FACTS_BY_COUNTRY_KNOWN = auto()
+    WORLD_FACTS_BY_COUNTRY_REMAPPED = auto()
     RANDOM_BD_ALL_SPLITS = auto()
     WMDP_MCQ_CORPUS = auto()
 

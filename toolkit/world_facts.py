@@ -141,14 +141,26 @@ def fact_rng(seed: int, fact: Fact, variant: str = "") -> random.Random:
     return random.Random(f"{seed}|{variant}|{fact.name}")
 
 
-def deal(num_splits: int = 10, num_dev: int = 5, seed: int = 0) -> tuple[list[list[Dealt]], list[Dealt]]:
+def country_of(fact: Fact) -> str:
+    """The entity a fact is about, for keeping splits independent: a
+    country's capital and its cities' facts share the country (a city's
+    answer); any other fact is about its subject."""
+    return fact.answer if fact.relation == "city" else fact.subject
+
+
+def deal(num_splits: int = 10, num_dev: int = 5, seed: int = 0,
+         by_country: bool = False) -> tuple[list[list[Dealt]], list[Dealt]]:
     """Every fact dealt to a split with its question, plus a few dev
-    questions: the forget relations round-robin to the first half of the
-    splits, the others to the second half, after a seeded shuffle. A variant
-    filters this deal, so a fact's question is the same in each."""
+    questions: the forget relations to the first half of the splits, the
+    others to the second half, after a seeded shuffle; round-robin by fact
+    (the first edition's deal) or, `by_country`, every fact about one
+    country in one split (`deal_groups`). A variant filters the deal, and a
+    fact's question is drawn from its own seed, the same in every deal."""
     rng = random.Random(seed)
     facts, pools = all_facts(), answer_pools()
     rng.shuffle(facts)
+    if by_country:
+        return deal_groups(facts, pools, num_splits, num_dev, seed)
     dev, facts = facts[:num_dev], facts[num_dev:]
     facts.sort(key=lambda f: f.relation)  # stable: shuffled within each relation
     half = num_splits // 2
@@ -160,6 +172,31 @@ def deal(num_splits: int = 10, num_dev: int = 5, seed: int = 0) -> tuple[list[li
             splits[split] = [_dealt(f, f.answer, pools[f.relation], f"split_{split}", fact_rng(seed, f))
                              for f in group[i::len(where)]]
     return splits, [_dealt(f, f.answer, pools[f.relation], "dev", fact_rng(seed, f)) for f in dev]
+
+
+def deal_groups(facts: list[Fact], pools: dict[str, set[str]], num_splits: int, num_dev: int,
+                seed: int) -> tuple[list[list[Dealt]], list[Dealt]]:
+    """The independent deal: facts grouped by `country_of`, the groups (in
+    the shuffled order, largest first) each to the split of its half that
+    holds fewest facts so far. No question's subject or right answer then
+    appears in another forget split's (RTT's T says nothing about V: Lyon ->
+    France and Marseille -> France are in one split). Dev questions come from
+    the chemical symbols, which name no country."""
+    dev = [f for f in facts if f.relation == "symbol"][:num_dev]
+    facts = [f for f in facts if f not in dev]
+    half = num_splits // 2
+    splits: list[list[Fact]] = [[] for _ in range(num_splits)]
+    for forget, where in ((True, range(half)), (False, range(half, num_splits))):
+        groups: dict[str, list[Fact]] = {}
+        for fact in facts:
+            if (fact.relation in FORGET_RELATIONS) == forget:
+                groups.setdefault(country_of(fact), []).append(fact)
+        for group in sorted(groups.values(), key=len, reverse=True):  # stable: the shuffle breaks ties
+            target = min(where, key=lambda s: (len(splits[s]), s))
+            splits[target] += group
+    dealt = [[_dealt(f, f.answer, pools[f.relation], f"split_{i}", fact_rng(seed, f)) for f in split]
+             for i, split in enumerate(splits)]
+    return dealt, [_dealt(f, f.answer, pools[f.relation], "dev", fact_rng(seed, f)) for f in dev]
 
 
 def remapped(splits: list[list[Dealt]], seed: int = 1) -> list[list[Dealt]]:
@@ -207,10 +244,11 @@ def _derangement(values: list[str], rng: random.Random) -> list[str]:
 
 
 def write_world_facts(directory: str | os.PathLike, keep: Callable[[Fact], bool] = lambda fact: True,
-                      remap: bool = False, num_splits: int = 10, num_dev: int = 5, seed: int = 0) -> Path:
+                      remap: bool = False, num_splits: int = 10, num_dev: int = 5, seed: int = 0,
+                      by_country: bool = False) -> Path:
     """The dealt facts that `keep` keeps (remapped if asked), in the paper's
     layout: split_i (MCQ), corpus_split_i, whp_ and fwf_ corpora, and dev."""
-    splits, dev = deal(num_splits, num_dev, seed)
+    splits, dev = deal(num_splits, num_dev, seed, by_country)
     splits = [[d for d in split if keep(d.fact)] for split in splits]
     if remap:
         splits = remapped(splits, seed + 1)

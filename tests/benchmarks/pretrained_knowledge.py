@@ -2,6 +2,7 @@
 each scoring mode (letter, choice, choice_norm), and what one question costs.
 
     python tests/benchmarks/pretrained_knowledge.py [--model smollm2-135m] [--years ../shared/data] [--unknown]
+        [--dataset WORLD_FACTS_BY_COUNTRY_KNOWN]
 
 Writes the world-facts dataset under --data-root when absent; with --years,
 also scores the paper's years data (dates-years-trimmed, split 0); with
@@ -32,11 +33,14 @@ def main() -> None:
     parser.add_argument("--years", default=None, help="a data root holding dates-years-trimmed")
     parser.add_argument("--years-questions", type=int, default=120)
     parser.add_argument("--unknown", action="store_true", help="write the unknown facts into the table module")
+    parser.add_argument("--dataset", default="WORLD_FACTS", choices=[d.name for d in Datasets if "WORLD" in d.name],
+                        help="which world-facts variant to score (default: all facts, as --unknown needs)")
     args = parser.parse_args()
-    ensure_dataset(args.data_root, Datasets.WORLD_FACTS, RandomBdSpec(10, 8, 0, 5, 3))
+    dataset = Datasets[args.dataset]
+    ensure_dataset(args.data_root, dataset, RandomBdSpec(10, 8, 0, 5, 3))
     loaded = load_fp32(args)
     path, policy, tokenizer, model = loaded.path, loaded.policy, loaded.tokenizer, loaded.model
-    files = DATASETS[Datasets.WORLD_FACTS]
+    files = DATASETS[dataset]
     names = [*files.val_files, *files.val_retain_files]
     questions = [row for n in names for row in read_jsonl(Path(args.data_root, f"{n}.jsonl"))]
     relations = [row["relation"] for row in questions]
