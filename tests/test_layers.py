@@ -105,3 +105,19 @@ def test_layers_are_found_by_structure_in_llama_and_gpt2():
         chosen = select_trainable(model, [1, 2], [down])
         assert len(chosen) == 2 and all(layer_of[n] in (1, 2) and n.endswith(down) for n in chosen), family
         RmuSettings.check_model(RmuSettings(6.5, 2, [1, 2], (down,), 0), model)
+
+
+def test_lora_targets_auto_are_the_linear_layers_inside_the_decoder_layers():
+    """unlearn.lora_target_modules=auto: whatever a family names its
+    projections (Llama's q_proj ... down_proj, GPT-2's Conv1D c_attn, c_proj,
+    c_fc), LoRA wraps the layers inside the decoder, never the head."""
+    from toolkit.architecture import lora_targets
+    from toolkit.models import attach_lora, lora_layers
+
+    expected = {"llama": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
+                "gpt2": ["c_attn", "c_fc", "c_proj"]}
+    for family, (model, layers, _) in tiny_models().items():
+        assert lora_targets(model, "auto") == expected[family], family
+        wrapped = attach_lora(model, 2, target_modules="auto")
+        assert len(lora_layers(wrapped)) == len(expected[family]) * len(layers) + (len(layers) if family == "gpt2"
+                                                                                   else 0), family

@@ -260,3 +260,18 @@ def test_a_wait_for_a_task_no_live_node_can_run_ends_in_a_clear_error(ray_sessio
     assert time.monotonic() - started < 10
     finished = ray.remote(num_cpus=1)(lambda: 7).remote()
     assert ray.get(wait_for_one([finished], Resources(1, 0), poll_s=0.2)) == 7
+
+
+def test_lora_targets_auto_lets_another_family_through_the_checks(gpt2_folder, tmp_path):
+    """The GPT-2 model the default Llama names refuse (above) passes every
+    check before loading with unlearn.lora_target_modules=auto."""
+    import pipeline
+    from toolkit.model_checks import check_before_loading
+    from toolkit.planner import build_plan
+
+    args = bad_input_args("unlearn.lora_target_modules=auto", gpt2_folder, gpt2_folder, tmp_path)
+    name = [a.split("=", 1)[1] for a in args if a.startswith("--config-name=")][0]
+    sweep = pipeline.read_settings(config(name, [a for a in args if not a.startswith("--config-name=")]))
+    plan = build_plan(sweep)
+    check_before_loading(sweep, plan)
+    assert plan.runs[0].settings.lora.lora_target_modules == "auto"

@@ -31,3 +31,15 @@ def parameter_layers(model) -> dict[str, int]:
     (embeddings, final norm and head are in no layer, so not listed)."""
     owner = {id(p): i for i, layer in enumerate(decoder_layers(model)) for p in layer.parameters()}
     return {name: owner[id(p)] for name, p in model.named_parameters() if id(p) in owner}
+
+
+def lora_targets(model, targets) -> list[str]:
+    """The module names LoRA wraps: `auto` gives the last names of every
+    linear layer (and GPT-2's Conv1D) inside the decoder layers, so the head
+    and embeddings stay out; a list is taken as given."""
+    if targets != "auto":
+        return list(targets)
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({name.rsplit(".", 1)[-1] for name, module in decoder_layers(model).named_modules()
+                   if isinstance(module, (torch.nn.Linear, Conv1D))})

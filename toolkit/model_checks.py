@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from toolkit.architecture import lora_targets
 from toolkit.checkpoints import EMBEDDED_MODELS, adapter_base, model_checkpoint_path
 from toolkit.jobs import Run
 from toolkit.models import check_safetensors_file, linear_module_names, load_tokenizer, model_config, model_skeleton
@@ -69,8 +70,12 @@ def check_run_against_model(run: Run, skeleton, config) -> None:
             raise ConfigError(f"unlearn.types_config.{name}: {err}") from None
 
 
-def check_lora_targets(skeleton, targets: Sequence[str], key: str, config) -> None:
+def check_lora_targets(skeleton, targets: Sequence[str] | str, key: str, config) -> None:
     names = linear_module_names(skeleton)
+    try:
+        targets = lora_targets(skeleton, targets)
+    except ValueError as err:  # auto, on a model whose decoder layers cannot be found
+        raise ConfigError(f"{key}: auto is not allowed for this model ({err}); name the modules: {names}") from None
     missing = [t for t in targets if t not in names]
     if missing:
         raise ConfigError(f"{key}: {missing!r} is not allowed; this {config.model_type} model's modules that LoRA "

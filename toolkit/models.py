@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from toolkit.architecture import lora_targets
 from toolkit.checkpoints import (  # noqa: F401 - re-exported: the model's paths and digests, torch-free
     ADAPTER_CONFIG,
     EMBEDDED_MODELS,
@@ -173,7 +174,7 @@ def attach_lora(model, rank: int, alpha: float | None = None, target_modules: Se
     they take half the memory. Merging restores their exact values first."""
     from peft import LoraConfig, get_peft_model
 
-    targets = list(target_modules or DEFAULT_LORA_TARGETS)
+    targets = lora_targets(model, target_modules or DEFAULT_LORA_TARGETS)
     names = linear_module_names(model)
     if not set(targets) & set(names):
         raise ValueError(f"LoRA targets {targets} match no module of this model; its modules that LoRA can target "

@@ -101,6 +101,11 @@ SOME_NAMES = Allowed("a non-empty list of strings",
                      lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, str) for x in v), tuple)
 
 
+# auto: every linear layer inside the model's decoder layers (toolkit.architecture), whatever the family names them
+LORA_TARGETS = Allowed("auto or a non-empty list of module names", lambda v: v == "auto" or SOME_NAMES.test(v),
+                       lambda v: v if v == "auto" else tuple(v))
+
+
 LAYER_RANGES = Allowed(
     "a list of [start, end) pairs of layer indices with 0 <= start < end",
     lambda v: isinstance(v, (list, tuple)) and all(
@@ -221,7 +226,7 @@ class EvalFiles:
 class LoraSettings:
     lora_rank: int = setting(POSITIVE_INTS)
     lora_alpha: float | None = setting(POSITIVE_OR_NULL)  # null = 2 * rank
-    lora_target_modules: tuple[str, ...] = setting(SOME_NAMES)
+    lora_target_modules: tuple[str, ...] | str = setting(LORA_TARGETS)
     # Rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023) instead of alpha/r:
     # with a fixed alpha the update's size then hardly depends on r, so one lr serves every rank.
     use_rslora: bool = setting(BOOLEAN)
