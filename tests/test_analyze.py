@@ -572,14 +572,22 @@ def test_every_analysis_option_outside_its_range_is_refused_in_one_line(option, 
     assert not (tmp_path / "recovery_vs_rank.csv").exists()
 
 
-@pytest.mark.parametrize("rows, attackers", [(b[2], b[3]) for b in HEADLINE_BLOCKS], ids=[b[2] for b in HEADLINE_BLOCKS])
-def test_the_committed_figure_draws_the_committed_rows(tmp_path, rows, attackers):
-    """Each half's recovery_vs_rank.png (the README's figures) carries the
-    digest of the table it draws; the table the rows give now is that one."""
+# Every published folder with a figure: the rows, the attackers and the RTT lrs it was drawn with.
+COMMITTED_FIGURES = [*((b[2], b[3], ()) for b in HEADLINE_BLOCKS),
+                     ("rank_study_pretrained_fp32", ("cross_fitted",), (3e-6, 1e-5)),
+                     ("years_pretrained", ("paper", "cross_fitted"), ())]
+
+
+@pytest.mark.parametrize("rows, attackers, rtt_lrs", COMMITTED_FIGURES, ids=[f[0] for f in COMMITTED_FIGURES])
+def test_the_committed_figure_draws_the_committed_rows(tmp_path, rows, attackers, rtt_lrs):
+    """Each published recovery_vs_rank.png (the README's figures among them)
+    carries the digest of the table it draws; the table the rows give now is
+    that one, to the last printed digit."""
     from PIL import Image
 
     root = Path(__file__).resolve().parents[1] / "results" / rows
-    table = analyze_recovery.analyze(root, out_dir=tmp_path, stream=open("/dev/null", "w"), attackers=attackers)
+    table = analyze_recovery.analyze(root, analyze_recovery.Options(rtt_lrs=rtt_lrs), out_dir=tmp_path,
+                                     stream=open("/dev/null", "w"), attackers=attackers)
     source = analyze_recovery.figure_source(table)
     assert Image.open(root / "recovery_vs_rank.png").text.get("Source") == source
     assert Image.open(tmp_path / "recovery_vs_rank.png").text.get("Source") == source
