@@ -13,7 +13,7 @@ from toolkit.models import with_lora
 from toolkit.names import LossType
 from toolkit.prompts import shuffled_batches
 from toolkit.settings import FinetuneSettings
-from toolkit.stage import Stage, StageResult, run_stage
+from toolkit.stage import Stage, StageResult, on_log2_budget, run_stage
 from toolkit.training import freeze_embeddings
 
 
@@ -29,14 +29,18 @@ class FinetuneResult:
     forget_correct_local: dict[int, str] | None = None  # per question of V, by epoch (one V file)
     seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    # scored along the attacker's budget: V by optimizer step (0, 1, 2, 4, ... and each epoch's end)
+    forget_accs_by_step: dict[int, float] | None = None
+    forget_correct_by_step: dict[int, str] | None = None
 
     @classmethod
     def from_stage(cls, result: StageResult) -> "FinetuneResult":
-        forget, retain = result.forget, result.retain
+        forget, retain, by_step = result.forget, result.retain, result.by_step
         correct = next(iter(forget.correct.values())) if len(forget.correct) == 1 else None
+        step_correct = next(iter(by_step.correct.values())) if by_step and len(by_step.correct) == 1 else None
         return cls(mean_by_epoch(forget.accs), mean_by_epoch(forget.calibrated), mean_by_epoch(retain.accs),
                    mean_by_epoch(retain.calibrated), result.save_path, correct, result.seconds,
-                   result.phase_seconds)
+                   result.phase_seconds, mean_by_epoch(by_step.accs) if by_step else None, step_correct)
 
 
 @dataclass
@@ -66,6 +70,10 @@ class Finetune:
         return loss, {"train_nll": loss.item()}
 
 
+BUDGETS = {"none": None, "log2": on_log2_budget}  # the steps V is scored at, besides each epoch's end
+
+
 def finetune(settings: FinetuneSettings) -> FinetuneResult:
-    return FinetuneResult.from_stage(run_stage(settings.train, settings.evals, Finetune(settings), save=settings.save))
+    return FinetuneResult.from_stage(run_stage(settings.train, settings.evals, Finetune(settings), save=settings.save,
+                                               budget=BUDGETS[settings.budget]))
 

@@ -775,3 +775,65 @@ def test_the_analysis_names_every_rtt_run_that_did_not_start_from_a(tmp_path, ca
                      "mismatches above: RTT did not start from the model the unlearning row measured)"]
     assert analyze_recovery.main(["--results-dir", str(tmp_path), "--bootstrap", "200"]) == 0
     assert lines[0] in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- recovery along the attacker's budget
+
+def test_area_and_half_recovery_steps_take_known_values():
+    """On log2(1 + step): a straight line from 0 to 1 over steps 0, 1, 3, 7,
+    15 has area 0.5 and crosses half at step 3; a crossing between points is
+    interpolated on the log axis (0.4 at step 1, 0.6 at step 3: 2^1.5 - 1)."""
+    from toolkit.estimates import area_under, half_recovery_steps
+
+    steps = (0, 1, 3, 7, 15)
+    assert area_under(np.array([0.0, 0.25, 0.5, 0.75, 1.0]), steps) == pytest.approx(0.5)
+    assert area_under(np.ones(5), steps) == pytest.approx(1.0)
+    assert half_recovery_steps(np.array([0.0, 0.25, 0.5, 0.75, 1.0]), steps)[0] == pytest.approx(3.0)
+    assert half_recovery_steps(np.array([0.0, 0.4, 0.6]), (0, 1, 3))[0] == pytest.approx(2 ** 1.5 - 1)
+    assert np.isnan(half_recovery_steps(np.array([0.0, 0.2, 0.4]), (0, 1, 3))[0])
+    draws = half_recovery_steps(np.array([[0.0, 0.5, 1.0], [0.0, 0.0, 0.5]]), (0, 1, 3))
+    assert list(draws) == [1.0, 3.0]
+
+
+def budget_run(results: Path, index: int, rank: int, seed: int, counts: dict[int, int], n: int = 8,
+               lrs=(1e-5,), base: int = 8, a: int = 0) -> None:
+    """A run whose RTT (two held-out splits, each lr) gets counts[step] of n right at each budget step."""
+    files, key, model = ["s0", "s1"], f"r{rank}-s{seed}", f"/m/r{rank}-s{seed}"
+    write_result_csv(results / "unlearning", index, {
+        "model_path": model, "dataset": "D", "unlearn_type": "LORA", "lora_rank": rank, "lr": 1e-3, "epochs": 5,
+        "retain_coeff": 2.0, "steering_coeff": None, "max_samples": 100, "seed": seed, "data_seed": seed,
+        "forget_accs": {f: {0: base / n, 5: a / n} for f in files},
+        "forget_correct": {f: {0: bits(base, n), 5: bits(a, n)} for f in files},
+        "retain_accs": {"r": {0: 1.0, 5: 1.0}}, "val_files": files, "run_key": key})
+    for split, f in enumerate(files):
+        for j, lr in enumerate(lrs):
+            last = max(counts)
+            write_result_csv(results / "ft", index * 100 + split * 10 + j, {
+                "base_model": model, "condition": "unlearned", "dataset": "D", "lr": lr, "epochs": 1,
+                "skip_split": split, "val_files": [f], "probe": "rtt", "seed": seed, "upstream_key": key,
+                "rtt_key": f"{key}-{split}-{j}", "forget_accs_local": {0: a / n, 1: counts[last] / n},
+                "forget_correct_local": {0: bits(a, n), 1: bits(counts[last], n)}, "budget": "log2",
+                "forget_accs_by_step": {s: c / n for s, c in counts.items()},
+                "forget_correct_by_step": {s: bits(c, n) for s, c in counts.items()}})
+
+
+def test_the_recovery_curve_its_area_and_half_steps_come_out_of_the_rows(tmp_path, capsys):
+    """Two ranks, two seeds: rank 1 recovers half by step 1 and all by step 3
+    (area 0.5), rank 8 half at step 3 (area 0.25); the table, the paired
+    difference in area and the curves panel say so."""
+    from PIL import Image
+
+    fast, slow = {0: 0, 1: 4, 3: 8}, {0: 0, 1: 2, 3: 4}
+    for seed in (0, 1):
+        budget_run(tmp_path, seed * 2, 1, seed, fast)
+        budget_run(tmp_path, seed * 2 + 1, 8, seed, slow)
+    table = analyze_recovery.analyze(tmp_path, analyze_recovery.Options(bootstrap=200, attacker="cross_fitted"))
+    printed = capsys.readouterr().out
+    rank1, rank8 = (table[table.lora_rank == r].iloc[0] for r in (1, 8))
+    assert rank1.recovery_auc == pytest.approx((0.25 + 0.75) / 2) and rank8.recovery_auc == pytest.approx(0.25)
+    assert rank1.half_recovery_steps == pytest.approx(1.0) and rank8.half_recovery_steps == pytest.approx(3.0)
+    assert rank1["recovered@3"] == 1.0 and list(rank1.budget_steps) == [0, 1, 3]
+    assert "AUC (log steps)" in printed and "steps to half" in printed
+    assert ("paired difference (LORA, D): area under the recovery curve (log steps) at rank 8 minus rank 1 = "
+            "-0.250") in printed
+    assert Image.open(tmp_path / "recovery_vs_rank.png").size[0] > 2000  # four panels: the curves drawn

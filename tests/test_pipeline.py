@@ -830,3 +830,26 @@ def test_the_merge_fidelity_probe_scores_the_model_as_a_16_bit_checkpoint_stores
     table = analyze_recovery.analyze(tmp_path / "evals", analyze_recovery.Options(bootstrap=200),
                                      stream=io.StringIO())
     assert list(table.lora_rank) == [2, 4] and table.merge_bf16.notna().all() and table.merge_fp16.notna().all()
+
+
+def test_rtt_scored_along_its_budget_end_to_end(tiny_llama, tmp_path, ray_session):
+    """ft.budget=log2: every RTT row holds V at steps 0, 1, 2, 4, ... and at
+    each epoch's end, with each question's correctness, the epoch-end values
+    equal to the per-epoch ones (one scoring); the analysis reads the curve."""
+    import analyze_recovery
+
+    result = run_sweep(smoketest_args(tiny_llama, tmp_path, "ft.budget=log2", "ft.epochs_lst=[2]", "ft.num_splits=2",
+                                      "seeds=[0]", FORGETS))
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
+    results = analyze_recovery.load_results(tmp_path / "evals")
+    rtt = results.rtt[results.rtt.condition == "unlearned"]
+    assert len(rtt) == 2 and set(rtt.budget) == {"log2"}
+    for _, row in rtt.iterrows():
+        by_step = {int(s): acc for s, acc in row.forget_accs_by_step.items()}
+        per_epoch = {int(e): acc for e, acc in row.forget_accs_local.items()}
+        assert sorted(by_step) == [0, 1, 2, 4, 8]  # 4 steps an epoch (16 questions, batches of 4), 2 epochs
+        assert by_step[0] == per_epoch[0] and by_step[4] == per_epoch[1] and by_step[8] == per_epoch[2]
+        assert all(len(bits) == 4 for bits in row.forget_correct_by_step.values())
+    table = analyze_recovery.analyze(tmp_path / "evals", analyze_recovery.Options(bootstrap=200),
+                                     stream=io.StringIO())
+    assert list(table.budget_steps.iloc[0]) == [0, 1, 2, 4, 8] and table.recovery_auc.notna().all()

@@ -86,3 +86,47 @@ ATTACKER_NOTES = {
 def recovery_epoch(accs: dict[int, float], threshold: float) -> float:
     reached = [epoch for epoch in sorted(accs) if epoch >= 1 and accs[epoch] >= threshold]
     return float(reached[0]) if reached else math.nan
+
+
+# --------------------------------------------------------------------------
+# Along the attacker's budget: the pick at each step of the schedule
+# --------------------------------------------------------------------------
+
+
+def _at_step(rows: pd.DataFrame, step: int) -> dict[tuple, dict]:
+    """Each RTT run's V at optimizer `step` (its lr and length are the choice)."""
+    out = {}
+    for _, row in rows.iterrows():
+        accs = _by_epoch(row.get("forget_accs_by_step") or {})
+        if step in accs:
+            out[(float(row.lr), int(row.epochs))] = {
+                "final": accs[step], "vector": _vector({"v": row.get("forget_correct_by_step") or {}}, "v", step,
+                                                       accs[step])}
+    return out
+
+
+def budget_steps(rows: pd.DataFrame) -> list[int]:
+    """The steps every RTT run of these rows was scored at along its budget."""
+    if rows.empty or "forget_accs_by_step" not in rows:
+        return []
+    sets = [set(_by_epoch(v)) for v in rows.forget_accs_by_step if isinstance(v, dict)]
+    return sorted(set.intersection(*sets)) if sets and len(sets) == len(rows) else []
+
+
+def along_budget(rows: pd.DataFrame, split: int, attacker: str) -> dict[int, np.ndarray]:
+    """B at each step of the budget schedule, per question: among the model's
+    RTT runs (lrs), the one the attacker picks at that step, cross-fitted
+    (best mean V at that step on the model's other held-out splits) or on V
+    itself (paper, final); ties by the same order (highest lr, longest run)."""
+    out = {}
+    for step in budget_steps(rows):
+        mine = _at_step(rows[rows.skip_split == split], step)
+        if attacker == "cross_fitted":
+            others = [_at_step(group, step) for s, group in rows.groupby("skip_split") if s != split]
+            shared = [c for c in mine if others and all(c in o for o in others)]
+            choice = max(shared, key=lambda c: (np.mean([o[c]["final"] for o in others]), c)) if shared else None
+        else:
+            choice = max(mine, key=lambda c: (mine[c]["final"], c)) if mine else None
+        if choice is not None:
+            out[step] = mine[choice]["vector"]
+    return out

@@ -128,7 +128,7 @@ class Trend:
     ranks: list[int]
 
     def sentence(self) -> str:
-        label = self.measure.replace("_", " ")
+        label = MEASURE_NAMES.get(self.measure, self.measure.replace("_", " "))
         verdict = ("no detectable trend (the CI includes 0)" if self.lo <= 0 <= self.hi
                    else "it rises with rank" if self.lo > 0 else "it falls with rank")
         return (f"trend ({self.method}, {self.dataset}, ranks {', '.join(map(str, self.ranks))}): {label} changes by "
@@ -148,22 +148,27 @@ class Difference:
     value: float
     lo: float
     hi: float
+    measure: str = "recovered_fraction"
 
     def sentence(self) -> str:
         verdict = ("no detectable difference (the CI includes 0)" if self.lo <= 0 <= self.hi
                    else "higher at the larger rank" if self.lo > 0 else "lower at the larger rank")
-        return (f"paired difference ({self.method}, {self.dataset}): recovered fraction at rank {self.rank} minus rank "
+        label = MEASURE_NAMES.get(self.measure, self.measure.replace("_", " "))
+        return (f"paired difference ({self.method}, {self.dataset}): {label} at rank {self.rank} minus rank "
                 f"{self.lowest} = {self.value:+.3f} (95% CI {self.lo:+.3f} to {self.hi:+.3f}): {verdict}")
 
 
-def paired_differences(method: str, dataset: str, ordered: list) -> list[Difference]:
-    """Each rank against the lowest, for the recovered fraction (ordered: [(setting, Estimates)] by rank)."""
+MEASURE_NAMES = {"recovery_auc": "area under the recovery curve (log steps)"}
+
+
+def paired_differences(method: str, dataset: str, ordered: list, measure: str = "recovered_fraction") -> list[Difference]:
+    """Each rank against the lowest, for one measure (ordered: [(setting, Estimates)] by rank)."""
     (low_setting, low), rest = ordered[0], ordered[1:]
     out = []
     for setting, est in rest:
-        lo, hi = interval(est.replicates["recovered_fraction"] - low.replicates["recovered_fraction"])
+        lo, hi = interval(est.replicates[measure] - low.replicates[measure])
         out.append(Difference(method, dataset, setting.lora_rank, low_setting.lora_rank,
-                              est.row["recovered_fraction"] - low.row["recovered_fraction"], lo, hi))
+                              est.row[measure] - low.row[measure], lo, hi, measure))
     return out
 
 

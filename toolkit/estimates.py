@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,8 +35,41 @@ BASE_MEASURES = ("base", "A", "B", "C", "floor")
 
 def probes_in(units: list[Unit]) -> tuple[str, ...]:
     """The published probes, then any other the rows hold (a registered probe's), by name."""
-    found = {m for u in units for m in u.vectors} - {*BASE_MEASURES, *PROBES}
+    found = {m for u in units for m in u.vectors if "@" not in m} - {*BASE_MEASURES, *PROBES}
     return (*PROBES, *sorted(found))
+
+
+def budget_of(units: list[Unit]) -> tuple[int, ...]:
+    """The steps B was read at along the attacker's budget (empty: the rows have no schedule)."""
+    return tuple(sorted({int(m.split("@")[1]) for u in units for m in u.vectors if m.startswith("B@")}))
+
+
+def log_steps(steps: Sequence[int]) -> np.ndarray:
+    """Where a step lies on the budget's axis: log2(1 + step), so step 0 is 0 and each doubling is one."""
+    return np.log2(1 + np.asarray(steps, dtype=float))
+
+
+def area_under(curve: np.ndarray, steps: Sequence[int]) -> np.ndarray:
+    """The area under recovered fraction against log steps, over the schedule's span (0-1 when the curve is):
+    the trapezoid rule along the last axis."""
+    x = log_steps(steps)
+    with np.errstate(invalid="ignore"):
+        return ((curve[..., 1:] + curve[..., :-1]) / 2 * np.diff(x)).sum(axis=-1) / (x[-1] - x[0])
+
+
+def half_recovery_steps(curve: np.ndarray, steps: Sequence[int]) -> np.ndarray:
+    """The steps RTT needs to bring back half of what was removed: the first
+    crossing of 0.5, interpolated on the log axis (NaN where it never does)."""
+    x, curve = log_steps(steps), np.atleast_2d(curve)
+    out = np.full(curve.shape[0], np.nan)
+    for i, y in enumerate(curve):
+        above = np.flatnonzero(y >= 0.5)
+        if not len(above) or np.isnan(y[: above[0] + 1]).any():
+            continue
+        j = above[0]
+        at = x[0] if j == 0 else x[j - 1] + (0.5 - y[j - 1]) / (y[j] - y[j - 1]) * (x[j] - x[j - 1])
+        out[i] = 2 ** at - 1
+    return out
 
 
 def measures_of(probes: tuple[str, ...] = PROBES) -> tuple[str, ...]:
@@ -51,13 +85,13 @@ def ratios_of(probes: tuple[str, ...] = PROBES) -> dict[str, tuple[str, str, str
 MEASURES, RATIOS = measures_of(), ratios_of()
 
 
-def estimate(units: list[Unit], panel: Panel, probes: tuple[str, ...] = PROBES) -> Estimates:
+def estimate(units: list[Unit], panel: Panel, probes: tuple[str, ...] = PROBES, budget: tuple[int, ...] = ()) -> Estimates:
     """Point estimates (means over seeds and splits of per-split values) and
     bootstrap CIs of every measure and ratio for one setting."""
     rtt_units = [u for u in units if "B" in u.vectors] or units
     row: dict = {"n_seeds": len({u.seed for u in units}), "n_splits": len({u.file for u in rtt_units}),
                  "n": len(rtt_units), "n_questions": int(sum(len(u.vectors["A"]) for u in rtt_units))}
-    measures = measures_of(probes)
+    measures = (*measures_of(probes), *(f"B@{s}" for s in budget))
     means = {m: panel.replicate_means(units, m) for m in measures}
     has_b = ~np.isnan(means["B"][..., :1])
     replicates = {}
@@ -69,7 +103,8 @@ def estimate(units: list[Unit], panel: Panel, probes: tuple[str, ...] = PROBES) 
         row[m] = nanmean(points)
         row[f"{m}_lo"], row[f"{m}_hi"] = interval(replicates[m])
     arrays = {**means, "chance": np.full_like(means["A"], CHANCE)}
-    for name, (num, sub, ref) in ratios_of(probes).items():
+    along = {f"recovered@{s}": (f"B@{s}", "A", "base") for s in budget}
+    for name, (num, sub, ref) in {**ratios_of(probes), **along}.items():
         # A ratio of means, not a mean of per-split ratios: one split's base - A
         # rests on a few questions and can be near 0, which gives the
         # per-split ratio a heavy tail. Only units with all three terms count.
@@ -83,6 +118,8 @@ def estimate(units: list[Unit], panel: Panel, probes: tuple[str, ...] = PROBES) 
         row[name] = float(ratio(*values.mean(axis=0))) if len(values) else math.nan
         row[f"{name}_std"] = nanstd(ratio(*values.T))  # spread of per-split ratios, for reading
         row[f"{name}_lo"], row[f"{name}_hi"] = interval(replicates[name])
+    if len(budget) >= 2:
+        add_budget_measures(row, replicates, budget)
     a_correct = np.concatenate([u.vectors["A"] for u in rtt_units])
     exact = bool(np.all((a_correct == 0) | (a_correct == 1))) and len(a_correct) > 1
     row["A_below_chance_p"] = binomial_below_chance_p(int(a_correct.sum()), len(a_correct)) if exact else math.nan
@@ -125,6 +162,19 @@ def weight_distance_line(method: str, dataset: str, units: list[Unit]) -> str | 
     return line
 
 
+def add_budget_measures(row: dict, replicates: dict, budget: tuple[int, ...]) -> None:
+    """The headline measures of the recovery curve, each with its bootstrap CI:
+    the area under it over log steps and the steps to half recovery."""
+    curve = np.array([row[f"recovered@{s}"] for s in budget])
+    draws = np.stack([replicates[f"recovered@{s}"] for s in budget], axis=-1)  # [draws, steps]
+    for name, measure in (("recovery_auc", area_under), ("half_recovery_steps", half_recovery_steps)):
+        row[name] = float(np.asarray(measure(curve, budget)).reshape(-1)[0])
+        replicates[name] = np.asarray(measure(draws, budget), dtype=float)
+        row[f"{name}_lo"], row[f"{name}_hi"] = interval(replicates[name])
+    row["half_recovery_reached"] = float(np.mean(~np.isnan(replicates["half_recovery_steps"])))
+    row["budget_steps"] = list(budget)
+
+
 @dataclass
 class Analysis:
     table: pd.DataFrame
@@ -138,7 +188,7 @@ def summarize(units: list[Unit], options: Options) -> Analysis:
     """One row per setting, with CIs; the trend across ranks per (method, dataset)."""
     rows, trends, differences, distances = [], [], [], []
     families: dict[tuple, list[Unit]] = {}
-    probes = probes_in(units)
+    probes, budget = probes_in(units), budget_of(units)
     for unit in units:
         families.setdefault((unit.setting.unlearn_type, unit.setting.dataset), []).append(unit)
     for (method, dataset), family in families.items():
@@ -149,7 +199,7 @@ def summarize(units: list[Unit], options: Options) -> Analysis:
             by_setting.setdefault(unit.setting, []).append(unit)
         estimates = {}
         for setting, group in sorted(by_setting.items(), key=lambda kv: [str(v) for v in kv[0]]):
-            est = estimate(group, panel, probes)
+            est = estimate(group, panel, probes, budget)
             estimates[setting] = est
             rows.append({**dict(zip(SETTING, setting)), **{f"axis_{k}": v for k, v in setting.axes}, **est.row})
         if line := weight_distance_line(method, dataset, family):
@@ -158,7 +208,9 @@ def summarize(units: list[Unit], options: Options) -> Analysis:
         if len(ranks) >= 2 and len(set(ranks)) == len(ranks) and all(r and r > 0 for r in ranks):
             ordered = sorted(estimates.items(), key=lambda kv: kv[0].lora_rank)
             differences += paired_differences(method, dataset, ordered)
-            for measure in ("recovered_fraction", *[f"{p}_recovered" for p in probes]):
+            along = ("recovery_auc",) if "recovery_auc" in ordered[0][1].row else ()
+            differences += [d for m in along for d in paired_differences(method, dataset, ordered, m)]
+            for measure in ("recovered_fraction", *along, *[f"{p}_recovered" for p in probes]):
                 points = [e.row[measure] for _, e in ordered]
                 if any(math.isnan(p) for p in points):
                     continue
@@ -167,7 +219,7 @@ def summarize(units: list[Unit], options: Options) -> Analysis:
     table = pd.DataFrame(rows)
     if table.empty:
         return Analysis(table, trends, [])
-    for d in differences:  # as columns of the rank's row (the lowest rank's stay empty)
+    for d in [d for d in differences if d.measure == "recovered_fraction"]:  # as columns of the rank's row
         at = [i for i, r in enumerate(rows) if (r["unlearn_type"], r["dataset"], r["lora_rank"]) ==
               (d.method, d.dataset, d.rank)]
         table.loc[at, ["diff_vs_lowest_rank", "diff_vs_lowest_rank_lo", "diff_vs_lowest_rank_hi", "lowest_rank"]] = \

@@ -194,6 +194,7 @@ class Evaluator:
     forget_log: AccuracyLog = field(default_factory=AccuracyLog)
     retain_log: AccuracyLog = field(default_factory=AccuracyLog)
     last_check: "Check | None" = None  # the stop rule's latest scoring
+    by_step: AccuracyLog | None = None  # V by optimizer step, when RTT is scored along its budget
 
     @classmethod
     def build(cls, tokenizer, evals: EvalFiles, data_root: str, k_shot: int, batch_size: int,
@@ -222,6 +223,12 @@ class Evaluator:
     def score(self, model, files: Sequence[QuestionFile]) -> dict[str, McqScore]:
         return self.scoring(model, files).finish()
 
+    def score_at_step(self, model, step: int) -> float:
+        """V (the forget files) alone at an optimizer step of the budget schedule; the mean accuracy."""
+        for name, score in self.score(model, self.forget).items():
+            self.by_step.record(name, step, score)
+        return self.by_step.mean_at(step)
+
     def __call__(self, model, epoch: int, step: int | None = None) -> tuple[float, float]:
         """Score every file at `epoch` (finishing the stop rule's check when it
         scored the model at this same `step`); returns the mean forget and
@@ -232,6 +239,9 @@ class Evaluator:
         for log_, scores in ((self.forget_log, forget), (self.retain_log, retain)):
             for name, score in scores.items():
                 log_.record(name, epoch, score)
+        if self.by_step is not None and step is not None:
+            for name, score in forget.items():
+                self.by_step.record(name, step, score)
         return self.forget_log.mean_at(epoch), self.retain_log.mean_at(epoch)
 
 

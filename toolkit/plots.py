@@ -3,6 +3,7 @@ LoRA rank, one line per method, dataset and epochs (matplotlib, Agg)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from toolkit.names import CHANCE
@@ -43,6 +44,31 @@ def _attacker_of(group) -> tuple[str, float]:
     return f" ({attacker})", 1.1 ** (names.index(attacker) - 1 if attacker in names else 0)
 
 
+def draw_curves(axis, table) -> None:
+    """Recovered fraction against the attacker's budget (optimizer steps, on
+    log2(1 + step)), one curve per row with its 95% band: how fast RTT brings
+    the facts back at each rank (its area is the table's AUC)."""
+    for _, row in table.iterrows():
+        steps = [int(s) for s in row.budget_steps] if isinstance(row.budget_steps, list) else []
+        if not steps:
+            continue
+        x = [math.log2(1 + s) for s in steps]
+        y = [row[f"recovered@{s}"] for s in steps]
+        name = f"rank {row.lora_rank}" if row.lora_rank else f"{row.unlearn_type} (full)"
+        name += f" ({row.attacker})" if "attacker" in row and isinstance(row.attacker, str) else ""
+        line = axis.plot(x, y, marker=".", label=f"{name}: AUC {row.recovery_auc:.2f}")[0]
+        axis.fill_between(x, [row[f"recovered@{s}_lo"] for s in steps], [row[f"recovered@{s}_hi"] for s in steps],
+                          color=line.get_color(), alpha=0.15)
+        axis.set_xticks(x, [str(s) for s in steps], fontsize=7)
+    axis.axhline(0.5, color="gray", linewidth=0.8, linestyle=":")
+    axis.axhline(0, color="black", linewidth=0.8)
+    axis.set_xlabel("RTT optimizer steps (log2(1 + step))")
+    axis.set_ylabel("recovered fraction (95% CI)")
+    axis.set_title("Recovery along the attacker's budget")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+
+
 def plot(table, path: Path, title: str, source: str = "") -> None:
     """The table's recovered fractions, accuracies and probes against rank;
     `source` (the digest of the table drawn) goes into the PNG's metadata, so
@@ -52,7 +78,11 @@ def plot(table, path: Path, title: str, source: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 5))
+    along = "recovery_auc" in table and table.recovery_auc.notna().any()
+    fig, axes = plt.subplots(1, 4 if along else 3, figsize=(23 if along else 17, 5))
+    left, middle, right = axes[:3]
+    if along:
+        draw_curves(axes[3], table)
     lora = table[table.lora_rank > 0]
     drawn_a = set()
     for label, group in series(lora):

@@ -23,6 +23,15 @@ def _with_ci(table: pd.DataFrame, name: str) -> pd.Series:
     return table.apply(cell, axis=1)
 
 
+def half_steps_cell(row) -> str:
+    """Steps to half recovery with its CI; `>` where some bootstrap draws never get there."""
+    value, lo, hi = row.half_recovery_steps, row.half_recovery_steps_lo, row.half_recovery_steps_hi
+    if pd.isna(value):
+        return "never"
+    upper = f"{hi:.0f}" if row.half_recovery_reached >= 0.975 else f">{hi:.0f}" if pd.notna(hi) else "?"
+    return f"{value:.0f} [{lo:.0f}, {upper}]"
+
+
 def figure_source(table: pd.DataFrame) -> str:
     """What a figure draws, as a digest of the printed table (kept in the PNG)."""
     return "table sha256 " + hashlib.sha256(format_table(table).encode()).hexdigest()[:16]
@@ -42,6 +51,9 @@ def format_table(table: pd.DataFrame) -> str:
     shown["retain"] = table.retain_after.map(lambda v: f"{v:.2f}")
     shown["recovered (B-A)/(base-A)"] = _with_ci(table, "recovered_fraction")
     shown["above floor"] = _with_ci(table, "recovered_above_floor")
+    if "recovery_auc" in table and table.recovery_auc.notna().any():  # along the attacker's budget
+        shown["AUC (log steps)"] = _with_ci(table, "recovery_auc")
+        shown["steps to half"] = table.apply(lambda row: half_steps_cell(row), axis=1)
     for probe in measured_probes(table.columns):
         if table[f"{probe}_recovered"].notna().any():
             shown[f"{probe} recovered"] = _with_ci(table, f"{probe}_recovered")

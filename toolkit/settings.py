@@ -144,6 +144,8 @@ def build_settings(cls, section: Mapping | None, key: str, **given):
             value = given[f.name]
         elif section is not None and f.name in section:
             value = section[f.name]
+        elif f.default is not dataclasses.MISSING:  # a setting added later: configs written before keep working
+            value = f.default
         else:
             raise ConfigError(f"{where} is missing; conf/default.yaml holds every key")
         allowed = f.metadata.get("allowed")
@@ -173,6 +175,7 @@ SAVE_FORMATS = ("merged", "adapter")
 # question, summed or per byte (lm-evaluation-harness's acc and acc_norm).
 SCORING_MODES = ("letter", "choice", "choice_norm")
 SCORING = one_of(*SCORING_MODES)
+BUDGETS = ("none", "log2")
 
 
 @dataclass(frozen=True)
@@ -286,6 +289,8 @@ class FinetuneSettings:
     train_embeddings: bool = setting(BOOLEAN)
     lora: LoraSettings | None = setting()  # set: the attacker trains a LoRA adapter only (probe lora_rtt)
     save: SaveSettings = setting()
+    # V scored along the attacker's budget too: at optimizer steps 1, 2, 4, 8, ... (log2), besides each epoch's end
+    budget: str = setting(one_of(*BUDGETS), key_unless="none", default="none")
 
 
 def train_settings(section: Mapping, top: Mapping, key: str, **given) -> TrainSettings:

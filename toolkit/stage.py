@@ -10,7 +10,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
@@ -96,6 +96,7 @@ class StageResult:
     seconds: float
     phase_seconds: dict[str, float] = field(default_factory=dict)
     update: dict = field(default_factory=dict)  # a LoRA run's update size (toolkit.weight_delta)
+    by_step: AccuracyLog | None = None  # V by optimizer step (RTT scored along its budget)
 
 
 class Progress:
@@ -175,8 +176,14 @@ class Training:
         return {"lr": self.scheduler.get_last_lr()[0], **metrics}
 
 
+def on_log2_budget(step: int) -> bool:
+    """Steps 1, 2, 4, 8, ...: the attacker's budget on a log scale."""
+    return step > 0 and step & (step - 1) == 0
+
+
 def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
-              stop: StopRule | None = None, save: SaveSettings | None = None) -> StageResult:
+              stop: StopRule | None = None, save: SaveSettings | None = None,
+              budget: Callable[[int], bool] | None = None) -> StageResult:
     """Load, prepare, evaluate before training, train `train.epochs` epochs
     (evaluating every `eval_every` and after the last, stopping early under
     the stop rule), save. Every stage's training loop is this one."""
@@ -186,6 +193,8 @@ def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
         model, tokenizer = training.model, training.stage.tokenizer
         evaluator = Evaluator.build(tokenizer, evals, train.data_root, train.k_shot, train.val_batch_size,
                                     training.stage.policy)
+        if budget is not None:
+            evaluator.by_step = AccuracyLog()
     run = start_wandb(train.wandb_mode, train.wandb_project_name, train.label, key_settings(train))
     trainable, _ = count_parameters(model)
     progress = Progress(train.progress, train.label, total=None)
@@ -206,12 +215,17 @@ def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
             break
         steps = objective.epoch_steps(epoch)
         progress.expect(len(steps) * train.epochs)
+        # this epoch's last step, when it is evaluated below (V is scored there once, for both logs)
+        evaluated_end = step + len(steps) if epoch % train.eval_every == 0 or epoch == train.epochs else None
         for item in steps:
             with clock.phase("steps"):
                 metrics = training.step(item)
             step += 1
             run.log({"epoch": epoch, **metrics})
             progress.step(metrics)
+            if budget is not None and budget(step) and step != evaluated_end:
+                with clock.phase("evaluate"):
+                    run.log({"step": step, "forget_acc_at_step": evaluator.score_at_step(model, step)})
             if checker and step % stop.stop_check_every == 0:
                 with clock.phase("checks"):
                     outcome = checker.check(model, step, epoch)
@@ -234,7 +248,7 @@ def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
             saved = str(save_checkpoint(model, tokenizer, save.path, save.save_format, train.model))
     fmt = (save.save_format if is_peft(model) else "merged") if saved else None
     return StageResult(evaluator.forget_log, evaluator.retain_log, trainable, step, outcome, saved, fmt,
-                       time.monotonic() - started, clock.rounded(), update)
+                       time.monotonic() - started, clock.rounded(), update, evaluator.by_step)
 
 
 @dataclass

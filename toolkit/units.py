@@ -10,7 +10,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
-from toolkit.attackers import ATTACKERS, _by_epoch, _column, _vector, recovery_epoch
+from toolkit.attackers import ATTACKERS, _by_epoch, _column, _vector, along_budget, recovery_epoch
 from toolkit.bootstrap import Unit
 from toolkit.comparison import machine_of
 from toolkit.datasets import FLOOR_DATASETS
@@ -141,7 +141,8 @@ def units_of(results: Results, options: Options) -> tuple[list[Unit], list[LeftO
                 best = ATTACKERS[options.attacker](rows, split) if len(rows) else None
                 if best:
                     vectors[name] = best["vector"]
-                    if name == "B":
+                    if name == "B":  # and B along the attacker's budget, where the rows hold it
+                        vectors.update({f"B@{s}": v for s, v in along_budget(rows, split, options.attacker).items()})
                         threshold = options.recovery_threshold * (1 if options.absolute_threshold else threshold_base)
                         epoch_to_recover = recovery_epoch(best["accs"], threshold)
             if "B" in vectors:
