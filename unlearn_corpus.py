@@ -116,8 +116,8 @@ def unlearn(settings: UnlearnSettings, objective: Objective | None = None) -> Un
     unused = unused_settings(settings, objective.uses)
     if unused:
         raise ValueError(f"{', '.join(unused)} set, but {type(objective).__name__} does not use it")
-    return UnlearnResult.from_stage(run_stage(settings.train, settings.evals, objective,
-                                              stop=settings.stop, save=settings.save))
+    return UnlearnResult.from_stage(run_stage(settings.train, settings.evals, objective, stop=settings.stop,
+                                              save=settings.save, measure_update=True))
 
 
 register(UnlearnType.GD, Method(GRADIENT_DIFFERENCE))

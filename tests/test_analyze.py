@@ -837,3 +837,26 @@ def test_the_recovery_curve_its_area_and_half_steps_come_out_of_the_rows(tmp_pat
     assert ("paired difference (LORA, D): area under the recovery curve (log steps) at rank 8 minus rank 1 = "
             "-0.250") in printed
     assert Image.open(tmp_path / "recovery_vs_rank.png").size[0] > 2000  # four panels: the curves drawn
+
+
+def test_full_fine_tuning_is_a_point_beside_the_ranks_paired_with_them(tmp_path, capsys):
+    """Gradient difference on all weights (GD rows) in the same results: its
+    own row, and its difference from the lowest rank from the same bootstrap
+    draws, in recovered fraction and in area under the curve; the trend stays
+    over the ranks alone."""
+    fast, slow, full = {0: 0, 1: 4, 3: 8}, {0: 0, 1: 2, 3: 4}, {0: 0, 1: 0, 3: 2}
+    for seed in (0, 1):
+        budget_run(tmp_path, seed * 3, 1, seed, fast)
+        budget_run(tmp_path, seed * 3 + 1, 8, seed, slow)
+        budget_run(tmp_path, seed * 3 + 2, 0, seed, full)
+    for path in (tmp_path / "unlearning").glob("*.csv"):  # the rank-0 runs are gradient difference on all weights
+        if "/m/r0-" in path.read_text():
+            path.write_text(path.read_text().replace("LORA", "GD"))
+    table = analyze_recovery.analyze(tmp_path, analyze_recovery.Options(bootstrap=200, attacker="cross_fitted"))
+    printed = capsys.readouterr().out
+    assert list(zip(table.unlearn_type, table.lora_rank)) == [("GD", 0), ("LORA", 1), ("LORA", 8)]
+    assert table.recovery_auc.round(4).tolist() == [0.0625, 0.5, 0.25]
+    assert ("paired difference (LORA, D): area under the recovery curve (log steps) at full fine-tuning minus rank 1 "
+            "= -0.438") in printed
+    assert "paired difference (LORA, D): recovered fraction at full fine-tuning minus rank 1 = -0.750" in printed
+    assert "trend (LORA, D, ranks 1, 8)" in printed

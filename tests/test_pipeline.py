@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -832,24 +833,48 @@ def test_the_merge_fidelity_probe_scores_the_model_as_a_16_bit_checkpoint_stores
     assert list(table.lora_rank) == [2, 4] and table.merge_bf16.notna().all() and table.merge_fp16.notna().all()
 
 
+GD_GRID = "unlearn.types_config.GD.datasets_config.RANDOM_BD_SAME_RETAIN"
+
+
 def test_rtt_scored_along_its_budget_end_to_end(tiny_llama, tmp_path, ray_session):
-    """ft.budget=log2: every RTT row holds V at steps 0, 1, 2, 4, ... and at
-    each epoch's end, with each question's correctness, the epoch-end values
-    equal to the per-epoch ones (one scoring); the analysis reads the curve."""
+    """A rank sweep with the full-parameter reference (GD), RTT scored along
+    its budget, the merge-fidelity and 4-bit probes: every RTT row holds V at
+    steps 0, 1, 2, 4, ... and at each epoch's end, with each question's
+    correctness, the epoch-end values equal to the per-epoch ones (one
+    scoring); the full run's update is measured against its starting weights;
+    the analysis gives the curve measures with CIs for every arm and draws
+    the curves."""
     import analyze_recovery
 
     result = run_sweep(smoketest_args(tiny_llama, tmp_path, "ft.budget=log2", "ft.epochs_lst=[2]", "ft.num_splits=2",
-                                      "seeds=[0]", FORGETS))
+                                      "seeds=[0]", FORGETS, "unlearn.types=[LORA,GD]", "unlearn.lora_ranks=[1,4]",
+                                      f"{GD_GRID}.lrs=[1e-2]", f"{GD_GRID}.epochs_lst=[1]",
+                                      f"{GD_GRID}.rcs={{range: [], add: [1.0]}}", "probes=[merge_bf16,merge_fp16]",
+                                      "quant.bits=[4]", "random_bd.facts_per_split=12", "random_bd.num_dev=2",
+                                      data_root=tmp_path / "data"))
     assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
     results = analyze_recovery.load_results(tmp_path / "evals")
     rtt = results.rtt[results.rtt.condition == "unlearned"]
-    assert len(rtt) == 2 and set(rtt.budget) == {"log2"}
+    assert len(rtt) == 3 * 2 and set(rtt.budget) == {"log2"}
+    full = results.unlearning[results.unlearning.unlearn_type == "GD"].iloc[0]
+    assert full.update_rel_norm > 0 and full.update_eff_rank > 1 and "q_proj" in full.update_by_module
+    assert sorted(results.quant.probe) == ["merge_bf16"] * 3 + ["merge_fp16"] * 3 + ["quant4"] * 4
     for _, row in rtt.iterrows():
         by_step = {int(s): acc for s, acc in row.forget_accs_by_step.items()}
         per_epoch = {int(e): acc for e, acc in row.forget_accs_local.items()}
-        assert sorted(by_step) == [0, 1, 2, 4, 8]  # 4 steps an epoch (16 questions, batches of 4), 2 epochs
-        assert by_step[0] == per_epoch[0] and by_step[4] == per_epoch[1] and by_step[8] == per_epoch[2]
-        assert all(len(bits) == 4 for bits in row.forget_correct_by_step.values())
-    table = analyze_recovery.analyze(tmp_path / "evals", analyze_recovery.Options(bootstrap=200),
-                                     stream=io.StringIO())
-    assert list(table.budget_steps.iloc[0]) == [0, 1, 2, 4, 8] and table.recovery_auc.notna().all()
+        # 12 steps an epoch (T: 4 splits of 12 questions, batches of 4), 2 epochs: powers of two and epoch ends
+        assert sorted(by_step) == [0, 1, 2, 4, 8, 12, 16, 24]
+        assert by_step[0] == per_epoch[0] and by_step[12] == per_epoch[1] and by_step[24] == per_epoch[2]
+        assert all(len(bits) == 12 for bits in row.forget_correct_by_step.values())
+    printed = io.StringIO()
+    table = analyze_recovery.analyze(tmp_path / "evals", analyze_recovery.Options(bootstrap=200), stream=printed)
+    assert list(zip(table.unlearn_type, table.lora_rank)) == [("GD", 0), ("LORA", 1), ("LORA", 4)]
+    assert all(list(steps) == [0, 1, 2, 4, 8, 12, 16, 24] for steps in table.budget_steps)
+    # a random tiny model forgets by chance: the curve is defined wherever unlearning removed something (base != A)
+    removed = ~np.isclose(table.base, table.A)
+    assert removed.any() and table.recovery_auc[removed].notna().all() and table.recovery_auc_lo[removed].notna().all()
+    assert table.merge_bf16.notna().all() and table.quant4.notna().all()
+    assert "AUC (log steps)" in printed.getvalue() and "at full fine-tuning minus rank 1" in printed.getvalue()
+    from PIL import Image
+
+    assert Image.open(tmp_path / "evals" / "recovery_vs_rank.png").size[0] > 2000  # the curves' panel

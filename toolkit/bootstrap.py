@@ -151,10 +151,12 @@ class Difference:
     measure: str = "recovered_fraction"
 
     def sentence(self) -> str:
+        larger = "at the larger rank" if self.rank else "with full fine-tuning"
         verdict = ("no detectable difference (the CI includes 0)" if self.lo <= 0 <= self.hi
-                   else "higher at the larger rank" if self.lo > 0 else "lower at the larger rank")
+                   else f"higher {larger}" if self.lo > 0 else f"lower {larger}")
         label = MEASURE_NAMES.get(self.measure, self.measure.replace("_", " "))
-        return (f"paired difference ({self.method}, {self.dataset}): {label} at rank {self.rank} minus rank "
+        at = f"rank {self.rank}" if self.rank else "full fine-tuning"  # rank 0: the full-parameter reference
+        return (f"paired difference ({self.method}, {self.dataset}): {label} at {at} minus rank "
                 f"{self.lowest} = {self.value:+.3f} (95% CI {self.lo:+.3f} to {self.hi:+.3f}): {verdict}")
 
 

@@ -153,11 +153,12 @@ def weight_distance_line(method: str, dataset: str, units: list[Unit]) -> str | 
         rho, p = rank_correlation(*zip(*pairs))
         return f"{rho:+.2f} (p {p:.2f}, {len(pairs)} runs)"
 
-    sizes = ", ".join(f"{np.mean([x for x, _ in pairs]):.4f} at rank {rank}" for rank, pairs in points.items())
+    sizes = ", ".join(f"{np.mean([x for x, _ in pairs]):.4f} at {f'rank {rank}' if rank else 'full'}"
+                      for rank, pairs in points.items())
     line = f"weight distance ({method}, {dataset}): update size (relative Frobenius norm of the LoRA delta) {sizes}"
     if pooled := rho([pair for pairs in points.values() for pair in pairs]):
         line += f"; recovered fraction against update size, Spearman rho {pooled} pooled"
-        within = [f"rank {rank} {r}" for rank, pairs in points.items() if (r := rho(pairs))]
+        within = [f"{f'rank {rank}' if rank else 'full'} {r}" for rank, pairs in points.items() if (r := rho(pairs))]
         line += f"; within rank: {'; '.join(within)}" if within else ""
     return line
 
@@ -175,6 +176,10 @@ def add_budget_measures(row: dict, replicates: dict, budget: tuple[int, ...]) ->
     row["budget_steps"] = list(budget)
 
 
+# A method whose runs are another's full-parameter point: gradient difference on all weights beside LoRA's ranks.
+REFERENCE_OF = {"GD": "LORA"}
+
+
 @dataclass
 class Analysis:
     table: pd.DataFrame
@@ -189,8 +194,11 @@ def summarize(units: list[Unit], options: Options) -> Analysis:
     rows, trends, differences, distances = [], [], [], []
     families: dict[tuple, list[Unit]] = {}
     probes, budget = probes_in(units), budget_of(units)
+    present = {(u.setting.unlearn_type, u.setting.dataset) for u in units}
     for unit in units:
-        families.setdefault((unit.setting.unlearn_type, unit.setting.dataset), []).append(unit)
+        method, dataset = unit.setting.unlearn_type, unit.setting.dataset
+        joined = REFERENCE_OF.get(method)  # the full-parameter reference shares LoRA's panel: paired with its ranks
+        families.setdefault((joined if (joined, dataset) in present else method, dataset), []).append(unit)
     for (method, dataset), family in families.items():
         panel = Panel(sorted({u.seed for u in family}), sorted({u.file for u in family}), options.bootstrap,
                       options.seed)
@@ -204,12 +212,16 @@ def summarize(units: list[Unit], options: Options) -> Analysis:
             rows.append({**dict(zip(SETTING, setting)), **{f"axis_{k}": v for k, v in setting.axes}, **est.row})
         if line := weight_distance_line(method, dataset, family):
             distances.append(line)
-        ranks = [s.lora_rank for s in estimates]
+        ranked = {s: est for s, est in estimates.items() if s.unlearn_type == method}
+        full = [(s, est) for s, est in estimates.items() if s.unlearn_type != method]
+        ranks = [s.lora_rank for s in ranked]
         if len(ranks) >= 2 and len(set(ranks)) == len(ranks) and all(r and r > 0 for r in ranks):
-            ordered = sorted(estimates.items(), key=lambda kv: kv[0].lora_rank)
-            differences += paired_differences(method, dataset, ordered)
+            ordered = sorted(ranked.items(), key=lambda kv: kv[0].lora_rank)
             along = ("recovery_auc",) if "recovery_auc" in ordered[0][1].row else ()
-            differences += [d for m in along for d in paired_differences(method, dataset, ordered, m)]
+            for measure in ("recovered_fraction", *along):
+                differences += paired_differences(method, dataset, ordered, measure)
+                if len(full) == 1:  # full fine-tuning minus the lowest rank, from the same draws
+                    differences += paired_differences(method, dataset, [ordered[0], full[0]], measure)
             for measure in ("recovered_fraction", *along, *[f"{p}_recovered" for p in probes]):
                 points = [e.row[measure] for _, e in ordered]
                 if any(math.isnan(p) for p in points):

@@ -28,7 +28,7 @@ from toolkit.training import (
     seed_everything,
     warmup_then_constant,
 )
-from toolkit.weight_delta import update_size
+from toolkit.weight_delta import starting_weights, update_size
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def on_log2_budget(step: int) -> bool:
 
 def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
               stop: StopRule | None = None, save: SaveSettings | None = None,
-              budget: Callable[[int], bool] | None = None) -> StageResult:
+              budget: Callable[[int], bool] | None = None, measure_update: bool = False) -> StageResult:
     """Load, prepare, evaluate before training, train `train.epochs` epochs
     (evaluating every `eval_every` and after the last, stopping early under
     the stop rule), save. Every stage's training loop is this one."""
@@ -197,6 +197,8 @@ def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
             evaluator.by_step = AccuracyLog()
     run = start_wandb(train.wandb_mode, train.wandb_project_name, train.label, key_settings(train))
     trainable, _ = count_parameters(model)
+    # a full-parameter unlearning run measures how far it moved against its starting weights (LoRA: its factors)
+    start = starting_weights(model) if measure_update and not is_peft(model) else None
     progress = Progress(train.progress, train.label, total=None)
     checker = StopChecker(stop, evaluator) if stop is not None and stop.active else None
 
@@ -241,7 +243,7 @@ def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
         progress.note(f"stopped at step {outcome.step} ({outcome.reason})")
     progress.close()
     run.finish()
-    update = update_size(model) if is_peft(model) else {}
+    update = update_size(model, start) if is_peft(model) or start else {}
     saved = None
     if save is not None and save.path:
         with clock.phase("save"):

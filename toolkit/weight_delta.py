@@ -58,10 +58,35 @@ def lora_deltas(peft_model, adapter: str = "default") -> list[ModuleDelta]:
     return out
 
 
-def update_size(peft_model) -> dict:
+def starting_weights(model) -> dict[str, torch.Tensor]:
+    """A copy of the matrices a full-parameter run trains (2-D weights inside
+    the decoder layers, the ones LoRA would wrap), so its update can be
+    measured as LoRA's is."""
+    from toolkit.architecture import parameter_layers
+
+    inside = parameter_layers(model)
+    return {name: param.detach().clone() for name, param in model.named_parameters()
+            if param.requires_grad and param.ndim == 2 and name in inside}
+
+
+def full_deltas(model, start: dict[str, torch.Tensor]) -> list[ModuleDelta]:
+    """dW = W - W0 of every matrix in `start`: its norm and singular values."""
+    out = []
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, before in start.items():
+            delta = (params[name].detach().double() - before.double())
+            kind = name.rsplit(".", 2)[-2] if name.endswith(".weight") else name.rsplit(".", 1)[-1]
+            out.append(ModuleDelta(kind, float(delta.pow(2).sum()), float(before.double().pow(2).sum()),
+                                   torch.linalg.svdvals(delta)))
+    return out
+
+
+def update_size(model, start: dict[str, torch.Tensor] | None = None) -> dict:
     """Row columns: the whole update's relative norm sqrt(sum |dW|^2 / sum |W|^2),
-    the mean effective rank over modules, and both per module type."""
-    deltas = lora_deltas(peft_model)
+    the mean effective rank over modules, and both per module type; a LoRA
+    model's from its factors, a full-parameter run's against `start`."""
+    deltas = full_deltas(model, start) if start is not None else lora_deltas(model)
     if not deltas:
         return {}
     kinds: dict[str, list[ModuleDelta]] = defaultdict(list)
