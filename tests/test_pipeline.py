@@ -128,8 +128,8 @@ BAD_VALUES = [
     ("quant.bits=[4,4]", "quant.bits: [4, 4] is not allowed; give each value once"),
     # a resource no node can give
     ("ray.gpus_per_task=-1", "ray.gpus_per_task: -1 is not allowed; use auto or a number of GPUs >= 0"),
-    ("probes=[nope]", "probes: 'nope' is not allowed; use probes registered by a plugin module (none is registered; "
-                      "add its module to plugins)"),
+    ("probes=[nope]", "probes: 'nope' is not allowed; use a registered probe (merge_bf16, merge_fp16) or one that a "
+                      "module named in plugins registers"),
     ("plugins=[no_such_plugin_module]", "plugins: 'no_such_plugin_module' cannot be imported (ModuleNotFoundError: "
                                         "No module named 'no_such_plugin_module')"),
     ("plugins=[broken_plugin]", "plugins: 'broken_plugin' cannot be imported (RuntimeError: "

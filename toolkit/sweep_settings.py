@@ -48,8 +48,8 @@ def read_probes(names) -> list[str]:
     allowed = plannable()
     for name in NAMES.check(names, "probes"):
         if name not in allowed:
-            raise ConfigError(f"probes: {name!r} is not allowed; use probes registered by a plugin module "
-                              f"({', '.join(allowed) or 'none is registered'}; add its module to plugins)")
+            raise ConfigError(f"probes: {name!r} is not allowed; use a registered probe ({', '.join(allowed)}) or "
+                              "one that a module named in plugins registers (toolkit.probes.register_probe)")
     return list(distinct(names, "probes"))
 
 
