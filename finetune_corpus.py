@@ -32,6 +32,7 @@ class FinetuneResult:
     # scored along the attacker's budget: V by optimizer step (0, 1, 2, 4, ... and each epoch's end)
     forget_accs_by_step: dict[int, float] | None = None
     forget_correct_by_step: dict[int, str] | None = None
+    retain_accs_by_step: dict[int, float] | None = None  # mean over the retain files, where asked
 
     @classmethod
     def from_stage(cls, result: StageResult) -> "FinetuneResult":
@@ -40,7 +41,8 @@ class FinetuneResult:
         step_correct = next(iter(by_step.correct.values())) if by_step and len(by_step.correct) == 1 else None
         return cls(mean_by_epoch(forget.accs), mean_by_epoch(forget.calibrated), mean_by_epoch(retain.accs),
                    mean_by_epoch(retain.calibrated), result.save_path, correct, result.seconds,
-                   result.phase_seconds, mean_by_epoch(by_step.accs) if by_step else None, step_correct)
+                   result.phase_seconds, mean_by_epoch(by_step.accs) if by_step else None, step_correct,
+                   mean_by_epoch(result.retain_by_step.accs) if result.retain_by_step else None)
 
 
 @dataclass
@@ -70,10 +72,12 @@ class Finetune:
         return loss, {"train_nll": loss.item()}
 
 
-BUDGETS = {"none": None, "log2": on_log2_budget}  # the steps V is scored at, besides each epoch's end
+# the steps V (and with_retain, the retain files) is scored at, besides each epoch's end
+BUDGETS = {"none": None, "log2": on_log2_budget, "log2_with_retain": on_log2_budget}
 
 
 def finetune(settings: FinetuneSettings) -> FinetuneResult:
     return FinetuneResult.from_stage(run_stage(settings.train, settings.evals, Finetune(settings), save=settings.save,
-                                               budget=BUDGETS[settings.budget]))
+                                               budget=BUDGETS[settings.budget],
+                                               budget_retain=settings.budget.endswith("_with_retain")))
 

@@ -435,3 +435,23 @@ def test_gradient_checkpointing_is_a_setting_every_stage_shares_and_not_part_of_
     assert on.runs[0].settings.train.gradient_checkpointing and on.runs[0].rtt[0].settings.train.gradient_checkpointing
     assert not off.runs[0].settings.train.gradient_checkpointing
     assert on.runs[0].key == off.runs[0].key and "gradient_checkpointing" not in key_settings(on.runs[0].settings.train)
+
+
+@pytest.mark.parametrize("budget, with_retain", [("log2", False), ("log2_with_retain", True)])
+def test_rtt_scores_v_along_its_budget_and_retain_where_asked(tiny_llama, facts, budget, with_retain):
+    """V at steps 0, 1, 2, 4, ... and each epoch's end (the epoch-end values
+    are the per-epoch ones: one scoring); the retain files too where asked."""
+    result = finetune_corpus.finetune(finetune_settings(tiny_llama, facts, train_files=VAL[1:], val_files=VAL[:1],
+                                                        val_retain_files=VAL_RETAIN, lr=1e-3, epochs=2,
+                                                        overrides=[f"ft.budget={budget}", "ft.batch_size=2"]))
+    steps = sorted(result.forget_accs_by_step)
+    per_epoch = len(steps) and (steps[-1] // 2)
+    assert steps[:3] == [0, 1, 2] and steps[-1] == 2 * per_epoch and per_epoch in steps
+    assert result.forget_accs_by_step[per_epoch] == result.forget_accs_local[1]
+    assert result.forget_accs_by_step[0] == result.forget_accs_local[0]
+    assert set(result.forget_correct_by_step) == set(steps)
+    if with_retain:
+        assert sorted(result.retain_accs_by_step) == steps
+        assert result.retain_accs_by_step[2 * per_epoch] == result.retain_accs_local[2]
+    else:
+        assert result.retain_accs_by_step is None

@@ -195,6 +195,7 @@ class Evaluator:
     retain_log: AccuracyLog = field(default_factory=AccuracyLog)
     last_check: "Check | None" = None  # the stop rule's latest scoring
     by_step: AccuracyLog | None = None  # V by optimizer step, when RTT is scored along its budget
+    retain_by_step: AccuracyLog | None = None  # the retain files by step, where that is asked too
 
     @classmethod
     def build(cls, tokenizer, evals: EvalFiles, data_root: str, k_shot: int, batch_size: int,
@@ -227,6 +228,9 @@ class Evaluator:
         """V (the forget files) alone at an optimizer step of the budget schedule; the mean accuracy."""
         for name, score in self.score(model, self.forget).items():
             self.by_step.record(name, step, score)
+        if self.retain_by_step is not None:
+            for name, score in self.score(model, self.retain).items():
+                self.retain_by_step.record(name, step, score)
         return self.by_step.mean_at(step)
 
     def __call__(self, model, epoch: int, step: int | None = None) -> tuple[float, float]:
@@ -239,9 +243,9 @@ class Evaluator:
         for log_, scores in ((self.forget_log, forget), (self.retain_log, retain)):
             for name, score in scores.items():
                 log_.record(name, epoch, score)
-        if self.by_step is not None and step is not None:
-            for name, score in forget.items():
-                self.by_step.record(name, step, score)
+        for log_, scores in ((self.by_step, forget), (self.retain_by_step, retain)):
+            for name, score in scores.items() if log_ is not None and step is not None else ():
+                log_.record(name, step, score)
         return self.forget_log.mean_at(epoch), self.retain_log.mean_at(epoch)
 
 

@@ -61,6 +61,7 @@ def rtt_row(job: RttJob, result: FinetuneResult) -> dict:
         "rtt_key": job.key, "data_seed": job.seed, "seed": job.seed,
         **({"budget": job.settings.budget, "forget_accs_by_step": result.forget_accs_by_step,
             "forget_correct_by_step": result.forget_correct_by_step} if result.forget_accs_by_step else {}),
+        **({"retain_accs_by_step": result.retain_accs_by_step} if result.retain_accs_by_step else {}),
         "project_name": job.settings.train.wandb_project_name, "seconds": round(result.seconds, 1),
         "phase_seconds": result.phase_seconds, **provenance(resolve_device_policy(job.settings.train.device)),
     }

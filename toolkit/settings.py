@@ -175,7 +175,7 @@ SAVE_FORMATS = ("merged", "adapter")
 # question, summed or per byte (lm-evaluation-harness's acc and acc_norm).
 SCORING_MODES = ("letter", "choice", "choice_norm")
 SCORING = one_of(*SCORING_MODES)
-BUDGETS = ("none", "log2")
+BUDGETS = ("none", "log2", "log2_with_retain")
 
 
 @dataclass(frozen=True)
@@ -289,7 +289,8 @@ class FinetuneSettings:
     train_embeddings: bool = setting(BOOLEAN)
     lora: LoraSettings | None = setting()  # set: the attacker trains a LoRA adapter only (probe lora_rtt)
     save: SaveSettings = setting()
-    # V scored along the attacker's budget too: at optimizer steps 1, 2, 4, 8, ... (log2), besides each epoch's end
+    # V scored along the attacker's budget too: at optimizer steps 1, 2, 4, 8, ... (log2), besides each epoch's
+    # end; log2_with_retain scores the retain files there as well
     budget: str = setting(one_of(*BUDGETS), key_unless="none", default="none")
 
 

@@ -97,6 +97,7 @@ class StageResult:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     update: dict = field(default_factory=dict)  # a LoRA run's update size (toolkit.weight_delta)
     by_step: AccuracyLog | None = None  # V by optimizer step (RTT scored along its budget)
+    retain_by_step: AccuracyLog | None = None  # the retain files by step, where asked
 
 
 class Progress:
@@ -183,7 +184,8 @@ def on_log2_budget(step: int) -> bool:
 
 def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
               stop: StopRule | None = None, save: SaveSettings | None = None,
-              budget: Callable[[int], bool] | None = None, measure_update: bool = False) -> StageResult:
+              budget: Callable[[int], bool] | None = None, budget_retain: bool = False,
+              measure_update: bool = False) -> StageResult:
     """Load, prepare, evaluate before training, train `train.epochs` epochs
     (evaluating every `eval_every` and after the last, stopping early under
     the stop rule), save. Every stage's training loop is this one."""
@@ -195,6 +197,7 @@ def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
                                     training.stage.policy)
         if budget is not None:
             evaluator.by_step = AccuracyLog()
+            evaluator.retain_by_step = AccuracyLog() if budget_retain else None
     run = start_wandb(train.wandb_mode, train.wandb_project_name, train.label, key_settings(train))
     trainable, _ = count_parameters(model)
     # a full-parameter unlearning run measures how far it moved against its starting weights (LoRA: its factors)
@@ -250,7 +253,8 @@ def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
             saved = str(save_checkpoint(model, tokenizer, save.path, save.save_format, train.model))
     fmt = (save.save_format if is_peft(model) else "merged") if saved else None
     return StageResult(evaluator.forget_log, evaluator.retain_log, trainable, step, outcome, saved, fmt,
-                       time.monotonic() - started, clock.rounded(), update, evaluator.by_step)
+                       time.monotonic() - started, clock.rounded(), update, evaluator.by_step,
+                       evaluator.retain_by_step)
 
 
 @dataclass
