@@ -1,6 +1,7 @@
 # make demo : the CPU LoRA rank-sweep demo on the embedded model, one seed of the study checked against it (sets itself up)
 # make test : the test suite (sets itself up)
 # make study: the rank study, a seed at a time, into results/rank_study (hours on a CPU; resumes);
+#             STUDY=rank_study_speed runs the second edition (its pilot first: conf/rank_study_speed.yaml);
 #             STUDY=rank_study_pretrained runs its second half (facts from pretraining)
 # make bench: the CPU speed and memory figures, as ratios against a baseline of the same run
 PYTHON ?= python3
@@ -33,6 +34,7 @@ STUDY ?= rank_study
 STUDY_SEEDS = $(shell $(PY) -c "from omegaconf import OmegaConf; print(*OmegaConf.load('conf/$(STUDY).yaml').seeds)" 2>/dev/null)
 # The attackers each study reports (the first half: the published default, final).
 ATTACKERS_rank_study_pretrained = paper cross_fitted
+ATTACKERS_rank_study_speed = cross_fitted paper
 study: $(STAMP)
 	failed=; for seed in $(STUDY_SEEDS); do \
 	  $(PY) pipeline.py --config-name=$(STUDY) "slice=[$$seed]" progress=lines || failed="$$failed $$seed"; done; \
