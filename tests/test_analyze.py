@@ -860,3 +860,18 @@ def test_full_fine_tuning_is_a_point_beside_the_ranks_paired_with_them(tmp_path,
             "= -0.438") in printed
     assert "paired difference (LORA, D): recovered fraction at full fine-tuning minus rank 1 = -0.750" in printed
     assert "trend (LORA, D, ranks 1, 8)" in printed
+
+
+def test_a_floor_on_every_seed_is_read_seed_by_seed(tmp_path):
+    """Where each seed ran its own floor, each seed's units read their own
+    (seed 0: 4 of 20, seed 1: 8 of 20); where only the first seed ran it,
+    every seed reads that one, as the published studies do."""
+    for seed, floor in ((0, 4), (1, 8)):
+        seeded_run(tmp_path, seed, seed, 8, ["s0"], base=20, a=4, b=12, floor=floor)
+    units, _ = analyze_recovery.units_of(analyze_recovery.load_results(tmp_path), analyze_recovery.Options())
+    assert {u.seed: u.vectors["floor"].mean() for u in units} == {0: 0.2, 1: 0.4}
+    for path in (tmp_path / "ft").glob("*.csv"):
+        if "never_taught-1-" in path.read_text():
+            path.unlink()
+    units, _ = analyze_recovery.units_of(analyze_recovery.load_results(tmp_path), analyze_recovery.Options())
+    assert {u.seed: u.vectors["floor"].mean() for u in units} == {0: 0.2, 1: 0.2}

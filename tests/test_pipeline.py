@@ -878,3 +878,20 @@ def test_rtt_scored_along_its_budget_end_to_end(tiny_llama, tmp_path, ray_sessio
     from PIL import Image
 
     assert Image.open(tmp_path / "evals" / "recovery_vs_rank.png").size[0] > 2000  # the curves' panel
+
+
+def test_the_floor_can_run_on_every_seed_and_each_seed_reads_its_own(tmp_path):
+    """floor_every_seed=true: the floor's RTT on each seed of the slice (the
+    published studies keep one, on the first seed: their plans unchanged)."""
+    where = [f"data_root={tmp_path}/data", f"models_dir={tmp_path}/m", f"results_dir={tmp_path}/r", "model_id=/x/tiny",
+             "seeds=[0,1,2]", "preflight.min_forget_acc=null"]
+    one = planned(config("rank_study_pretrained", where))
+    every = planned(config("rank_study_pretrained", [*where, "floor_every_seed=true"]))
+    sliced = planned(config("rank_study_pretrained", [*where, "floor_every_seed=true", "slice=[2]"]))
+    assert {j.seed for j in one.floor_rtt} == {0} and {j.seed for j in every.floor_rtt} == {0, 1, 2}
+    assert {j.seed for j in sliced.floor_rtt} == {2}
+    assert {j.key for j in one.floor_rtt} < {j.key for j in every.floor_rtt}  # seed 0's are the same jobs
+    labels = [j.label for j in every.floor_rtt]
+    assert len(set(labels)) == len(labels) and "floor rtt lr3e-06 v0 s1" in labels
+    with pytest.raises(ConfigError, match="floor_every_seed: 'yes' is not allowed; use true or false"):
+        planned(config("rank_study_pretrained", [*where, "floor_every_seed=yes"]))

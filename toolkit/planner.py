@@ -185,7 +185,7 @@ class Planner:
         """One RTT job; `key_model` names its model in the key (see `add_runs`), else its folder does."""
         ft, files = self.cfg["ft"], DATASETS[dataset]
         train_files = tuple(f for i, f in enumerate(files.val_files) if i != skip)
-        label = f"{who} v{skip}" + (f" s{seed}" if point is None and condition == "baseline" else "")
+        label = f"{who} v{skip}" + (f" s{seed}" if point is None and condition in ("baseline", "never_taught") else "")
         train = train_settings(ft, self.top(), "ft", model=model_path, lr=lr, epochs=epochs, seed=seed,
                                   label=label.strip())
         settings = build_settings(
@@ -339,7 +339,8 @@ def add_runs(planner: Planner, plan: Plan, points: list[GridPoint]) -> None:
             # the model before teaching, or for pretraining facts RTT on their remapped twin.
             model, floor_data = (plan.base_model, dataset) if plan.teach else (plan.unlearn_from, FLOOR_DATASETS[dataset])
             plan.floor_rtt += planner.rtt_jobs(model, floor_data, "never_taught", upstream=model,
-                                               seeds=sweep.seeds[:1], who="floor")
+                                               seeds=sweep.slice_seeds if sweep.floor_every_seed else sweep.seeds[:1],
+                                               who="floor")
         if sweep.saves_models and plan.runs:
             plan.reference_quant += planner.quant_jobs(plan.unlearn_from, dataset, "reference", upstream, None, "ref")
 

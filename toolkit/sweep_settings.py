@@ -111,6 +111,7 @@ class SweepSettings:
     scoring: str = "letter"  # how every question is scored (toolkit.settings.SCORING_MODES)
     allow_repeated_answers: bool = False  # score questions that list their right answer twice, as given
     probes: tuple[str, ...] = ()  # registered probes (toolkit.probes) run on every unlearned model
+    floor_every_seed: bool = False  # the floor on each seed of the slice (else once, on the first seed)
 
     @property
     def rtt_on(self) -> bool:
@@ -163,7 +164,8 @@ class SweepSettings:
             preflight_min_forget_acc=preflight, teach_dataset=teach, teach_cpus=teach_cpus, random_bd=random_bd,
             ray=ray, device=device, scoring=SCORING.check(cfg.get("scoring", "letter"), "scoring"),
             allow_repeated_answers=BOOLEAN.check(cfg.get("allow_repeated_answers", False), "allow_repeated_answers"),
-            probes=tuple(read_probes(cfg.get("probes") or [])))
+            probes=tuple(read_probes(cfg.get("probes") or [])),
+            floor_every_seed=BOOLEAN.check(cfg.get("floor_every_seed", False), "floor_every_seed"))
 
     @staticmethod
     def read_ray(ray: Mapping) -> RaySettings:

@@ -148,7 +148,7 @@ def units_of(results: Results, options: Options) -> tuple[list[Unit], list[LeftO
             if "B" in vectors:
                 for name, condition, by_seed, datasets in (
                         ("C", "baseline", seed, [run.dataset]),
-                        ("floor", "never_taught", None, [FLOOR_OF.get(run.dataset, run.dataset)])):
+                        ("floor", "never_taught", seed, [FLOOR_OF.get(run.dataset, run.dataset)])):
                     vector = control_vector(rtt_rows, condition, datasets, split, by_seed, options.attacker)
                     if vector is not None:
                         vectors[name] = vector
