@@ -40,6 +40,7 @@ import pandas as pd
 
 import toolkit.merge_fidelity  # noqa: F401 - the built-in probes' rows (their markers in the figure)
 from toolkit.attackers import ATTACKER_NOTES, ATTACKERS  # noqa: F401 - the analysis's API, re-exported
+from toolkit.checks import nearest_existing
 from toolkit.comparison import (
     Agreement,
     agreements,
@@ -67,7 +68,7 @@ def compare(results_dir: str | Path, published_dirs: str | Path | Sequence[str |
     stream = stream or sys.stdout
     published_dirs = [published_dirs] if isinstance(published_dirs, (str, Path)) else list(published_dirs)
     my_results = load_results(results_dir)
-    kept_lines, their_results = published_results(results_dir, published_dirs)
+    kept_lines, their_results = published_results(my_results, results_dir, published_dirs)
     mine, my_left_out = units_of(my_results, options)
     published, left_out = units_of(their_results, options)
     table = summarize(published, options).table
@@ -255,9 +256,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def check_out_dir(out_dir: str) -> None:
     """--out-dir must be a folder, or a path a folder can be made at."""
-    existing = Path(out_dir).absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(out_dir)
     if not existing.is_dir():
         raise ValueError(f"--out-dir: {out_dir} is not allowed; {existing} is a file: name a folder (it is made "
                          "when absent)")
@@ -273,7 +272,7 @@ def check_inputs(args: argparse.Namespace) -> None:
             if not Path(folder).is_dir():
                 raise FileNotFoundError(f"--compare: {folder} is not a folder; name the published results "
                                         "folder (e.g. results/rank_study)")
-        published_results(args.results_dir, args.compare)
+        published_results(load_results(args.results_dir), args.results_dir, args.compare)
     if args.rtt_lrs:
         ran = sorted(set(load_results(args.results_dir).rtt.get("lr", pd.Series(dtype=float)).astype(float)))
         for lr in args.rtt_lrs:

@@ -72,12 +72,9 @@ class Finetune:
         return loss, {"train_nll": loss.item()}
 
 
-# the steps V (and with_retain, the retain files) is scored at, besides each epoch's end
-BUDGETS = {"none": None, "log2": on_log2_budget, "log2_with_retain": on_log2_budget}
-
-
 def finetune(settings: FinetuneSettings) -> FinetuneResult:
+    # ft.budget: none, or log2 (V at steps 1, 2, 4, ... besides each epoch's end; _with_retain: the retain files too)
+    budget = None if settings.budget == "none" else on_log2_budget
     return FinetuneResult.from_stage(run_stage(settings.train, settings.evals, Finetune(settings), save=settings.save,
-                                               budget=BUDGETS[settings.budget],
-                                               budget_retain=settings.budget.endswith("_with_retain")))
+                                               budget=budget, budget_retain=settings.budget == "log2_with_retain"))
 

@@ -409,10 +409,10 @@ def execute(cfg: DictConfig | Mapping) -> Sweep | None:
     if sweep.ray.address:
         nodes = check_shared_storage(os.getcwd(), sweep.data_root, sweep.models_dir)
         print(f"ray: {nodes} node(s) share this folder, {sweep.data_root} and {sweep.models_dir}", flush=True)
-    nodes = live_nodes()
-    resources = task_resources(sweep.ray.cpus_per_task, sweep.ray.gpus_per_task, nodes)
+    node_resources = live_nodes()
+    resources = task_resources(sweep.ray.cpus_per_task, sweep.ray.gpus_per_task, node_resources)
     if sweep.teach_cpus:  # a bad value whether or not this sweep teaches
-        check_fits(sweep.teach_cpus, resources.num_gpus, nodes, "teach.cpus")
+        check_fits(sweep.teach_cpus, resources.num_gpus, node_resources, "teach.cpus")
     resolve_model_path(sweep.model_id, sweep.models_dir)
     if plan.teach and not Path(plan.teach.model_path, "config.json").is_file():
         print(f"teaching {plan.base_model} the facts of {plan.teach.dataset.name} -> {plan.teach.model_path}",

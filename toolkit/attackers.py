@@ -48,7 +48,7 @@ def attempts(rows: pd.DataFrame, every_epoch: bool) -> dict[tuple, dict]:
 
 
 def _best(options: dict[tuple, dict]) -> dict | None:
-    """The best V accuracy; among tied cells, TIE_ORDER's."""
+    """The best V accuracy; among tied cells, the stated order's (highest lr, longest run, latest epoch)."""
     return max(options.values(), key=lambda a: (a["final"], a["choice"])) if options else None
 
 
@@ -62,12 +62,16 @@ def cross_fitted(rows: pd.DataFrame, split: int) -> dict | None:
     splits (the best mean V accuracy there), then applied to this split: the
     choice never sees the V it is scored on."""
     mine = attempts(rows[rows.skip_split == split], every_epoch=True)
-    others = [attempts(group, every_epoch=True) for s, group in rows.groupby("skip_split") if s != split]
+    return _cross_fit(mine, [attempts(group, every_epoch=True) for s, group in rows.groupby("skip_split") if s != split])
+
+
+def _cross_fit(mine: dict[tuple, dict], others: list[dict[tuple, dict]]) -> dict | None:
+    """The option of `mine` with the best mean V over `others` (the other
+    held-out splits' options); ties by the stated order (the option itself)."""
     shared = [c for c in mine if others and all(c in o for o in others)]
     if not shared:
         return None
-    choice = max(shared, key=lambda c: (np.mean([o[c]["final"] for o in others]), c))
-    return mine[choice]
+    return mine[max(shared, key=lambda c: (np.mean([o[c]["final"] for o in others]), c))]
 
 
 # --attacker: how B, C and the floor pick among the RTT runs (lrs, epochs) of one model and held-out split
@@ -99,9 +103,9 @@ def _at_step(rows: pd.DataFrame, step: int) -> dict[tuple, dict]:
     for _, row in rows.iterrows():
         accs = _by_epoch(row.get("forget_accs_by_step") or {})
         if step in accs:
-            out[(float(row.lr), int(row.epochs))] = {
-                "final": accs[step], "vector": _vector({"v": row.get("forget_correct_by_step") or {}}, "v", step,
-                                                       accs[step])}
+            choice = (float(row.lr), int(row.epochs))
+            out[choice] = {"final": accs[step], "choice": choice,
+                           "vector": _vector({"v": row.get("forget_correct_by_step") or {}}, "v", step, accs[step])}
     return out
 
 
@@ -122,11 +126,9 @@ def along_budget(rows: pd.DataFrame, split: int, attacker: str) -> dict[int, np.
     for step in budget_steps(rows):
         mine = _at_step(rows[rows.skip_split == split], step)
         if attacker == "cross_fitted":
-            others = [_at_step(group, step) for s, group in rows.groupby("skip_split") if s != split]
-            shared = [c for c in mine if others and all(c in o for o in others)]
-            choice = max(shared, key=lambda c: (np.mean([o[c]["final"] for o in others]), c)) if shared else None
+            best = _cross_fit(mine, [_at_step(group, step) for s, group in rows.groupby("skip_split") if s != split])
         else:
-            choice = max(mine, key=lambda c: (mine[c]["final"], c)) if mine else None
-        if choice is not None:
-            out[step] = mine[choice]["vector"]
+            best = _best(mine)
+        if best is not None:
+            out[step] = best["vector"]
     return out

@@ -33,13 +33,18 @@ def check_methods(sweep: SweepSettings) -> None:
                           f"({', '.join(names)}) trains LoRA adapters; leave it null")
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """The path itself if it exists, else its nearest ancestor that does."""
+    existing = Path(path).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
+
+
 def check_writable(path: str, key: str) -> None:
     """A folder the sweep writes must be writable: try its nearest existing
     ancestor with a file (created and removed), so nothing is left behind."""
-    target = Path(path).absolute()
-    existing = target
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(path)
     if not existing.is_dir():
         raise ConfigError(f"{key}: {path!r} is not allowed; {existing} is a file, not a folder")
     test_file = existing / f".write-test-{os.getpid()}"

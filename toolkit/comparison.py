@@ -251,8 +251,7 @@ def machine_of(run: Mapping[str, Any]) -> str:
     if not isinstance(cpu, str) or not cpu:
         return UNRECORDED
     where = f"{cpu} + {gpu}" if isinstance(gpu, str) and gpu else cpu
-    autocast = " + bf16 autocast" if str(run.get("bf16_autocast")) == "True" else ""
-    return f"{where}; {run.get('device')} {run.get('dtype')}{autocast}"
+    return f"{where}; {numeric_path_of(run)}"
 
 
 def seed_ranges(seeds: Sequence[int]) -> str:

@@ -166,25 +166,23 @@ def check_data_files(data_root: str | os.PathLike, question_files: Iterable[str]
     a dev file with fewer rows than `k_shot` and, unless allowed, a question
     that lists its right answer twice are refused too."""
     dev = set(dev_files)
-    for name, load in [*((n, load_mcq) for n in question_files), *((n, load_training_rows) for n in training_files)]:
+    for name, questions in [*((n, True) for n in question_files), *((n, False) for n in training_files)]:
         path = data_file(data_root, name)
-        rows = load(path)
-        if not allow_repeated_answers:
-            check_repeated_answers(path)
+        numbered = numbered_rows(path)
+        corpus = not questions and _is_corpus(numbered)
+        rows = _corpus_texts(numbered, path) if corpus else _mcq_rows(numbered, path)
+        if not allow_repeated_answers and not corpus:
+            check_repeated_answers(path, [line_no for line_no, _ in numbered], rows)
         if not rows:
             raise DataValidationError(f"{path}: the file has no rows; every split needs at least one "
-                                      f"{'question' if load is load_mcq else 'row'}")
+                                      f"{'question' if questions else 'row'}")
         if name in dev and len(rows) < k_shot:
             raise DataValidationError(f"{path}: {len(rows)} row(s), fewer than k_shot={k_shot} few-shot examples; "
                                       f"add rows or lower k_shot")
 
 
-def check_repeated_answers(path) -> None:
-    numbered = numbered_rows(path)
-    if _is_corpus(numbered):
-        return
-    for line_no, raw in numbered:
-        row = _mcq_row(raw, f"{path}:{line_no}")
+def check_repeated_answers(path, line_numbers: list[int], rows: list[McqRow]) -> None:
+    for line_no, row in zip(line_numbers, rows):
         if letters := repeated_answer(row):
             raise DataValidationError(
                 f"{path}:{line_no}: 'choices' lists the right answer {row.choices[row.answer]!r} "

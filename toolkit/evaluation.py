@@ -225,13 +225,15 @@ class Evaluator:
         return self.scoring(model, files).finish()
 
     def score_at_step(self, model, step: int) -> float:
-        """V (the forget files) alone at an optimizer step of the budget schedule; the mean accuracy."""
-        for name, score in self.score(model, self.forget).items():
-            self.by_step.record(name, step, score)
-        if self.retain_by_step is not None:
-            for name, score in self.score(model, self.retain).items():
-                self.retain_by_step.record(name, step, score)
+        """V (and the retain files, where asked) at an optimizer step of the budget schedule; V's mean accuracy."""
+        retain = self.score(model, self.retain) if self.retain_by_step is not None else {}
+        self.record_by_step(step, self.score(model, self.forget), retain)
         return self.by_step.mean_at(step)
+
+    def record_by_step(self, step: int, forget: Mapping[str, McqScore], retain: Mapping[str, McqScore]) -> None:
+        for log_, scores in ((self.by_step, forget), (self.retain_by_step, retain)):
+            for name, score in scores.items() if log_ is not None else ():
+                log_.record(name, step, score)
 
     def __call__(self, model, epoch: int, step: int | None = None) -> tuple[float, float]:
         """Score every file at `epoch` (finishing the stop rule's check when it
@@ -243,9 +245,8 @@ class Evaluator:
         for log_, scores in ((self.forget_log, forget), (self.retain_log, retain)):
             for name, score in scores.items():
                 log_.record(name, epoch, score)
-        for log_, scores in ((self.by_step, forget), (self.retain_by_step, retain)):
-            for name, score in scores.items() if log_ is not None and step is not None else ():
-                log_.record(name, step, score)
+        if step is not None:
+            self.record_by_step(step, forget, retain)
         return self.forget_log.mean_at(epoch), self.retain_log.mean_at(epoch)
 
 

@@ -184,6 +184,11 @@ def stop_targets(cfg: Mapping) -> list[float | None]:
     return [STOP_TARGETS.check(value, f"unlearn.{STOP_AXIS}")]
 
 
+def stop_target_of(cfg: Mapping, point: GridPoint) -> float | None:
+    """The stop rule's target of this run: its own where the sweep names several, else the one."""
+    return point.value(STOP_AXIS) if STOP_AXIS in dict(point.axes) else stop_targets(cfg)[0]
+
+
 def _product(axes: list[list[dict]]) -> list[dict]:
     combos = [{}]
     for values in axes:
@@ -204,7 +209,7 @@ def model_name(model_path: str) -> str:
 
 def unlearned_model_path(cfg: Mapping, point: GridPoint, base_model: str) -> str:
     sc = point.steering_coeff if point.steering_coeff is not None else "none"
-    target = point.value(STOP_AXIS) if STOP_AXIS in dict(point.axes) else stop_targets(cfg)[0]
+    target = stop_target_of(cfg, point)
     stop = f"-stop{target}" if target is not None else ""
     others = "".join(f"-{k}{v}" for k, v in point.axes if k != STOP_AXIS)
     return str(Path(cfg["models_dir"]) / point.unlearn_type / point.dataset.name / cfg["wandb_project_name"] /

@@ -12,13 +12,12 @@ from toolkit.checks import check_folders, check_methods
 from toolkit.data import data_file, files_fingerprint, fingerprint
 from toolkit.datasets import DATASETS, FLOOR_DATASETS, DatasetFiles, ensure_dataset
 from toolkit.grid import (
-    STOP_AXIS,
     GridPoint,
     dataset_grid,
     method_block,
     model_name,
     parse_enum,
-    stop_targets,
+    stop_target_of,
     unlearned_model_path,
     with_labels,
 )
@@ -139,8 +138,7 @@ class Planner:
             evals=DATASETS[point.dataset].evals(scoring=self.sweep.scoring),
             forget_files=forget, retain_files=retain, loss_type=point.loss_type, retain_loss_type=retain_loss,
             retain_coeff=point.retain_coeff, max_samples=point.max_samples, lora=lora,
-            stop=build_settings(StopRule, section, "unlearn", stop_at_forget_acc=stop_targets(self.cfg)[0]
-                                if STOP_AXIS not in dict(point.axes) else point.value(STOP_AXIS)),
+            stop=build_settings(StopRule, section, "unlearn", stop_at_forget_acc=stop_target_of(self.cfg, point)),
             save=save, method=own)
 
     def run_key(self, point: GridPoint, settings: UnlearnSettings, upstream: str) -> str:
@@ -319,15 +317,17 @@ def add_runs(planner: Planner, plan: Plan, points: list[GridPoint]) -> None:
         # that differ only in a setting the name leaves out (lora_alpha, say) never share a folder; its probes'
         # keys name the model by the descriptive name and the run key (`upstream`), as the published keys do.
         name = unlearned_model_path(sweep.config, point, plan.unlearn_from)
-        key = planner.run_key(point, planner.unlearn_settings(point, plan.unlearn_from, name), upstream)
+        settings = planner.unlearn_settings(point, plan.unlearn_from, name)
+        key = planner.run_key(point, settings, upstream)
         path = f"{name}-{key}"
-        settings = planner.unlearn_settings(point, plan.unlearn_from, path)  # the same key: the folder is not in it
+        if settings.save.path:  # the folder is not part of the key
+            settings = replace(settings, save=replace(settings.save, path=path))
         rtt = planner.rtt_jobs(path, point.dataset, "unlearned", upstream=key, seeds=[point.seed], point=point,
                                who=point.label, key_model=name) if run_rtt else []
         quant = planner.quant_jobs(path, point.dataset, "unlearned", key, point, point.label,
                                    key_model=name) if sweep.saves_models else []
         target = ProbeTarget(planner, path, point.dataset, key, point, point.label)
-        probes = [job for name in sweep.probes for job in PROBE_REGISTRY[name].jobs(target)] if sweep.saves_models else []
+        probes = [job for probe in sweep.probes for job in PROBE_REGISTRY[probe].jobs(target)] if sweep.saves_models else []
         plan.runs.append(Run(planner.next_index(), point, plan.unlearn_from, path, tuple(rtt), settings, key,
                              sweep.results_dir, tuple(quant), probes=tuple(probes)))
     for dataset in sweep.datasets:

@@ -80,9 +80,11 @@ def load_results(results_dir: str | Path) -> Results:
     return results
 
 
-def published_results(results_dir: str | Path, published_dirs: Sequence[str | Path]) -> tuple[list[str], Results]:
-    """The published rows a comparison can rest on (toolkit.comparison.comparable_published), as one Results."""
+def published_results(mine: Results, results_dir: str | Path,
+                      published_dirs: Sequence[str | Path]) -> tuple[list[str], Results]:
+    """The published rows a comparison of `mine` (read from `results_dir`) can
+    rest on (toolkit.comparison.comparable_published), as one Results."""
     published = [(str(folder), load_results(folder)) for folder in published_dirs]
-    _, lines, kept = comparable_published(load_results(results_dir), str(results_dir), published)
+    _, lines, kept = comparable_published(mine, str(results_dir), published)
     return lines, Results(*(pd.concat([getattr(r, stage) for r in kept], ignore_index=True)
                             for stage in ("unlearning", "rtt", "quant")))
