@@ -8,10 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from toolkit.evaluation import mean_by_epoch
-from toolkit.losses import mean_token_nll
 from toolkit.models import with_lora
 from toolkit.names import LossType
-from toolkit.prompts import shuffled_batches
 from toolkit.settings import FinetuneSettings
 from toolkit.stage import Stage, StageResult, on_log2_budget, run_stage
 from toolkit.training import freeze_embeddings
@@ -65,10 +63,10 @@ class Finetune:
         return model
 
     def epoch_steps(self, epoch: int):
-        return shuffled_batches(self.examples, self.settings.train.batch_size, self.stage.rng)
+        return self.stage.batches(self.examples, self.settings.train.batch_size)
 
     def loss(self, model, batch):
-        loss = mean_token_nll(model, self.stage.batch(batch))
+        loss = self.stage.nll(model, batch)
         return loss, {"train_nll": loss.item()}
 
 

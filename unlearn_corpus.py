@@ -6,14 +6,12 @@ method's objective through the stage runner."""
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass, field
 from functools import partial
 
-from toolkit.losses import grouped_token_nll
 from toolkit.models import with_lora
 from toolkit.names import UnlearnType
-from toolkit.prompts import Encoded, shuffled_batches
+from toolkit.prompts import Encoded
 from toolkit.registry import Method, register
 from toolkit.settings import UnlearnSettings
 from toolkit.stage import Objective, Stage, StageResult, StopOutcome, run_stage, unused_settings
@@ -47,13 +45,6 @@ class UnlearnResult:
                    result.stop, result.save_format, result.seconds, result.phase_seconds, result.update)
 
 
-def unlearn_steps(forget: list[Encoded], retain: list[Encoded], batch_size: int, rng: random.Random):
-    """One step per forget batch, each paired with a retain batch (cycled)."""
-    forget_batches = shuffled_batches(forget, batch_size, rng)
-    retain_batches = shuffled_batches(retain, batch_size, rng) if retain else [[]]
-    return [(f, retain_batches[i % len(retain_batches)]) for i, f in enumerate(forget_batches)]
-
-
 @dataclass
 class ForgetRetainData:
     """The forget and retain examples of an unlearning run, paired per step."""
@@ -61,16 +52,19 @@ class ForgetRetainData:
     forget: list[Encoded]
     retain: list[Encoded]
     batch_size: int
-    rng: random.Random
+    stage: Stage
 
     @classmethod
     def encode(cls, settings: UnlearnSettings, stage: Stage) -> "ForgetRetainData":
         forget = stage.encode(settings.forget_files, settings.loss_type, settings.max_samples)
         retain = stage.encode(settings.retain_files, settings.retain_loss_type, settings.max_samples)
-        return cls(forget, retain, settings.train.batch_size, stage.rng)
+        return cls(forget, retain, settings.train.batch_size, stage)
 
     def epoch_steps(self, epoch: int):
-        return unlearn_steps(self.forget, self.retain, self.batch_size, self.rng)
+        """One step per forget batch, each paired with a retain batch (cycled)."""
+        forget_batches = self.stage.batches(self.forget, self.batch_size)
+        retain_batches = self.stage.batches(self.retain, self.batch_size) if self.retain else [[]]
+        return [(f, retain_batches[i % len(retain_batches)]) for i, f in enumerate(forget_batches)]
 
 
 @dataclass
@@ -97,8 +91,7 @@ class CorpusUnlearning:
     def loss(self, model, step):
         forget_batch, retain_batch = step
         retain_batch = retain_batch if self.settings.retain_coeff else []
-        nlls = grouped_token_nll(model, self.stage.batch([*forget_batch, *retain_batch]),
-                                 [len(forget_batch), len(retain_batch)] if retain_batch else [len(forget_batch)])
+        nlls = self.stage.grouped_nll(model, [forget_batch, retain_batch])
         loss, metrics = self.forget_sign * nlls[0], {"forget_nll": nlls[0].item()}
         if retain_batch:
             loss = loss + self.settings.retain_coeff * nlls[1]

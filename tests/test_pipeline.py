@@ -103,6 +103,11 @@ def test_baseline_rtt_runs_once_per_dataset_and_setting(tmp_path, shared_data):
 BAD_VALUES = [
     ("scoring=logits", "scoring: 'logits' is not allowed; use one of letter, choice, choice_norm"),
     ("train.gradient_checkpointing=maybe", "train.gradient_checkpointing: 'maybe' is not allowed; use true or false"),
+    ("train.head_at_labels=sometimes", "train.head_at_labels: 'sometimes' is not allowed; use true or false"),
+    ("train.lion_update=fast", "train.lion_update: 'fast' is not allowed; use one of auto, library, lean, compiled"),
+    ("+train.pack=true", "train.pack is not a setting; the train section holds gradient_checkpointing, head_at_labels"),
+    ("unlearn.stop_check_sample=-2", "unlearn.stop_check_sample: -2 is not allowed; use integers >= 0"),
+    ("unlearn.stop_check_alpha=0", "unlearn.stop_check_alpha: 0 is not allowed; use a number in (0, 1)"),
     ("unlearn.types=[FOO]", "unlearn.types: 'FOO' is not allowed; use one of GD, WHP, FWF, LORA, CUT"),
     ("datasets=[NOPE]", "datasets: 'NOPE' is not allowed; use one of YEARS_MMLU_RETAIN"),
     ("unlearn.lora_ranks=[-4]", "unlearn.lora_ranks: -4 is not allowed; use positive integers"),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from toolkit.losses import mean_token_nll
 from toolkit.registry import Axis, Method, register
 from toolkit.settings import POSITIVE_NUMBERS, UnlearnSettings, setting
 from toolkit.stage import Stage
@@ -29,7 +28,7 @@ class ForgetOnlyAscent:
 
     def loss(self, model, step):
         forget_batch, _ = step
-        nll = mean_token_nll(model, self.stage.batch(forget_batch))
+        nll = self.stage.nll(model, forget_batch)
         return -nll, {"forget_nll": nll.item()}
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -55,8 +57,8 @@ class QuestionFile:
 
 @torch.no_grad()
 def batch_choice_logprobs(model, prompts: Sequence[Sequence[int]], choices, batch: Sequence[int], pad_token_id: int,
-                          autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-                          ) -> torch.Tensor:
+                          autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                          head_at_labels: bool = True) -> torch.Tensor:
     """Each choice's summed log-probability as a continuation of its prompt,
     [len(batch), 4], in one forward pass per question: the prompt and its four
     continuations are packed into one row whose attention mask lets each
@@ -98,7 +100,8 @@ def batch_choice_logprobs(model, prompts: Sequence[Sequence[int]], choices, batc
         where = [p for start, length in spans[r] for p in [prompt_len - 1, *range(start, start + length - 1)]]
         targets = torch.tensor([t for start, length in spans[r] for t in ids[start:start + length]], device=device)
         with autocast():
-            logprobs = head(hidden[r, where]).float().log_softmax(-1).gather(1, targets[:, None])[:, 0].cpu()
+            logits = head(hidden[r, where]) if head_at_labels else head(hidden[r])[where]
+            logprobs = logits.float().log_softmax(-1).gather(1, targets[:, None])[:, 0].cpu()
         out[r] = torch.stack([part.sum() for part in logprobs.split([length for _, length in spans[r]])])
     return out
 
@@ -112,8 +115,8 @@ def length_sorted_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> 
 @torch.no_grad()
 def batch_letter_logits(model, prompts: Sequence[Sequence[int]], batch: Sequence[int], letter_ids: Sequence[int],
                         pad_token_id: int,
-                        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-                        ) -> torch.Tensor:
+                        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                        head_at_labels: bool = True) -> torch.Tensor:
     """Logits of the four answer letters at the last position of each prompt
     in `batch` (indices into `prompts`), [len(batch), 4]; the LM head runs on
     one position per prompt."""
@@ -124,8 +127,9 @@ def batch_letter_logits(model, prompts: Sequence[Sequence[int]], batch: Sequence
     with autocast():
         hidden = hidden_states(model, inputs)
         last = inputs["attention_mask"].sum(1) - 1
-        final = hidden[torch.arange(len(batch), device=device), last]
-        return head(final)[:, letters].float().cpu()
+        rows = torch.arange(len(batch), device=device)
+        logits = head(hidden[rows, last]) if head_at_labels else head(hidden)[rows, last]
+        return logits[:, letters].float().cpu()
 
 
 def letter_logits(model, prompts: Sequence[Sequence[int]], letter_ids: Sequence[int], pad_token_id: int,
@@ -196,10 +200,11 @@ class Evaluator:
     last_check: "Check | None" = None  # the stop rule's latest scoring
     by_step: AccuracyLog | None = None  # V by optimizer step, when RTT is scored along its budget
     retain_by_step: AccuracyLog | None = None  # the retain files by step, where that is asked too
+    head_at_labels: bool = True  # train.head_at_labels: the LM head only at the positions a score reads
 
     @classmethod
     def build(cls, tokenizer, evals: EvalFiles, data_root: str, k_shot: int, batch_size: int,
-              policy: "DevicePolicy") -> "Evaluator":
+              policy: "DevicePolicy", head_at_labels: bool = True) -> "Evaluator":
         def files(names, dev):
             prefix = fewshot_prefix(load_mcq(data_file(data_root, dev)), k_shot) if dev and k_shot else ""
             return [QuestionFile.build(tokenizer, n, load_mcq(data_file(data_root, n)), prefix, evals.scoring)
@@ -207,19 +212,22 @@ class Evaluator:
 
         return cls(files(evals.val_files, evals.dev_file), files(evals.val_retain_files, evals.retain_dev_file),
                    answer_letter_token_ids(tokenizer), tokenizer.pad_token_id, batch_size, policy.autocast,
-                   evals.scoring)
+                   evals.scoring, head_at_labels=head_at_labels)
 
     def batch_scores(self, model, f: QuestionFile, batch: Sequence[int]) -> torch.Tensor:
         """[len(batch), 4] scores whose arg-max is the model's answer."""
         if self.mode == "letter":
-            return batch_letter_logits(model, f.prompts, batch, self.letter_ids, self.pad_token_id, self.autocast)
-        logprobs = batch_choice_logprobs(model, f.prompts, f.choices, batch, self.pad_token_id, self.autocast)
+            return batch_letter_logits(model, f.prompts, batch, self.letter_ids, self.pad_token_id, self.autocast,
+                                       self.head_at_labels)
+        logprobs = batch_choice_logprobs(model, f.prompts, f.choices, batch, self.pad_token_id, self.autocast,
+                                         self.head_at_labels)
         if self.mode == "choice_norm":
             logprobs = logprobs / torch.tensor([f.choice_bytes[i] for i in batch], dtype=torch.float32)
         return logprobs
 
-    def scoring(self, model, files: Sequence[QuestionFile]) -> "Scoring":
-        return Scoring(self, model, list(files))
+    def scoring(self, model, files: Sequence[QuestionFile], sample: int = 0, alpha: float = 0.001,
+                rng: random.Random | None = None) -> "Scoring":
+        return Scoring(self, model, list(files), sample=sample, alpha=alpha, rng=rng)
 
     def score(self, model, files: Sequence[QuestionFile]) -> dict[str, McqScore]:
         return self.scoring(model, files).finish()
@@ -265,12 +273,48 @@ class Check:
 MARGIN = 1e-6
 
 
+def poisson_tail_mean(wrong: int, alpha: float) -> float:
+    """The smallest mean mu at which Chernoff's bound on P(W <= wrong), for W
+    a sum of independent Bernoullis of mean mu, is at most alpha:
+    exp(-mu) (e mu / wrong)^wrong <= alpha (exp(-mu) <= alpha when wrong = 0)."""
+    if wrong == 0:
+        return math.log(1 / alpha)
+    log_bound = lambda mu: -mu + wrong + wrong * math.log(mu / wrong)  # noqa: E731 - decreasing for mu > wrong
+    low, high = float(wrong), wrong + 2 * math.log(1 / alpha) + 2 * math.sqrt(wrong * math.log(1 / alpha)) + 1
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (low, middle) if log_bound(middle) <= math.log(alpha) else (middle, high)
+    return high
+
+
+def sampled_lower_bound(correct: Sequence[int], drawn: Sequence[int], sizes: Sequence[int], alpha: float) -> float:
+    """A lower bound, at confidence 1 - alpha, on the mean over files of each
+    file's accuracy, from `correct[f]` right answers among `drawn[f]` of its
+    `sizes[f]` questions drawn at random without replacement (the same number
+    from every file not drawn whole). The wrong answers in the sample number
+    on average n * (the sum over files of their error rates); drawing without
+    replacement only concentrates that count (Hoeffding 1963), so Chernoff's
+    bound for independent draws holds, and a mean at or below the bound would
+    show this few wrong answers with probability at most alpha."""
+    whole = [f for f in range(len(sizes)) if drawn[f] >= sizes[f]]  # known exactly
+    parts = [f for f in range(len(sizes)) if drawn[f] < sizes[f]]
+    known_errors = sum((sizes[f] - correct[f]) / sizes[f] for f in whole)
+    if not parts:
+        return 1 - known_errors / len(sizes)
+    n = min(drawn[f] for f in parts)
+    wrong = sum(drawn[f] - correct[f] for f in parts)
+    return 1 - (known_errors + poisson_tail_mean(wrong, alpha) / n) / len(sizes)
+
+
 @dataclass
 class Scoring:
     """Question files scored a batch at a time, so that the stop rule can stop
     scoring once its decision is certain (`until`) and an evaluation at the
     same step can finish the rest (`finish`). The batches are `letter_logits`'s,
-    so every question's logits are those of one pass."""
+    so every question's logits are those of one pass. With `sample`, that many
+    questions per file, drawn with `rng`, are scored first, and at that point
+    the lower bound is the larger of the exact one and the sample's bound at
+    confidence 1 - `alpha` (`sampled_lower_bound`)."""
 
     evaluator: Evaluator
     model: Any
@@ -280,12 +324,26 @@ class Scoring:
     left: dict[str, int] = field(default_factory=dict)
     pending: list = field(default_factory=list)  # (file, batch of prompt indices) not scored yet
     questions: int = 0  # scored so far
+    sample: int = 0
+    alpha: float = 0.001
+    rng: random.Random | None = None
+    drawn: dict[str, int] = field(default_factory=dict)  # each file's questions in the random sample
 
     def __post_init__(self):
+        rest = []
         for f in self.files:
             self.logits[f.name] = torch.empty(len(f.prompts), len(self.evaluator.letter_ids))
             self.correct[f.name], self.left[f.name] = 0, len(f.prompts)
-            self.pending += [(f, batch) for batch in length_sorted_batches(f.prompts, self.evaluator.batch_size)]
+            drawn = (self.rng or random.Random(0)).sample(range(len(f.prompts)), min(self.sample, len(f.prompts)))
+            self.drawn[f.name] = len(drawn)
+            self.pending += self._batches(f, drawn)
+            rest += self._batches(f, sorted(set(range(len(f.prompts))) - set(drawn)))
+        self.pending += rest  # every file's sample first, then the rest
+
+    def _batches(self, f: QuestionFile, indices: Sequence[int]) -> list:
+        indices = list(indices)
+        return [(f, [indices[i] for i in batch])
+                for batch in length_sorted_batches([f.prompts[i] for i in indices], self.evaluator.batch_size)]
 
     @property
     def complete(self) -> bool:
@@ -299,6 +357,9 @@ class Scoring:
             return float("nan"), float("nan")
         low = sum(self.correct[n] / sizes[n] for n in sizes) / len(sizes)
         high = sum((self.correct[n] + self.left[n]) / sizes[n] for n in sizes) / len(sizes)
+        if self.sample and self.questions == sum(self.drawn.values()) and not self.complete:
+            low = max(low, sampled_lower_bound([self.correct[n] for n in sizes], [self.drawn[n] for n in sizes],
+                                               list(sizes.values()), self.alpha))
         return low, high
 
     def until(self, decided: Callable[[float, float], bool] = lambda low, high: False) -> "Scoring":

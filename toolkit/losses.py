@@ -23,23 +23,28 @@ def hidden_states(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
 
 
-def mean_token_nll(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def mean_token_nll(model, batch: Mapping[str, torch.Tensor], head_at_labels: bool = True) -> torch.Tensor:
     """Mean next-token NLL over labelled tokens; padding and prefixes carry no weight."""
-    return grouped_token_nll(model, batch, [batch["input_ids"].shape[0]])[0]
+    return grouped_token_nll(model, batch, [batch["input_ids"].shape[0]], head_at_labels)[0]
 
 
-def grouped_token_nll(model, batch: Mapping[str, torch.Tensor], sizes: Sequence[int]) -> list[torch.Tensor]:
+def grouped_token_nll(model, batch: Mapping[str, torch.Tensor], sizes: Sequence[int],
+                      head_at_labels: bool = True) -> list[torch.Tensor]:
     """The mean token NLL of consecutive groups of rows (e.g. forget, then
     retain) from one forward pass: rows of a right-padded causal batch do not
     see each other, and one pass of 8 rows costs less than two of 4 (the
-    weight gradients are accumulated once)."""
+    weight gradients are accumulated once). The LM head runs only at the
+    labelled positions (`head_at_labels=false`: at every position, as a plain
+    forward computes the logits; the same loss)."""
     hidden = hidden_states(model, batch)
     targets = batch["labels"][:, 1:]
     _, head = decoder_and_head(model)
+    logits = None if head_at_labels else head(hidden[:, :-1])
     out, start = [], 0
     for size in sizes:
         rows = slice(start, start + size)
         keep = targets[rows] != IGNORE_INDEX
-        out.append(F.cross_entropy(head(hidden[rows, :-1][keep]).float(), targets[rows][keep]))
+        scores = head(hidden[rows, :-1][keep]) if logits is None else logits[rows][keep]
+        out.append(F.cross_entropy(scores.float(), targets[rows][keep]))
         start += size
     return out

@@ -98,12 +98,15 @@ def collate(examples: Sequence[Encoded], pad_token_id: int, device: str | torch.
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
-def shuffled_batches(items: Sequence[Encoded], batch_size: int, rng: random.Random) -> list[list[Encoded]]:
+def shuffled_batches(items: Sequence[Encoded], batch_size: int, rng: random.Random,
+                     by_length: bool = True) -> list[list[Encoded]]:
     """Batches of similar length in random order: on CPU, padding is most of
-    the cost when 15-token sentences share a batch with 50-token questions."""
+    the cost when 15-token sentences share a batch with 50-token questions
+    (`by_length=False`: rows in random order, as most trainers batch them)."""
     order = list(items)
     rng.shuffle(order)
-    order.sort(key=lambda e: len(e.input_ids))
+    if by_length:
+        order.sort(key=lambda e: len(e.input_ids))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches

@@ -21,7 +21,10 @@ def stop_columns(run: Run, result: UnlearnResult) -> dict:
     return {"stop_target": rule.stop_at_forget_acc, "stop_retain_floor": rule.stop_retain_floor,
             "stop_step": stop.step if stop else None, "stop_reached": stop.reached if stop else None,
             "stop_reason": stop.reason if stop else None, "stop_forget_acc": stop.forget_acc if stop else None,
-            "stop_retain_acc": stop.retain_acc if stop else None}
+            "stop_retain_acc": stop.retain_acc if stop else None,
+            # how the checks counted: 0 = every question; else a random sample per file first (confidence 1 - alpha)
+            "stop_check_sample": rule.stop_check_sample,
+            "stop_check_alpha": rule.stop_check_alpha if rule.stop_check_sample else None}
 
 
 def unlearning_row(run: Run, result: UnlearnResult) -> dict:

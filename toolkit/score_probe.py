@@ -22,7 +22,7 @@ def score_under(job: QuantJob, transform: Callable | None, probe: str, **columns
     if transform is not None:
         transform(model)
     evaluator = Evaluator.build(tokenizer, job.evals, job.train.data_root, job.train.k_shot, job.train.val_batch_size,
-                                policy)
+                                policy, job.train.head_at_labels)
     forget, retain = evaluator(model, 0)
     scored = f"forget {forget:.2f}" + ("" if math.isnan(retain) else f", retain {retain:.2f}")
     row = score_row(job, evaluator, probe, **columns) if job.results_dir else None

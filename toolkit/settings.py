@@ -88,6 +88,7 @@ FRACTION_OR_NULL = Allowed("null or a number in [0, 1]", lambda v: v is None or 
                            lambda v: None if v is None else float(v))
 
 
+OPEN_FRACTION = Allowed("a number in (0, 1)", lambda v: is_number(v) and 0 < v < 1, float)
 POSITIVE_OR_NULL = Allowed("null or a positive number", lambda v: v is None or (is_number(v) and v > 0),
                            lambda v: None if v is None else float(v))
 
@@ -167,6 +168,9 @@ def key_settings(obj) -> Any:
 
 
 OPTIMIZER_NAMES = ("lion", "adamw")
+LION_UPDATES = ("auto", "library", "lean", "compiled")
+# The `train:` section's keys: how every stage's step computes
+TRAIN_SECTION_KEYS = ("gradient_checkpointing", "head_at_labels", "length_buckets", "lion_update")
 PROGRESS_MODES = ("auto", "bars", "lines", "off")
 WANDB_MODES = ("online", "offline", "disabled")
 SAVE_FORMATS = ("merged", "adapter")
@@ -210,8 +214,16 @@ class TrainSettings:
     wandb_project_name: str = setting(TEXT, in_key=False)
     label: str = setting(TEXT, in_key=False)  # a short run name for progress and logs
     progress: str = setting(one_of(*PROGRESS_MODES), in_key=False)
-    # Recompute activations in the backward pass: memory for time (7B runs); the same result.
+    # How a step computes, not what (the `train:` section; the same result to rounding, so not in a run key):
+    # recompute activations in the backward pass: memory for time (7B runs)
     gradient_checkpointing: bool = setting(BOOLEAN, in_key=False, default=False)
+    # the LM head only at the positions the loss or the score reads (false: logits at every position)
+    head_at_labels: bool = setting(BOOLEAN, in_key=False, default=True)
+    # batches of rows of similar length (false: rows in random order, padded to the longest)
+    length_buckets: bool = setting(BOOLEAN, in_key=False, default=True)
+    # Lion's update: lion-pytorch's own function, the same arithmetic in fewer passes over memory (lean),
+    # one compiled pass (compiled: equal to rounding), or auto (Triton where the device policy picks it, else lean)
+    lion_update: str = setting(one_of(*LION_UPDATES), in_key=False, default="auto")
 
 
 @dataclass(frozen=True)
@@ -246,6 +258,11 @@ class StopRule:
     stop_at_forget_acc: float | None = setting(FRACTION_OR_NULL)
     stop_check_every: int = setting(POSITIVE_INTS)
     stop_retain_floor: float | None = setting(FRACTION_OR_NULL)
+    # A check first scores this many questions per file, drawn at random, and continues the run on them
+    # alone when their mean is above the threshold with confidence 1 - stop_check_alpha (every stop is still
+    # decided on exact counts); 0: every check counts exactly (the published studies).
+    stop_check_sample: int = setting(NON_NEGATIVE_INTS, key_unless=0, default=0)
+    stop_check_alpha: float = setting(OPEN_FRACTION, key_unless=0.001, default=0.001)
 
     @property
     def active(self) -> bool:
@@ -301,7 +318,11 @@ def train_settings(section: Mapping, top: Mapping, key: str, **given) -> TrainSe
     if not isinstance(device, DeviceSettings):
         device = build_settings(DeviceSettings, {**top["device"], **(device or {})}, "device")
     shared = {k: top[k] for k in ("data_root", "wandb_mode", "wandb_project_name", "progress") if k in top}
-    if "gradient_checkpointing" in (top.get("train") or {}):
-        shared["gradient_checkpointing"] = BOOLEAN.check(top["train"]["gradient_checkpointing"],
-                                                         "train.gradient_checkpointing")
-    return build_settings(TrainSettings, {**shared, **section}, key, device=device, **given)
+    computing = dict(top.get("train") or {})
+    unknown = sorted(set(computing) - set(TRAIN_SECTION_KEYS))
+    if unknown:
+        raise ConfigError(f"train.{unknown[0]} is not a setting; the train section holds {', '.join(TRAIN_SECTION_KEYS)}")
+    allowed = {f.name: f.metadata["allowed"] for f in fields(TrainSettings)}
+    for name, value in computing.items():  # named as the user wrote them (train.*), not as the stage's section
+        allowed[name].check(value, f"train.{name}")
+    return build_settings(TrainSettings, {**shared, **section, **computing}, key, device=device, **given)

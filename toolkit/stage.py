@@ -19,7 +19,8 @@ from toolkit.evaluation import AccuracyLog, Check, Evaluator
 from toolkit.models import is_peft, load_model, load_tokenizer, save_checkpoint
 from toolkit.names import STOP_TARGET, LossType
 from toolkit.objective import OPTIONAL_SETTINGS, Objective, unused_settings  # noqa: F401 - the protocol, re-exported
-from toolkit.prompts import Encoded, collate, encode_files
+from toolkit.losses import grouped_token_nll, mean_token_nll
+from toolkit.prompts import Encoded, collate, encode_files, shuffled_batches
 from toolkit.settings import EvalFiles, SaveSettings, StopRule, TrainSettings, key_settings
 from toolkit.training import (
     count_parameters,
@@ -48,6 +49,20 @@ class Stage:
 
     def batch(self, examples: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         return collate(examples, self.tokenizer.pad_token_id, self.policy.device)
+
+    def nll(self, model, examples: Sequence[Encoded]) -> torch.Tensor:
+        """The examples' mean token NLL, computed as the `train:` settings say."""
+        return mean_token_nll(model, self.batch(examples), self.settings.head_at_labels)
+
+    def grouped_nll(self, model, groups: Sequence[Sequence[Encoded]]) -> list[torch.Tensor]:
+        """Each non-empty group's mean token NLL, from one forward pass over all of them."""
+        groups = [g for g in groups if g]
+        return grouped_token_nll(model, self.batch([e for g in groups for e in g]), [len(g) for g in groups],
+                                 self.settings.head_at_labels)
+
+    def batches(self, examples: Sequence[Encoded], batch_size: int) -> list[list[Encoded]]:
+        """An epoch's batches in random order (of similar length, under train.length_buckets)."""
+        return shuffled_batches(examples, batch_size, self.rng, self.settings.length_buckets)
 
 
 @dataclass(frozen=True)
@@ -163,7 +178,7 @@ class Training:
         model = objective.prepare(model, stage)
         if train.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        optimizer = make_optimizer(train.optimizer, model, train.lr, policy)
+        optimizer = make_optimizer(train.optimizer, model, train.lr, policy, train.lion_update)
         return cls(stage, model, objective, optimizer, warmup_then_constant(optimizer, train.warmup_steps))
 
     def step(self, item) -> dict[str, float]:
@@ -194,7 +209,7 @@ def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
         training = Training.setup(train, objective)
         model, tokenizer = training.model, training.stage.tokenizer
         evaluator = Evaluator.build(tokenizer, evals, train.data_root, train.k_shot, train.val_batch_size,
-                                    training.stage.policy)
+                                    training.stage.policy, train.head_at_labels)
         if budget is not None:
             evaluator.by_step = AccuracyLog()
             evaluator.retain_by_step = AccuracyLog() if budget_retain else None
@@ -203,7 +218,7 @@ def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
     # a full-parameter unlearning run measures how far it moved against its starting weights (LoRA: its factors)
     start = starting_weights(model) if measure_update and not is_peft(model) else None
     progress = Progress(train.progress, train.label, total=None)
-    checker = StopChecker(stop, evaluator) if stop is not None and stop.active else None
+    checker = StopChecker(stop, evaluator, train.seed) if stop is not None and stop.active else None
 
     def evaluate(epoch: int) -> None:
         with clock.phase("evaluate"):
@@ -261,6 +276,7 @@ def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
 class StopChecker:
     rule: StopRule
     evaluator: Evaluator
+    seed: int = 0  # the run's: which questions a check's random sample draws, step by step
     last: tuple[float, float] = (float("nan"), float("nan"))  # the last check's forget and retain (bounds that decided it)
 
     def check(self, model, step: int, epoch: int, first: bool = False) -> StopOutcome | None:
@@ -296,8 +312,13 @@ class StopChecker:
         if first:
             return ev.forget_log.mean_at(0), ev.retain_log.mean_at(0)
         floor, target = rule.stop_retain_floor, rule.stop_at_forget_acc
-        check = ev.last_check = Check(step, ev.scoring(model, ev.forget),
-                                      ev.scoring(model, ev.retain) if floor is not None else None)
+
+        def scoring(files, side: str):
+            rng = random.Random(f"{self.seed}:{step}:{side}")
+            return ev.scoring(model, files, rule.stop_check_sample, rule.stop_check_alpha, rng)
+
+        check = ev.last_check = Check(step, scoring(ev.forget, "forget"),
+                                      scoring(ev.retain, "retain") if floor is not None else None)
         retain = check.retain.at_least(floor) if check.retain else float("nan")
         below_floor = check.retain is not None and check.retain.complete and retain < floor
         if below_floor or target is None:

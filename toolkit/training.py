@@ -3,6 +3,8 @@ the warm-up schedule, frozen parameters, seeds."""
 
 from __future__ import annotations
 
+import functools
+import logging
 import random
 from typing import Callable, Sequence
 
@@ -10,30 +12,103 @@ import torch
 
 from toolkit.architecture import parameter_layers
 from toolkit.device import DevicePolicy
-from toolkit.settings import OPTIMIZER_NAMES
+from toolkit.settings import LION_UPDATES, OPTIMIZER_NAMES
+
+log = logging.getLogger(__name__)
 
 
-def _lion(params, lr: float, policy: DevicePolicy):
+def lean_lion_update(p, grad, exp_avg, lr, wd, beta1, beta2):
+    """lion-pytorch's update with the same arithmetic, so the same bits, in
+    fewer passes over memory (no weight decay pass when there is none, no
+    copy of the momentum): on a CPU the update of every weight is memory-bound,
+    and the library's function was a third of an RTT step."""
+    if wd:
+        p.mul_(1.0 - lr * wd)
+    update = torch.mul(exp_avg, beta1).add_(grad, alpha=1.0 - beta1).sign_()
+    p.add_(update, alpha=-lr)
+    exp_avg.mul_(beta2).add_(grad, alpha=1.0 - beta2)
+
+
+def _one_pass_update(p, grad, exp_avg, lr, wd, beta1, beta2):
+    update = (exp_avg * beta1 + grad * (1.0 - beta1)).sign()
+    p.copy_(p * (1.0 - lr * wd) - lr * update)
+    exp_avg.copy_(exp_avg * beta2 + grad * (1.0 - beta2))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_one_pass():
+    # dynamic shapes: one kernel for every weight's shape; the hyper-parameters as 0-d tensors, so a changing
+    # lr (warm-up) does not recompile
+    return torch.compile(_one_pass_update, dynamic=True, fullgraph=True)
+
+
+def compiled_lion_update(p, grad, exp_avg, lr, wd, beta1, beta2):
+    """Lion's update as one compiled pass (read weight, gradient, momentum;
+    write weight, momentum): equal to the library's to rounding (the compiler
+    may fuse a multiply-add). Falls back to the lean update, once and said,
+    where this machine cannot compile (no C++ compiler, say)."""
+    global _COMPILE_FAILED
+    if not _COMPILE_FAILED:
+        try:
+            scalars = [torch.tensor(float(v), dtype=p.dtype, device=p.device) for v in (lr, wd, beta1, beta2)]
+            return _compiled_one_pass()(p, grad, exp_avg, *scalars)
+        except Exception as error:  # noqa: BLE001 - any compiler failure: the lean update is the same arithmetic
+            _COMPILE_FAILED = True
+            log.warning("train.lion_update=compiled could not compile here (%s); using the lean update",
+                        str(error).splitlines()[0] if str(error) else type(error).__name__)
+    return lean_lion_update(p, grad, exp_avg, lr, wd, beta1, beta2)
+
+
+_COMPILE_FAILED = False
+
+
+def _library_update():
+    from lion_pytorch.lion_pytorch import update_fn
+
+    return update_fn
+
+
+LION_UPDATE_FUNCTIONS: dict[str, Callable[[], Callable]] = {
+    "library": _library_update,
+    "lean": lambda: lean_lion_update,
+    "compiled": lambda: compiled_lion_update,
+}
+
+
+def lion_update_name(setting: str, policy: DevicePolicy) -> str:
+    """`train.lion_update` resolved: auto is Triton where the device policy picks it, else the lean update."""
+    if setting == "auto":
+        return "triton" if policy.triton_lion else "lean"
+    return setting
+
+
+def _lion(params, lr: float, policy: DevicePolicy, update: str = "auto"):
     from lion_pytorch import Lion
 
-    return Lion(params, lr=lr, use_triton=policy.triton_lion)
+    name = lion_update_name(update, policy)
+    optimizer = Lion(params, lr=lr, use_triton=name == "triton")
+    if name != "triton":
+        # the library's own hook for its update function (it sets Triton's there)
+        optimizer.update_fn = LION_UPDATE_FUNCTIONS[name]()
+    return optimizer
 
 
 OPTIMIZERS: dict[str, Callable] = {
     "lion": _lion,
     # The fused kernel (CPU and CUDA) updates 2-3x faster than the default per-tensor loop.
-    "adamw": lambda params, lr, policy: torch.optim.AdamW(params, lr=lr, fused=True),
+    "adamw": lambda params, lr, policy, update="auto": torch.optim.AdamW(params, lr=lr, fused=True),
 }
 
 
 assert set(OPTIMIZERS) == set(OPTIMIZER_NAMES)
+assert set(LION_UPDATE_FUNCTIONS) | {"auto"} == set(LION_UPDATES)
 
 
-def make_optimizer(name: str, model, lr: float, policy: DevicePolicy):
+def make_optimizer(name: str, model, lr: float, policy: DevicePolicy, lion_update: str = "auto"):
     """The optimizer sees trainable parameters only (for LoRA: the adapters)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer={name!r} is not allowed; use one of {sorted(OPTIMIZERS)}")
-    return OPTIMIZERS[name]([p for p in model.parameters() if p.requires_grad], lr, policy)
+    return OPTIMIZERS[name]([p for p in model.parameters() if p.requires_grad], lr, policy, lion_update)
 
 
 def warmup_then_constant(optimizer, warmup_steps: int):

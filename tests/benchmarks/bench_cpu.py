@@ -13,6 +13,13 @@ model with one thread (a Ray task with one CPU):
   ratio adapter_vs_merged_bytes    adapter folder / merged checkpoint at r=8
   bytes NAME VALUE                 the sizes behind the last two
 
+and, on the second edition's configuration (conf/rank_study_speed.yaml, fp32):
+
+  ratio rtt_job_vs_baseline        one RTT job (its steps and its V scoring along the budget) / the same job
+                                   with train.head_at_labels, train.length_buckets off and lion_update=library
+  ratio stop_checks_share          the stop checks' share of an unlearning run (LoRA rank 64), sampled checks
+  ratio step_fp32_vs_roofline      achieved FLOP/s of an fp32 RTT step / a matmul of the same FLOPs (goal >= 0.5)
+
 A step is the pipeline's own (`unlearn_corpus.Training.step`): 4 forget + 4
 retain MCQ rows, gradient difference, Lion. `--reps` sets the repetitions.
 """
@@ -48,6 +55,7 @@ from toolkit.planner import Planner  # noqa: E402
 from toolkit.prompts import Encoded, answer_letter_token_ids, collate, mcq_prompt  # noqa: E402
 from toolkit.settings import EvalFiles, build_settings  # noqa: E402
 from toolkit.stage import Training  # noqa: E402
+from toolkit.training import make_optimizer, warmup_then_constant  # noqa: E402
 from unlearn_corpus import GRADIENT_DIFFERENCE, unlearn  # noqa: E402
 
 FORGET = [f"random_bd/split_{i}" for i in range(5)]
@@ -105,8 +113,11 @@ def interleaved_step_times(trainings: dict[str, Training], reps: int, warmup: in
     `sync` waits for queued device work (CUDA) before each clock reading."""
     batches = next(iter(trainings.values())).objective.epoch_steps(1)
     times: dict[str, list[float]] = {name: [] for name in trainings}
+    names = list(trainings)
     for rep in range(reps + warmup):
-        for name, training in trainings.items():
+        # the order turns each round: the first of a round measured up to 30% slower on one machine
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            training = trainings[name]
             sync()
             start = time.perf_counter()
             training.step(batches[rep % len(batches)])
@@ -208,7 +219,10 @@ def checkpoint_bytes(model: str) -> tuple[int, int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--parts", default="steps,eval,memory,bytes", help="comma-separated: steps,eval,memory,bytes")
+    parser.add_argument("--parts", default="steps,eval,memory,bytes,rtt_steps,rtt_job,checks",
+                        help="comma-separated: steps,eval,memory,bytes and, on the second edition's configuration, "
+                             "rtt_steps (with the roofline), rtt_job, checks")
+    parser.add_argument("--job-reps", type=int, default=2, help="interleaved repetitions of the RTT job (minutes each)")
     parser.add_argument("--models-dir", default=str(ROOT / "models"))
     parser.add_argument("--data", default=str(ROOT / "data" / "bench"))
     parser.add_argument("--model", help="a local checkpoint folder (default: the embedded model)")
@@ -235,6 +249,8 @@ def main(argv=None) -> int:
         report_memory(model, data_root, args.reps)
     if "bytes" in parts:
         report_bytes(model)
+    if parts & {"rtt_steps", "rtt_job", "checks"}:
+        report_study(args.models_dir, args.reps, args.job_reps, parts)
     return 0
 
 
@@ -271,6 +287,143 @@ def report_bytes(model: str) -> None:
     print(f"bytes adapter_checkpoint {adapter}")
     print(f"bytes merged_checkpoint {merged}")
     print(f"ratio adapter_vs_merged_bytes {adapter / merged:.4f}")
+
+
+# ---------------------------------------------------------------- the second edition's configuration
+
+# The switches of train.* that make a step cheaper, each at its cost-blind value (the baseline).
+SWITCHED_OFF = {"head_at_labels": False, "length_buckets": False, "lion_update": "library"}
+
+
+def study_plan(models_dir: str):
+    """The plan of conf/rank_study_speed.yaml, seed 0, on the exact (fp32) path, written nowhere."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from toolkit.planner import build_plan
+
+    resolve_model_path("smollm2-135m", models_dir)  # materialised once (the GGUF file converted)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = hydra_compose(config_name="rank_study_speed", overrides=[
+            "slice=[0]", "quant.bits=[]", "probes=[]", f"models_dir={models_dir}", f"data_root={ROOT / 'data'}",
+            "progress=off",
+            f"results_dir={tempfile.mkdtemp(prefix='bench-study-')}"])
+    return build_plan(pipeline.read_settings(cfg))
+
+
+def with_train(settings, **switches):
+    return replace(settings, train=replace(settings.train, **switches))
+
+
+def rtt_job_times(job, reps: int) -> dict[str, list[float]]:
+    from finetune_corpus import finetune
+
+    variants = {"new": job.settings, "baseline": with_train(job.settings, **SWITCHED_OFF)}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for rep in range(reps):
+        for name, settings in list(variants.items())[::1 if rep % 2 == 0 else -1]:
+            start = time.perf_counter()
+            finetune(settings)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def rtt_step_times(job, reps: int) -> dict[str, list[float]]:
+    """An RTT step with every switch on, each switch off alone, and all off."""
+    from finetune_corpus import Finetune
+
+    variants = {"all on": {}, **{f"{key} off": {key: value} for key, value in SWITCHED_OFF.items()},
+                "all off": SWITCHED_OFF, "lion_update=lean": {"lion_update": "lean"},
+                "lion_update=compiled": {"lion_update": "compiled"}}
+    trainings = {name: Training.setup(with_train(job.settings, **switches).train,
+                                      Finetune(with_train(job.settings, **switches)))
+                 for name, switches in variants.items()}
+    trainings["adapter kept unmerged (rank 64)"] = unmerged_adapter_training(job)
+    return interleaved_step_times(trainings, reps)
+
+
+def unmerged_adapter_training(job, rank: int = 64) -> Training:
+    """RTT on a model whose unlearning adapter is kept unmerged and frozen
+    (the other way to keep the update exactly, issue #35): the base weights
+    train under the adapter."""
+    from finetune_corpus import Finetune
+
+    training = Training.setup(job.settings.train, Finetune(job.settings))
+    model = attach_lora(training.model, rank, alpha=16)
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" not in name and "embed_tokens" not in name)
+    optimizer = make_optimizer(job.settings.train.optimizer, model, job.settings.train.lr, training.stage.policy,
+                               job.settings.train.lion_update)
+    return replace(training, model=model, optimizer=optimizer, scheduler=warmup_then_constant(optimizer, 0))
+
+
+def roofline(job, reps: int) -> tuple[float, float, float]:
+    """(step seconds, matmul seconds, FLOPs): an fp32 RTT step against one
+    square matmul with the same FLOPs, medians of interleaved repetitions."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from finetune_corpus import Finetune
+
+    training = Training.setup(job.settings.train, Finetune(job.settings))
+    batches = training.objective.epoch_steps(1)
+    batch = max(batches, key=len)
+    # counted on a twin with the eager update: nothing compiles under a dispatch mode (and Lion adds no FLOPs)
+    counted = with_train(job.settings, lion_update="lean")
+    with FlopCounterMode(display=False) as counter:
+        Training.setup(counted.train, Finetune(counted)).step(batch)
+    flops = counter.get_total_flops()
+    side = round((flops / 2) ** (1 / 3))
+    a, b = torch.randn(side, side), torch.randn(side, side)
+    step, matmul = [], []
+    for _ in range(reps + 1):
+        start = time.perf_counter()
+        training.step(batch)
+        middle = time.perf_counter()
+        a @ b
+        end = time.perf_counter()
+        step.append(middle - start)
+        matmul.append(end - middle)
+    return statistics.median(step[1:]), statistics.median(matmul[1:]), flops
+
+
+def stop_check_share(run, sample: int) -> tuple[float, object]:
+    settings = replace(run.settings, stop=replace(run.settings.stop, stop_check_sample=sample),
+                       save=replace(run.settings.save, path=None))
+    result = unlearn(settings)
+    phases = result.phase_seconds
+    return phases.get("checks", 0.0) / sum(phases.values()), result
+
+
+def report_study(models_dir: str, reps: int, job_reps: int, parts: set[str]) -> None:
+    plan = study_plan(models_dir)
+    job = plan.baseline_rtt[0]  # C: an RTT job as every arm's (same files, lrs, budget), from the base model
+    train = job.settings.train
+    print(f"# the second edition's configuration: RTT batch {train.batch_size}, lr {train.lr}, {train.epochs} "
+          f"epochs, budget {job.settings.budget}, lion_update={train.lion_update}; device.bf16_autocast="
+          f"{train.device.bf16_autocast}")
+    if "rtt_steps" in parts:
+        steps = rtt_step_times(job, reps)
+        base = statistics.median(steps["all on"])
+        for name, values in steps.items():
+            print(f"# rtt step {name}: median {statistics.median(values):.3f} s ({statistics.median(values) / base:.2f}x)")
+        step, matmul, flops = roofline(job, reps)
+        print(f"# roofline: {flops / 1e9:.1f} GFLOP a step, {flops / step / 1e9:.1f} GFLOP/s in the step, "
+              f"{flops / matmul / 1e9:.1f} GFLOP/s in one square matmul of the same FLOPs")
+        print(f"ratio step_fp32_vs_roofline {matmul / step:.3f}")
+    if "rtt_job" in parts:
+        times = rtt_job_times(job, job_reps)
+        print(f"# rtt job: new {statistics.median(times['new']):.1f} s, baseline "
+              f"{statistics.median(times['baseline']):.1f} s (medians of {job_reps})")
+        print(f"ratio rtt_job_vs_baseline {median_ratio(times['new'], times['baseline']):.3f}")
+    if "checks" in parts:
+        [run] = [r for r in plan.runs if r.point.lora_rank == 64]
+        sample = run.settings.stop.stop_check_sample
+        share, sampled = stop_check_share(run, sample)
+        exact_share, exact = stop_check_share(run, 0)
+        print(f"# stop checks, LoRA rank 64: sampled ({sample} a file) stop at step {sampled.stop.step} "
+              f"({sampled.stop.reason}), phases {sampled.phase_seconds}; counting every question: step "
+              f"{exact.stop.step} ({exact.stop.reason}), phases {exact.phase_seconds}, share {exact_share:.3f}")
+        print(f"ratio stop_checks_share {share:.3f}")
 
 
 if __name__ == "__main__":
