@@ -28,11 +28,15 @@ from toolkit.training import LION_UPDATE_FUNCTIONS, lion_update_name, make_optim
 # ---------------------------------------------------------------- Lion's update
 
 
+SHAPES = ((64, 32), (32,), (7, 5, 3), *((r, 16) for r in range(1, 12)))  # more shapes than a recompile limit
+
+
 def _weights(seed: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=generator) for shape in ((64, 32), (32,), (7, 5, 3))]
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in SHAPES]
 
 
+@torch.no_grad()
 def _run_updates(update, steps: int = 4, wd: float = 0.0) -> list[torch.Tensor]:
     params, momenta = _weights(0), [torch.zeros_like(p) for p in _weights(0)]
     for step in range(steps):

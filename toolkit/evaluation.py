@@ -93,16 +93,22 @@ def batch_choice_logprobs(model, prompts: Sequence[Sequence[int]], choices, batc
     with autocast():
         hidden = decoder(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                          position_ids=position_ids.to(device)).last_hidden_state
-    out = torch.empty(len(batch), len(choices[batch[0]]))
+    # token t of a continuation is predicted at the position before it: the prompt's last, then its own; the head
+    # runs once for the whole batch, on those positions of every continuation (one large matmul, not one a row)
+    row_of, where, targets, lengths = [], [], [], []
     for r, (ids, pos, owner, prompt_len) in enumerate(rows):
-        # token t of a continuation is predicted at the position before it: the prompt's last, then its own;
-        # the head runs once per question, on those positions of all four continuations
-        where = [p for start, length in spans[r] for p in [prompt_len - 1, *range(start, start + length - 1)]]
-        targets = torch.tensor([t for start, length in spans[r] for t in ids[start:start + length]], device=device)
-        with autocast():
-            logits = head(hidden[r, where]) if head_at_labels else head(hidden[r])[where]
-            logprobs = logits.float().log_softmax(-1).gather(1, targets[:, None])[:, 0].cpu()
-        out[r] = torch.stack([part.sum() for part in logprobs.split([length for _, length in spans[r]])])
+        for start, length in spans[r]:
+            positions = [prompt_len - 1, *range(start, start + length - 1)]
+            row_of += [r] * len(positions)
+            where += positions
+            targets += ids[start:start + length]
+            lengths.append(length)
+    row_of, where = torch.tensor(row_of, device=device), torch.tensor(where, device=device)
+    with autocast():
+        logits = head(hidden[row_of, where]) if head_at_labels else head(hidden)[row_of, where]
+        logprobs = logits.float().log_softmax(-1).gather(1, torch.tensor(targets, device=device)[:, None])[:, 0]
+    sums = torch.stack([part.sum() for part in logprobs.cpu().split(lengths)])
+    out = sums.view(len(batch), len(choices[batch[0]]))
     return out
 
 

@@ -48,10 +48,13 @@ def compiled_lion_update(p, grad, exp_avg, lr, wd, beta1, beta2):
     may fuse a multiply-add). Falls back to the lean update, once and said,
     where this machine cannot compile (no C++ compiler, say)."""
     global _COMPILE_FAILED
-    if not _COMPILE_FAILED:
+    if not _COMPILE_FAILED and p.is_contiguous() and grad.is_contiguous() and exp_avg.is_contiguous():
         try:
             scalars = [torch.tensor(float(v), dtype=p.dtype, device=p.device) for v in (lr, wd, beta1, beta2)]
-            return _compiled_one_pass()(p, grad, exp_avg, *scalars)
+            # flat views of plain tensors: a parameter's shape is static to the compiler (every LoRA and layer
+            # shape would compile anew, up to its recompile limit); one 1-d kernel serves them all
+            flat = [t.view(-1) for t in (p.data, grad, exp_avg)]
+            return _compiled_one_pass()(*flat, *scalars)
         except Exception as error:  # noqa: BLE001 - any compiler failure: the lean update is the same arithmetic
             _COMPILE_FAILED = True
             log.warning("train.lion_update=compiled could not compile here (%s); using the lean update",
