@@ -875,3 +875,38 @@ def test_a_floor_on_every_seed_is_read_seed_by_seed(tmp_path):
             path.unlink()
     units, _ = analyze_recovery.units_of(analyze_recovery.load_results(tmp_path), analyze_recovery.Options())
     assert {u.seed: u.vectors["floor"].mean() for u in units} == {0: 0.2, 1: 0.2}
+
+
+def test_the_power_calculation_sizes_the_primary_contrast_from_each_seeds_area(monkeypatch, capsys):
+    """study_power.py on rows scored along the budget: each seed's area per
+    arm from its own curve, the paired differences' spread, the seeds needed."""
+    from types import SimpleNamespace
+
+    from toolkit.estimates import area_under
+    from toolkit.units import Setting
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "benchmarks"))
+    import study_power
+
+    budget = (0, 1, 3)
+    recovered = {("LORA", 1): [0.2, 0.6, 0.9], ("LORA", 64): [0.1, 0.4, 0.8], ("GD", 0): [0.0, 0.3, 0.7]}
+    shift = {0: 0.0, 1: 0.05, 2: -0.02}  # seed 1 recovers more at rank 64 than seeds 0 and 2 do
+
+    def unit(kind, rank, seed):
+        curve = [r + (shift[seed] if rank == 64 else 0.0) for r in recovered[(kind, rank)]]
+        vectors = {"base": np.ones(10), "A": np.zeros(10), **{f"B@{s}": np.full(10, c) for s, c in zip(budget, curve)}}
+        return SimpleNamespace(setting=Setting(kind, "D", rank, 1e-3, 1, 1.0, None), seed=seed, vectors=vectors)
+
+    units = [unit(kind, rank, seed) for kind, rank in recovered for seed in shift]
+    auc = study_power.auc_per_seed(units, budget)
+    assert auc["rank 1"][0] == pytest.approx(float(area_under(np.array([0.2, 0.6, 0.9]), budget)))
+    diffs = np.array([auc["rank 64"][s] - auc["rank 1"][s] for s in shift])
+    assert diffs == pytest.approx([float(area_under(np.full(3, shift[s]), budget)) - 0.0 +
+                                   float(area_under(np.array([0.1, 0.4, 0.8]) - np.array([0.2, 0.6, 0.9]), budget))
+                                   for s in shift])
+    study_power.print_primary_contrast(auc, target=0.03, most=12)
+    out = capsys.readouterr().out
+    sd = float(diffs.std(ddof=1))
+    assert f"rank 64 - rank 1 (primary): 3 paired seeds, mean {diffs.mean():+.3f}, sd {sd:.3f}" in out
+    assert f"{study_power.seeds_needed(sd, 0.03)} seeds bring it to 0.03" in out
+    assert "full - rank 1 (primary): 3 paired seeds" in out

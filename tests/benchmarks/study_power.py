@@ -14,6 +14,13 @@ slope against log2(rank) gives the spread of the paired trend.
 
 With one seed there is no spread yet: it says so, and prints the half-width
 the bootstrap over splits and questions gives (a lower bound).
+
+Where the rows were scored along the attacker's budget (ft.budget), it also
+sizes the second edition's primary contrast: each seed's area under the
+recovery curve per arm (a rank, or "full" for gradient difference on all
+weights), the paired differences rank 64 - rank 1 and full - rank 1, and
+the seeds that bring their 95% half-width to --auc-target (0.03), at most
+--most-seeds (12; beyond that, the half-width 12 seeds would reach).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import numpy as np
 
 import analyze_recovery  # noqa: E402
 from toolkit.comparison import recovered_per_seed, t_quantile  # noqa: E402
+from toolkit.estimates import area_under, budget_of  # noqa: E402
 
 
 def half_width(sd: float, n: int) -> float:
@@ -44,6 +52,8 @@ def main() -> None:
     parser.add_argument("--attacker", default="cross_fitted", choices=list(analyze_recovery.ATTACKERS))
     parser.add_argument("--target", type=float, default=0.15, help="the half-width asked for at every rank")
     parser.add_argument("--trend-target", type=float, default=0.02, help="the trend's half-width (per doubling)")
+    parser.add_argument("--auc-target", type=float, default=0.03, help="the primary contrast's half-width")
+    parser.add_argument("--most-seeds", type=int, default=12)
     args = parser.parse_args()
     options = replace(analyze_recovery.Options(), attacker=args.attacker)
     units, left_out = analyze_recovery.units_of(analyze_recovery.load_results(args.results_dir), options)
@@ -78,6 +88,50 @@ def main() -> None:
         print(f"trend: {len(common)} paired seeds, slope per doubling {slopes.mean():+.4f}, sd {sd:.4f}; half-width "
               f"now {half_width(sd, len(common)):.4f}; {seeds_needed(sd, args.trend_target)} seeds bring it to "
               f"{args.trend_target}")
+    budget = budget_of(units)
+    if len(budget) >= 2:
+        print_primary_contrast(auc_per_seed(units, budget), args.auc_target, args.most_seeds)
+
+
+def arm_of(unit) -> str:
+    return "full" if unit.setting.unlearn_type == "GD" else f"rank {unit.setting.lora_rank}"
+
+
+def auc_per_seed(units, budget) -> dict[str, dict[int, float]]:
+    """{arm: {seed: area under that seed's recovery curve}}: at each budget step the
+    recovered fraction (mean B - mean A) / (mean base - mean A) over the seed's held-out splits."""
+    out: dict[str, dict[int, float]] = {}
+    for unit in units:
+        out.setdefault(arm_of(unit), {})
+    for arm in out:
+        for seed in sorted({u.seed for u in units if arm_of(u) == arm}):
+            mine = [u for u in units if arm_of(u) == arm and u.seed == seed and "A" in u.vectors
+                    and all(f"B@{s}" in u.vectors for s in budget)]
+            if not mine:
+                continue
+            base, a = (np.mean([u.vectors[k].mean() for u in mine]) for k in ("base", "A"))
+            curve = np.array([(np.mean([u.vectors[f"B@{s}"].mean() for u in mine]) - a) / (base - a) for s in budget])
+            out[arm][seed] = float(area_under(curve, budget))
+    return out
+
+
+def print_primary_contrast(auc: dict[str, dict[int, float]], target: float, most: int) -> None:
+    for arm, per_seed in auc.items():
+        print(f"area under the recovery curve, {arm}: " + ", ".join(f"seed {s} {v:.3f}" for s, v in per_seed.items()))
+    for high, low in (("rank 64", "rank 1"), ("full", "rank 1")):
+        if high not in auc or low not in auc:
+            continue
+        paired = sorted(set(auc[high]) & set(auc[low]))
+        diffs = np.array([auc[high][s] - auc[low][s] for s in paired])
+        if len(diffs) < 2:
+            print(f"{high} - {low}: {len(diffs)} paired seed(s); the seed-to-seed spread needs a second")
+            continue
+        sd = float(diffs.std(ddof=1))
+        needed = seeds_needed(sd, target)
+        plan = (f"{needed} seeds bring it to {target}" if needed is not None and needed <= most else
+                f"more than {most} seeds would be needed; {most} reach about {half_width(sd, most):.3f}")
+        print(f"{high} - {low} (primary): {len(diffs)} paired seeds, mean {diffs.mean():+.3f}, sd {sd:.3f}; "
+              f"half-width now {half_width(sd, len(diffs)):.3f}; {plan}")
 
 
 if __name__ == "__main__":
