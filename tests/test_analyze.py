@@ -910,3 +910,15 @@ def test_the_power_calculation_sizes_the_primary_contrast_from_each_seeds_area(m
     assert f"rank 64 - rank 1 (primary): 3 paired seeds, mean {diffs.mean():+.3f}, sd {sd:.3f}" in out
     assert f"{study_power.seeds_needed(sd, 0.03)} seeds bring it to 0.03" in out
     assert "full - rank 1 (primary): 3 paired seeds" in out
+
+
+def test_a_difference_with_a_missing_arm_says_it_is_not_estimable():
+    """A slice still running: rank 4 has no RTT rows yet, so its paired
+    difference is NaN, and the line gives no verdict (not "lower")."""
+    from toolkit.bootstrap import Difference
+
+    missing = Difference("LORA", "D", 4, 1, float("nan"), float("nan"), float("nan"), "recovery_auc")
+    assert missing.sentence() == ("paired difference (LORA, D): area under the recovery curve (log steps) at rank 4 "
+                                  "minus rank 1: not estimable (no value at one of the two yet)")
+    present = Difference("LORA", "D", 0, 1, -0.05, -0.09, -0.01)
+    assert present.sentence().endswith("= -0.050 (95% CI -0.090 to -0.010): lower with full fine-tuning")

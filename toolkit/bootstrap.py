@@ -152,12 +152,15 @@ class Difference:
 
     def sentence(self) -> str:
         larger = "at the larger rank" if self.rank else "with full fine-tuning"
-        verdict = ("no detectable difference (the CI includes 0)" if self.lo <= 0 <= self.hi
-                   else f"higher {larger}" if self.lo > 0 else f"lower {larger}")
         label = MEASURE_NAMES.get(self.measure, self.measure.replace("_", " "))
         at = f"rank {self.rank}" if self.rank else "full fine-tuning"  # rank 0: the full-parameter reference
-        return (f"paired difference ({self.method}, {self.dataset}): {label} at {at} minus rank "
-                f"{self.lowest} = {self.value:+.3f} (95% CI {self.lo:+.3f} to {self.hi:+.3f}): {verdict}")
+        head = f"paired difference ({self.method}, {self.dataset}): {label} at {at} minus rank {self.lowest}"
+        if math.isnan(self.value) or math.isnan(self.lo) or math.isnan(self.hi):
+            # a slice still running, say: one of the two has no value yet, so there is no verdict either
+            return f"{head}: not estimable (no value at one of the two yet)"
+        verdict = ("no detectable difference (the CI includes 0)" if self.lo <= 0 <= self.hi
+                   else f"higher {larger}" if self.lo > 0 else f"lower {larger}")
+        return f"{head} = {self.value:+.3f} (95% CI {self.lo:+.3f} to {self.hi:+.3f}): {verdict}"
 
 
 MEASURE_NAMES = {"recovery_auc": "area under the recovery curve (log steps)"}
