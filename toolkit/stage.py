@@ -306,8 +306,10 @@ class StopChecker:
         exact where the run stops (or could), else a bound that already
         decides it, so a check scores only the questions its decision needs
         (same decision, same recorded values; the rest is scored only if an
-        evaluation at this step needs it). At step 0 the evaluation before
-        training has already scored the files."""
+        evaluation at this step needs it). With `stop_check_sample`, a random
+        sample's bound at confidence 1 - alpha may decide that the run goes
+        on; a stop is always decided on counts. At step 0 the evaluation
+        before training has already scored the files."""
         ev, rule = self.evaluator, self.rule
         if first:
             return ev.forget_log.mean_at(0), ev.retain_log.mean_at(0)
