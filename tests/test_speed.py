@@ -19,9 +19,9 @@ from toolkit.data import McqRow
 from toolkit.device import resolve_device_policy
 from toolkit.evaluation import Evaluator, QuestionFile, poisson_tail_mean, sampled_lower_bound
 from toolkit.losses import grouped_token_nll
-from toolkit.models import load_model, load_tokenizer
+from toolkit.models import load_model
 from toolkit.prompts import Encoded, TextPair, answer_letter_token_ids, collate, encode, shuffled_batches
-from toolkit.settings import EvalFiles, StopRule
+from toolkit.settings import StopRule
 from toolkit.stage import StopChecker
 from toolkit.training import LION_UPDATE_FUNCTIONS, lion_update_name, make_optimizer
 

@@ -340,7 +340,8 @@ class Scoring:
         for f in self.files:
             self.logits[f.name] = torch.empty(len(f.prompts), len(self.evaluator.letter_ids))
             self.correct[f.name], self.left[f.name] = 0, len(f.prompts)
-            drawn = (self.rng or random.Random(0)).sample(range(len(f.prompts)), min(self.sample, len(f.prompts)))
+            drawn = (self.rng or random.Random(0)).sample(range(len(f.prompts)), min(self.sample, len(f.prompts))) \
+                if self.sample else []
             self.drawn[f.name] = len(drawn)
             self.pending += self._batches(f, drawn)
             rest += self._batches(f, sorted(set(range(len(f.prompts))) - set(drawn)))

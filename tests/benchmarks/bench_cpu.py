@@ -335,9 +335,8 @@ def rtt_step_times(job, reps: int) -> dict[str, list[float]]:
     variants = {"all on": {}, **{f"{key} off": {key: value} for key, value in SWITCHED_OFF.items()},
                 "all off": SWITCHED_OFF, "lion_update=lean": {"lion_update": "lean"},
                 "lion_update=compiled": {"lion_update": "compiled"}}
-    trainings = {name: Training.setup(with_train(job.settings, **switches).train,
-                                      Finetune(with_train(job.settings, **switches)))
-                 for name, switches in variants.items()}
+    settings = {name: with_train(job.settings, **switches) for name, switches in variants.items()}
+    trainings = {name: Training.setup(s.train, Finetune(s)) for name, s in settings.items()}
     trainings["adapter kept unmerged (rank 64)"] = unmerged_adapter_training(job)
     return interleaved_step_times(trainings, reps)
 
