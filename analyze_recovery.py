@@ -42,55 +42,71 @@ import toolkit.merge_fidelity  # noqa: F401 - the built-in probes' rows (their m
 from toolkit.attackers import ATTACKER_NOTES, ATTACKERS  # noqa: F401 - the analysis's API, re-exported
 from toolkit.checks import nearest_existing
 from toolkit.comparison import (
-    Agreement,
     agreements,
+    arm_of,
     left_out_sentence,
     machine_lines,
+    primary_measure,
     same_key_sentence,
     same_seed_checks,
+    seed_ranges,
     verdict_sentence,
 )
 from toolkit.estimates import match_forgetting, summarize
-from toolkit.plots import plot
+from toolkit.plots import plot, plot_curves
 from toolkit.report import attacker_heading, block_markers, figure_source, format_table, print_flags
 from toolkit.result_frames import Results, load_results, published_results
 from toolkit.units import LeftOut, Options, step0_check, units_of
 
 
+# --verdict: what the one verdict of --compare rests on
+VERDICT_BASES = {
+    "new_seed": "this slice against a 95% prediction interval from the published seeds it lacks",
+    "same_seed": "this slice against the published rows of its own seeds (a rerun), paired",
+}
+
+
 def compare(results_dir: str | Path, published_dirs: str | Path | Sequence[str | Path], options: Options,
-            stream=None) -> list[Agreement]:
+            stream=None, verdict: str = "new_seed") -> list:
     """Print the published table beside this slice's (already printed), how
     many of its jobs came out exactly as published, where the published rows
-    hold the slice's own seeds one line per rank comparing the rerun with
-    them (did the same seeds come out alike?), one agreement line per rank
+    hold the slice's own seeds one line per arm comparing the rerun with
+    them (did the same seeds come out alike?), one agreement line per arm
     (is the slice like the published seeds it lacks?), and last the verdict
-    over every rank together (family-wise 95%, Holm)."""
+    over every arm together (family-wise 95%, Holm), on the basis `verdict`
+    names (VERDICT_BASES), in the study's primary measure. Returns the
+    verdict's checks, one per arm."""
     stream = stream or sys.stdout
     published_dirs = [published_dirs] if isinstance(published_dirs, (str, Path)) else list(published_dirs)
     my_results = load_results(results_dir)
     kept_lines, their_results = published_results(my_results, results_dir, published_dirs)
     mine, my_left_out = units_of(my_results, options)
     published, left_out = units_of(their_results, options)
+    measure = primary_measure(mine + published)
     table = summarize(published, options).table
     print(f"\npublished ({', '.join(map(str, published_dirs))}; {len(left_out)} flagged run(s) left out):",
           file=stream)
     for line in kept_lines:
         print(line, file=stream)
     print(format_table(table) if not table.empty else "(no published rows yet)", file=stream)
+    print(f"compared on the {measure.label} (the study's primary measure); the verdict: {VERDICT_BASES[verdict]}",
+          file=stream)
     if sentence := same_key_sentence(my_results, their_results):
         print(sentence, file=stream)
-    for check in same_seed_checks(mine, published):
+    same = same_seed_checks(mine, published, measure, draws=options.bootstrap, rng_seed=options.seed)
+    for check in same:
         print(check.sentence(), file=stream)
-    found = agreements(mine, published)
+    found = agreements(mine, published, measure)
     for a in found:
         print(a.sentence(), file=stream)
-    compared = {a.rank for a in found}
-    flagged = sorted({run.lora_rank for run in my_left_out if run.lora_rank not in compared})
+    basis = {"new_seed": found, "same_seed": same}[verdict]
+    compared = {a.arm for a in basis}
+    flagged = list(dict.fromkeys(arm_of(run) for run in my_left_out if arm_of(run) not in compared))
     for run in my_left_out:
-        if run.lora_rank not in compared:
+        if arm_of(run) not in compared:
             print(left_out_sentence(run, published, left_out), file=stream)
-    print(verdict_sentence(found, flagged), file=stream)
-    return found
+    print(verdict_sentence(basis, flagged), file=stream)
+    return basis
 
 
 def headline(results_dir: str | Path, options: Options = Options(), attackers: Sequence[str] = ()) -> str:
@@ -113,8 +129,36 @@ def headline(results_dir: str | Path, options: Options = Options(), attackers: S
                       f"95% bootstrap CIs ({options.bootstrap} draws){named}", *sections])
 
 
+def primary_headline(results_dir: str | Path, options: Options = Options(), attackers: Sequence[str] = ()) -> str:
+    """The second edition's primary measure alone, short enough for the README:
+    per arm the area under the recovery curve and the ceiling (recovered
+    fraction after the whole budget), the paired differences in area and the
+    trend over ranks, under the first attacker named (the headline's)."""
+    attacker = (tuple(attackers) or (options.attacker,))[0]
+    units, left_out = units_of(load_results(results_dir), replace(options, attacker=attacker))
+    analysis = summarize(units, options)
+    table = analysis.table.sort_values(["lora_rank"], key=lambda r: r.replace(0, np.inf))
+
+    def per_arm(measure: str) -> str:
+        return ", ".join(f"{arm_of(row)} {row[measure]:.2f} [{row[f'{measure}_lo']:.2f}, {row[f'{measure}_hi']:.2f}]"
+                         for _, row in table.iterrows())
+
+    seeds = sorted({u.seed for u in units})
+    return "\n".join([
+        f"{len(seeds)} seed(s) ({seed_ranges(seeds)}), {len(left_out)} flagged run(s) left out; attacker "
+        f"{attacker}; 95% bootstrap CIs over seeds, held-out splits and questions ({options.bootstrap} draws)",
+        f"area under the recovery curve: {per_arm('recovery_auc')}",
+        f"recovered at the ceiling: {per_arm('recovered_fraction')}",
+        *[d.sentence() for d in analysis.differences if d.measure == "recovery_auc"],
+        *[t.sentence() for t in analysis.trends if t.measure == "recovery_auc"]])
+
+
+# --headline: what --update-readme writes into its block
+HEADLINES = {"full": headline, "primary": primary_headline}
+
+
 def update_readme(readme: str | Path, results_dir: str | Path, options: Options = Options(),
-                  block: str = "rank-study", attackers: Sequence[str] = ()) -> None:
+                  block: str = "rank-study", attackers: Sequence[str] = (), kind: str = "full") -> None:
     path = Path(readme)
     text = path.read_text(encoding="utf-8")
     begin, end = block_markers(block)
@@ -122,7 +166,7 @@ def update_readme(readme: str | Path, results_dir: str | Path, options: Options 
         raise ValueError(f"{path} has no {begin} ... {end} block to fill")
     head, rest = text.split(begin, 1)
     tail = rest.split(end, 1)[1]
-    block_text = headline(results_dir, options, attackers)
+    block_text = HEADLINES[kind](results_dir, options, attackers)
     path.write_text(f"{head}{begin}\n```text\n{block_text}\n```\n{end}{tail}", encoding="utf-8")
 
 
@@ -154,8 +198,11 @@ def analyze(results_dir: str | Path, options: Options = Options(), out_dir: str 
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "recovery_vs_rank.csv", index=False)
     plot(table, out / "recovery_vs_rank.png", title, source=figure_source(table))
-    print(f"wrote {out / 'recovery_vs_rank.csv'} and {out / 'recovery_vs_rank.png'} "
-          f"(95% CIs: {options.bootstrap} bootstrap draws over seeds, held-out splits and questions)", file=stream)
+    curves = plot_curves(table, out / "recovery_curves.png", f"{title}: attacker {attackers[0]}",
+                         source=figure_source(table))
+    print(f"wrote {out / 'recovery_vs_rank.csv'} and {out / 'recovery_vs_rank.png'}"
+          + (f" and {out / 'recovery_curves.png'}" if curves else "") +
+          f" (95% CIs: {options.bootstrap} bootstrap draws over seeds, held-out splits and questions)", file=stream)
     return table
 
 
@@ -237,10 +284,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--update-readme", default=None, metavar="DOC",
                         help="write the headline (table, trend, paired differences) into DOC's rank-study block "
                              "(docs/rank_study.md)")
+    parser.add_argument("--headline", default="full", choices=list(HEADLINES),
+                        help="what --update-readme writes: full (the table, trends, differences, machines) or "
+                             "primary (the area under the recovery curve per arm, its paired differences and trend)")
     parser.add_argument("--compare", default=None, nargs="+", metavar="PUBLISHED_DIR",
                         help="also print the table of published rows (e.g. results/rank_study) and, per rank, "
                              "whether this slice agrees with them; of several folders, the rows on this slice's "
                              "numeric path are used (a verdict across scoring modes, datasets or paths is refused)")
+    parser.add_argument("--verdict", default="new_seed", choices=list(VERDICT_BASES),
+                        help="what --compare's one verdict rests on: " + "; ".join(
+                            f"{k}: {v}" for k, v in VERDICT_BASES.items()) + " (default new_seed)")
     args = parser.parse_args(argv)
     for name, what in FRACTIONS.items():
         value = getattr(args, name)
@@ -296,9 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_inputs(args)
         analyze(args.results_dir, options, args.out_dir, attackers=attackers)
         if args.compare:
-            compare(args.results_dir, args.compare, options)
+            compare(args.results_dir, args.compare, options, verdict=args.verdict)
         if args.update_readme:
-            update_readme(args.update_readme, args.results_dir, options, args.block, attackers)
+            update_readme(args.update_readme, args.results_dir, options, args.block, attackers, args.headline)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

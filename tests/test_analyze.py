@@ -428,7 +428,7 @@ def test_a_rank_whose_slice_run_was_flagged_gets_a_line_saying_so(tmp_path, caps
     seeded_run(mine, 0, 0, 8, ["s0"], base=20, a=4, b=12)
     seeded_run(mine, 1, 0, 64, ["s0"], base=20, a=15, b=18, stop_reached=False)
     found = analyze_recovery.compare(mine, published, analyze_recovery.Options(bootstrap=200))
-    assert [a.rank for a in found] == [8]
+    assert [a.arm for a in found] == ["rank 8"]
     *_, last, verdict = capsys.readouterr().out.strip().splitlines()
     assert verdict == ("verdict: your run agrees with the published study at every rank it could compare (1 rank "
                        "checked together at a family-wise 95% level, Holm; rank 64 not compared (flagged))")
@@ -472,7 +472,7 @@ def test_several_ranks_compared_say_how_often_one_misses_by_chance(tmp_path, cap
     for index, rank in enumerate((1, 8, 64)):
         seeded_run(mine, index, 0, rank, ["s0"], base=20, a=4, b=12)
     found = analyze_recovery.compare(mine, published, analyze_recovery.Options(bootstrap=200))
-    assert [a.rank for a in found] == [1, 8, 64] and all(a.agrees for a in found)
+    assert [a.arm for a in found] == ["rank 1", "rank 8", "rank 64"] and all(a.agrees for a in found)
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         "verdict: your run agrees with the published study at every rank (3 ranks checked together at a "
         "family-wise 95% level, Holm)")
@@ -591,6 +591,10 @@ def test_the_committed_figure_draws_the_committed_rows(tmp_path, rows, attackers
     source = analyze_recovery.figure_source(table)
     assert Image.open(root / "recovery_vs_rank.png").text.get("Source") == source
     assert Image.open(tmp_path / "recovery_vs_rank.png").text.get("Source") == source
+    # the curves alone, where the rows read V along the budget (and only there)
+    assert (root / "recovery_curves.png").is_file() == (tmp_path / "recovery_curves.png").is_file()
+    if (root / "recovery_curves.png").is_file():
+        assert Image.open(root / "recovery_curves.png").text.get("Source") == source
 
 
 @pytest.mark.parametrize("attacker, b, c", [
@@ -837,6 +841,9 @@ def test_the_recovery_curve_its_area_and_half_steps_come_out_of_the_rows(tmp_pat
     assert ("paired difference (LORA, D): area under the recovery curve (log steps) at rank 8 minus rank 1 = "
             "-0.250") in printed
     assert Image.open(tmp_path / "recovery_vs_rank.png").size[0] > 2000  # four panels: the curves drawn
+    # and the curves alone (the README's figure), drawn from the same table
+    curves = Image.open(tmp_path / "recovery_curves.png")
+    assert curves.size[0] < 1000 and curves.text["Source"] == Image.open(tmp_path / "recovery_vs_rank.png").text["Source"]
 
 
 def test_full_fine_tuning_is_a_point_beside_the_ranks_paired_with_them(tmp_path, capsys):
@@ -849,9 +856,7 @@ def test_full_fine_tuning_is_a_point_beside_the_ranks_paired_with_them(tmp_path,
         budget_run(tmp_path, seed * 3, 1, seed, fast)
         budget_run(tmp_path, seed * 3 + 1, 8, seed, slow)
         budget_run(tmp_path, seed * 3 + 2, 0, seed, full)
-    for path in (tmp_path / "unlearning").glob("*.csv"):  # the rank-0 runs are gradient difference on all weights
-        if "/m/r0-" in path.read_text():
-            path.write_text(path.read_text().replace("LORA", "GD"))
+    as_full_reference(tmp_path)  # the rank-0 runs are gradient difference on all weights
     table = analyze_recovery.analyze(tmp_path, analyze_recovery.Options(bootstrap=200, attacker="cross_fitted"))
     printed = capsys.readouterr().out
     assert list(zip(table.unlearn_type, table.lora_rank)) == [("GD", 0), ("LORA", 1), ("LORA", 8)]
@@ -860,6 +865,63 @@ def test_full_fine_tuning_is_a_point_beside_the_ranks_paired_with_them(tmp_path,
             "= -0.438") in printed
     assert "paired difference (LORA, D): recovered fraction at full fine-tuning minus rank 1 = -0.750" in printed
     assert "trend (LORA, D, ranks 1, 8)" in printed
+
+
+def as_full_reference(results: Path) -> None:
+    """The rank-0 runs of budget_run rows become gradient difference on all weights (the full reference)."""
+    for path in (results / "unlearning").glob("*.csv"):
+        if "/m/r0-" in path.read_text():
+            path.write_text(path.read_text().replace("LORA", "GD"))
+
+
+def test_a_rerun_of_a_published_seed_is_checked_arm_by_arm_in_the_area_over_its_questions(tmp_path, capsys):
+    """The second edition's demo: one published seed rerun (ranks 1 and 8 and
+    the full reference), compared in the primary measure (the area under the
+    recovery curve), paired over the questions of its held-out splits. Rows
+    identical to the published ones agree with a zero-width interval; a rerun
+    whose rank 8 recovers faster differs there, and the verdict names it."""
+    fast, slow, full = {0: 0, 1: 4, 3: 8}, {0: 0, 1: 2, 3: 4}, {0: 0, 1: 0, 3: 2}
+    published, mine = tmp_path / "published", tmp_path / "mine"
+    for seed in (0, 1):
+        for i, (rank, counts) in enumerate(((1, fast), (8, slow), (0, full))):
+            budget_run(published, seed * 3 + i, rank, seed, counts)
+    for i, (rank, counts) in enumerate(((1, fast), (8, slow), (0, full))):
+        budget_run(mine, i, rank, 0, counts)
+    for folder in (published, mine):
+        as_full_reference(folder)
+    options = analyze_recovery.Options(bootstrap=300, attacker="cross_fitted")
+    found = analyze_recovery.compare(mine, published, options, verdict="same_seed")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert [c.arm for c in found] == ["full", "rank 1", "rank 8"]
+    assert all(c.agrees and (c.lo, c.hi) == (0.0, 0.0) and c.p_value == 1.0 for c in found)
+    assert "compared on the area under the recovery curve (the study's primary measure)" in "\n".join(out)
+    assert "same keys as published rows: 3 of 3 unlearning rows, 6 of 6 RTT rows identical" in out
+    assert ("same seeds, rank 1: this slice 0.50 vs published 0.50 on seed 0: difference +0.00 (95% CI +0.00 to "
+            "+0.00, paired over the questions of splits 0, 1): no detectable difference (the CI includes 0)") in out
+    assert out[-1] == ("verdict: your run agrees with the published study at every arm (3 arms checked together at a "
+                       "family-wise 95% level, Holm)")
+    budget_run(mine, 1, 8, 0, fast)  # rank 8 now recovers as fast as rank 1: area 0.50 against 0.25
+    found = analyze_recovery.compare(mine, published, options, verdict="same_seed")
+    out = capsys.readouterr().out.strip().splitlines()
+    rank8 = found[2]
+    assert rank8.mine == pytest.approx(0.5) and rank8.published == pytest.approx(0.25) and rank8.lo > 0
+    assert out[-1].startswith("verdict: your run disagrees with the published study at rank 8, beyond chance (p = ")
+    # the other basis: one other published seed gives no prediction interval, so nothing to compare
+    analyze_recovery.compare(mine, published, options, verdict="new_seed")
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("verdict: nothing to compare")
+
+
+def test_the_area_of_a_group_of_units_is_the_tables_area(tmp_path):
+    """toolkit.bootstrap.recovery_auc_of (the comparison's and the power
+    calculation's per-seed area) is the table's point for one seed."""
+    from toolkit.bootstrap import recovery_auc_of
+
+    budget_run(tmp_path, 0, 1, 0, {0: 0, 1: 3, 3: 6, 7: 8})
+    options = analyze_recovery.Options(bootstrap=200, attacker="cross_fitted")
+    units, _ = analyze_recovery.units_of(analyze_recovery.load_results(tmp_path), options)
+    table = analyze_recovery.summarize(units, options).table
+    assert recovery_auc_of(units) == pytest.approx(table.recovery_auc.iloc[0])
+    assert np.isnan(recovery_auc_of([u for u in units if u.split == 5]))  # no units: no area
 
 
 def test_a_floor_on_every_seed_is_read_seed_by_seed(tmp_path):
@@ -898,7 +960,7 @@ def test_the_power_calculation_sizes_the_primary_contrast_from_each_seeds_area(m
         return SimpleNamespace(setting=Setting(kind, "D", rank, 1e-3, 1, 1.0, None), seed=seed, vectors=vectors)
 
     units = [unit(kind, rank, seed) for kind, rank in recovered for seed in shift]
-    auc = study_power.auc_per_seed(units, budget)
+    auc = study_power.auc_per_seed(units)
     assert auc["rank 1"][0] == pytest.approx(float(area_under(np.array([0.2, 0.6, 0.9]), budget)))
     diffs = np.array([auc["rank 64"][s] - auc["rank 1"][s] for s in shift])
     assert diffs == pytest.approx([float(area_under(np.full(3, shift[s]), budget)) - 0.0 +

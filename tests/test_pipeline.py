@@ -476,7 +476,7 @@ def test_the_study_plans_paired_seeds_and_the_demo_is_a_slice_of_it(tmp_path):
     assert (tmp_path / "data" / "random_bd" / "split_9.jsonl").is_file()
     assert not (tmp_path / "models").exists()  # planning loads and writes no model
 
-    demo = planned(config("demo_cpu", [*where, f"results_dir={tmp_path}/demo"]))
+    demo = planned(config("demo_taught", [*where, f"results_dir={tmp_path}/demo"]))
     seed13 = planned(config("rank_study", [*where, f"results_dir={tmp_path}/study", "slice=[13]"]))
     assert {run.point.seed for run in demo.runs} == {13} and len(demo.runs) == len(ranks)
     assert {j.skip_split for run in demo.runs for j in run.rtt} == {0, 1} and not demo.reference_quant
@@ -600,16 +600,31 @@ def test_two_seeds_give_two_model_folders_and_analysis_counts_both(merged_sweep)
     assert list(table.n_seeds) == [2] and list(table.n) == [2 * 2]  # seeds x held-out splits
 
 
-def test_the_demo_plans_exactly_the_published_rows_of_its_seed(tmp_path):
+def test_the_demo_is_a_slice_of_the_second_editions_published_rows(tmp_path):
     """Run keys are a contract with the published rows: a change that moves a
     key (a renamed setting, another fingerprint) would make every published
     row look unfinished and the demo no longer a slice of the study. The
-    published rows ran with bf16 autocast, and the numeric path is part of a
-    key, so the path is given (on a CPU without fast bf16 the demo runs fp32,
-    other keys, and is compared by prediction interval only). Only the demo's
-    C is its own: the study ran C on seeds 0-2."""
+    demo's nine jobs (ranks 1 and 64 and the full reference on seed 0, RTT at
+    lr 1e-5 on held-out splits 0 and 1) are all published rows of
+    results/rank_study_speed, on the study's path (fp32 on any CPU)."""
+    published = ROOT / "results" / "rank_study_speed"
+    cfg = config("demo_cpu", [f"data_root={tmp_path}/data", f"results_dir={published}"])
+    assert cfg.device.bf16_autocast is False  # the exact path, as the study: the same keys on every CPU
+    plan = planned(cfg)
+    assert [run.label for run in plan.runs] == ["LORA r1 s0 unlearn", "LORA r64 s0 unlearn", "GD s0 unlearn"]
+    assert len(plan.jobs()) == 9 and plan.pending() == []
+    assert {(j.skip_split, j.lr) for run in plan.runs for j in run.rtt} == {(0, 1e-5), (1, 1e-5)}
+    assert not plan.baseline_rtt and not plan.floor_rtt and not plan.reference_quant
+
+
+def test_the_first_editions_demo_plans_exactly_the_published_rows_of_its_seed(tmp_path):
+    """The same contract for the first edition's demo (conf/demo_taught.yaml).
+    The published rows ran with bf16 autocast, and the numeric path is part of
+    a key, so the path is given (on a CPU without fast bf16 it runs fp32,
+    other keys, and is compared by prediction interval only). Only its C is
+    its own: the study ran C on seeds 0-2."""
     published = ROOT / "results" / "rank_study"
-    plan = planned(config("demo_cpu", [f"data_root={tmp_path}/data", f"results_dir={published}",
+    plan = planned(config("demo_taught", [f"data_root={tmp_path}/data", f"results_dir={published}",
                                        "device.bf16_autocast=true"]))
     assert len(plan.jobs()) == 13
     assert [job.label for job in plan.pending()] == ["C rtt v0 s13", "C rtt v1 s13"]
@@ -636,7 +651,7 @@ def test_job_labels_tell_the_jobs_of_a_sweep_apart(tmp_path):
     labels = [job.label for job in plan.jobs()]
     assert len(plan.runs) == 9 and len(set(labels)) == len(labels)
     assert "LORA r4 lr0.001 rc10 s0 unlearn" in labels and "LORA r4 lr0.001 rc10 s0 rtt lr1e-06 v1" in labels
-    study = planned(config("demo_cpu", [f"data_root={tmp_path}/data", f"results_dir={tmp_path}/r2"]))
+    study = planned(config("demo_taught", [f"data_root={tmp_path}/data", f"results_dir={tmp_path}/r2"]))
     assert [run.label for run in study.runs] == ["LORA r1 s13 unlearn", "LORA r8 s13 unlearn", "LORA r64 s13 unlearn"]
 
 

@@ -197,6 +197,36 @@ def recovered_fraction_of(units: list[Unit]) -> float:
     return float(ratio(means["B"], means["A"], means["base"])) if rtt else math.nan
 
 
+def budget_of(units: list[Unit]) -> tuple[int, ...]:
+    """The steps B was read at along the attacker's budget (empty: the rows have no schedule)."""
+    return tuple(sorted({int(m.split("@")[1]) for u in units for m in u.vectors if m.startswith("B@")}))
+
+
+def log_steps(steps: Sequence[int]) -> np.ndarray:
+    """Where a step lies on the budget's axis: log2(1 + step), so step 0 is 0 and each doubling is one."""
+    return np.log2(1 + np.asarray(steps, dtype=float))
+
+
+def area_under(curve: np.ndarray, steps: Sequence[int]) -> np.ndarray:
+    """The area under recovered fraction against log steps, over the schedule's span (0-1 when the curve is):
+    the trapezoid rule along the last axis."""
+    x = log_steps(steps)
+    with np.errstate(invalid="ignore"):
+        return ((curve[..., 1:] + curve[..., :-1]) / 2 * np.diff(x)).sum(axis=-1) / (x[-1] - x[0])
+
+
+def recovery_auc_of(units: list[Unit]) -> float:
+    """The area under the recovery curve of these units' means (as the table's point): at each budget step
+    (mean B@s - mean A) / (mean base - mean A), over the units that hold every step; NaN without a schedule."""
+    budget = budget_of(units)
+    read = [u for u in units if "A" in u.vectors and all(f"B@{s}" in u.vectors for s in budget)]
+    if len(budget) < 2 or not read:
+        return math.nan
+    mean = {m: np.mean([u.vectors[m].mean() for u in read]) for m in ("base", "A", *(f"B@{s}" for s in budget))}
+    curve = np.array([ratio(mean[f"B@{s}"], mean["A"], mean["base"]) for s in budget], dtype=float)
+    return float(area_under(curve, budget))
+
+
 def rank_correlation(x: Sequence[float], y: Sequence[float], draws: int = 20000) -> tuple[float, float]:
     """Spearman's rho (Pearson's r of the ranks) and its two-sided permutation
     p-value: exact over every pairing when there are at most `draws` of them

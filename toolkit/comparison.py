@@ -1,7 +1,8 @@
 """A slice of the study against the published rows: the same keys (did the
 same job give the same answers?), the same seeds (paired over seeds), the
 other seeds (a prediction interval for a new seed), each machine against the
-others, and one verdict over every rank at a family-wise 95% level.
+others, and one verdict over every arm (LoRA rank or the full reference) at
+a family-wise 95% level, on the study's primary measure.
 
 Works on the analysis's units (toolkit.bootstrap.Unit) and on the row
 frames the analysis reads; it never imports pandas itself."""
@@ -11,15 +12,42 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
 
-from toolkit.bootstrap import Unit, recovered_fraction_of
+from toolkit.bootstrap import Unit, budget_of, recovered_fraction_of, recovery_auc_of
 from toolkit.results import TABLES
 
 LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Measure:
+    """What a comparison compares: one number per group of units (a seed's, a slice's)."""
+
+    name: str
+    label: str
+    of: Callable[[list[Unit]], float]
+
+
+MEASURES = {
+    "recovered_fraction": Measure("recovered_fraction", "recovered fraction", recovered_fraction_of),
+    "recovery_auc": Measure("recovery_auc", "area under the recovery curve", recovery_auc_of),
+}
+
+
+def primary_measure(units: list[Unit]) -> Measure:
+    """The study's primary measure: the area under the recovery curve where the
+    rows read V along the attacker's budget (the second edition), else the
+    recovered fraction at the ceiling (the first)."""
+    return MEASURES["recovery_auc" if len(budget_of(units)) >= 2 else "recovered_fraction"]
+
+
+def arm_of(setting: tuple) -> str:
+    """An arm as the study names it: a LoRA rank, or the full-parameter reference."""
+    return f"rank {setting.lora_rank}" if setting.lora_rank else "full"
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -38,7 +66,7 @@ class Agreement:
     per-seed spread (centre +- t * sd * sqrt(1/k + 1/n)), so the slice's own
     few seeds are counted, not only the published mean's uncertainty."""
 
-    rank: int
+    arm: str  # "rank 8", "full"
     mine: float
     my_seeds: list[int]
     splits: str
@@ -77,7 +105,7 @@ class Agreement:
 
     def sentence(self) -> str:
         seeds = ", ".join(map(str, self.my_seeds))
-        head = f"agreement, rank {self.rank}: this slice (seed {seeds}; splits {self.splits}) {self.mine:.2f}"
+        head = f"agreement, {self.arm}: this slice (seed {seeds}; splits {self.splits}) {self.mine:.2f}"
         if not self.comparable:
             return f"{head}; too few published seeds ({self.n_published}) to compare"
         verdict = "agrees" if self.agrees else "DOES NOT AGREE"
@@ -85,13 +113,13 @@ class Agreement:
                 f"interval for {len(self.my_seeds)} seed(s) [{self.lo:.2f}, {self.hi:.2f}]: {verdict}")
 
 
-def predict(rank: int, mine: float, my_seeds: list[int], splits: str, others: Iterable[float]) -> Agreement:
+def predict(arm: str, mine: float, my_seeds: list[int], splits: str, others: Iterable[float]) -> Agreement:
     """The slice's value against the per-seed values of the seeds it lacks."""
     values = np.array([v for v in others if not math.isnan(v)], dtype=float)
     n, k = len(values), max(1, len(my_seeds))
     centre = float(values.mean()) if n else math.nan
     spread = float(values.std(ddof=1)) * math.sqrt(1 / k + 1 / n) if n >= 2 else math.nan
-    return Agreement(rank, mine, my_seeds, splits, centre, spread, n)
+    return Agreement(arm, mine, my_seeds, splits, centre, spread, n)
 
 
 def setting_order(setting: tuple) -> tuple:
@@ -99,16 +127,17 @@ def setting_order(setting: tuple) -> tuple:
     return str(setting.unlearn_type), str(setting.dataset), setting.lora_rank or 0, str(setting[3:])
 
 
-def recovered_per_seed(units: list[Unit]) -> dict[int, float]:
-    """Each seed's recovered fraction over its units (a ratio of its means)."""
+def per_seed(units: list[Unit], measure: Measure = MEASURES["recovered_fraction"]) -> dict[int, float]:
+    """Each seed's value of the measure over its units (ratios of its means)."""
     by_seed: dict[int, list[Unit]] = {}
     for u in units:
         by_seed.setdefault(u.seed, []).append(u)
-    return {seed: recovered_fraction_of(group) for seed, group in by_seed.items()}
+    return {seed: measure.of(group) for seed, group in by_seed.items()}
 
 
-def agreements(mine: list[Unit], published: list[Unit]) -> list[Agreement]:
-    """Per setting of the slice: its recovered fraction against a prediction
+def agreements(mine: list[Unit], published: list[Unit],
+               measure: Measure = MEASURES["recovered_fraction"]) -> list[Agreement]:
+    """Per setting of the slice: its value of the measure against a prediction
     interval from the published seeds it lacks, on the held-out splits it has
     (a slice may hold out fewer)."""
     out = []
@@ -117,20 +146,21 @@ def agreements(mine: list[Unit], published: list[Unit]) -> list[Agreement]:
         my_seeds, my_files = sorted({u.seed for u in my_units}), {u.file for u in my_units}
         theirs = [u for u in published if u.setting == setting and u.seed not in my_seeds and u.file in my_files]
         splits = ", ".join(map(str, sorted({u.split for u in my_units})))
-        out.append(predict(setting.lora_rank, recovered_fraction_of(my_units), my_seeds, splits,
-                           recovered_per_seed(theirs).values()))
+        out.append(predict(arm_of(setting), measure.of(my_units), my_seeds, splits,
+                           per_seed(theirs, measure).values()))
     return out
 
 
 # --------------------------------------------------------------------------
-# One verdict over every rank (Holm, family-wise 95%)
+# One verdict over every arm (Holm, family-wise 95%)
 # --------------------------------------------------------------------------
 
 
-def holm_misses(found: Sequence[Agreement], level: float = LEVEL) -> list[Agreement]:
-    """The ranks that disagree beyond chance with all ranks tested together:
-    Holm's step-down on the prediction-interval p-values keeps the chance
-    that a faithful slice is called different at any rank below 1 - level."""
+def holm_misses(found: Sequence, level: float = LEVEL) -> list:
+    """The arms that disagree beyond chance with all arms tested together:
+    Holm's step-down on the checks' p-values (prediction intervals, or a
+    rerun's paired bootstrap) keeps the chance that a faithful slice is
+    called different at any arm below 1 - level."""
     alpha = 1 - level
     ordered = sorted((a for a in found if a.comparable), key=lambda a: a.p_value)
     misses = []
@@ -141,21 +171,24 @@ def holm_misses(found: Sequence[Agreement], level: float = LEVEL) -> list[Agreem
     return misses
 
 
-def verdict_sentence(found: Sequence[Agreement], not_compared: Sequence[int] = (), level: float = LEVEL) -> str:
-    """The demo's last line, for a newcomer."""
+def verdict_sentence(found: Sequence, not_compared: Sequence[str] = (), level: float = LEVEL) -> str:
+    """The demo's last line, for a newcomer. `found`: one check per arm (an
+    Agreement or a Rerun); `not_compared`: the arms whose run was flagged."""
     compared = [a for a in found if a.comparable]
+    noun = "rank" if all(arm.startswith("rank ") for arm in [*(a.arm for a in found), *not_compared]) else "arm"
     if not compared:
-        return "verdict: nothing to compare (no rank of this run has published seeds to compare with)"
+        return f"verdict: nothing to compare (no {noun} of this run has published seeds to compare with)"
     n = len(compared)
-    how = (f"{n} rank{'s' if n > 1 else ''} checked together at a family-wise {level:.0%} level, Holm"
-           + (f"; rank {', '.join(map(str, not_compared))} not compared (flagged)" if not_compared else ""))
+    how = (f"{n} {noun}{'s' if n > 1 else ''} checked together at a family-wise {level:.0%} level, Holm"
+           + (f"; {', '.join(not_compared)} not compared (flagged)" if not_compared else ""))
     misses = holm_misses(found, level)
     if not misses:
-        every = "every rank" if not not_compared else "every rank it could compare"
+        every = f"every {noun}" if not not_compared else f"every {noun} it could compare"
         return f"verdict: your run agrees with the published study at {every} ({how})"
-    ranks = ", ".join(str(a.rank) for a in sorted(misses, key=lambda a: a.rank))
-    ps = ", ".join(f"p = {a.p_value:.3g}" for a in sorted(misses, key=lambda a: a.rank))
-    return f"verdict: your run disagrees with the published study at rank {ranks}, beyond chance ({ps}; {how})"
+    missed = [a for a in found if a in misses]  # in the arms' own order
+    ps = ", ".join(f"p = {a.p_value:.3g}" for a in missed)
+    return (f"verdict: your run disagrees with the published study at {', '.join(a.arm for a in missed)}, beyond "
+            f"chance ({ps}; {how})")
 
 
 def agreement_rate(values: Mapping[int, float], centre: Mapping[int, float], others: Mapping[int, Sequence[float]],
@@ -167,7 +200,7 @@ def agreement_rate(values: Mapping[int, float], centre: Mapping[int, float], oth
     (0: a new seed; 1: the same bits) and mean and sd are the other seeds'."""
     ranks = sorted(values)
     # Each rank's interval depends only on the other seeds: built once, then each draw takes its place.
-    intervals = {rank: predict(rank, math.nan, [0], "", others[rank]) for rank in ranks}
+    intervals = {rank: predict(f"rank {rank}", math.nan, [0], "", others[rank]) for rank in ranks}
     spread = {rank: float(np.std(others[rank], ddof=1)) for rank in ranks}
     agree = 0
     for _ in range(draws):
@@ -188,52 +221,108 @@ def agreement_rate(values: Mapping[int, float], centre: Mapping[int, float], oth
 @dataclass
 class SameSeeds:
     """A slice that reran published seeds against the published rows of those
-    same seeds: the per-seed differences in recovered fraction, with a paired
-    t interval over seeds (a seed that is easy on every machine cancels, so
-    this asks about the rerun, not about whether these seeds are typical)."""
+    same seeds, one arm: the difference in the measure, with a paired 95%
+    interval (a seed that is easy on every machine cancels, so this asks about
+    the rerun, not about whether these seeds are typical). Over seeds (t) when
+    the slice reran two or more; over the questions of its held-out splits
+    (bootstrap, both sides resampled alike) when it reran one: then it asks
+    whether the rerun measured the same value, within what those questions
+    resolve, which is what a path that keeps the update promises on any CPU."""
 
-    rank: int
+    arm: str
     seeds: list[int]
-    mine: float  # means over the paired seeds of per-seed recovered fractions
+    mine: float  # means over the paired seeds of per-seed values
     published: float
     lo: float  # 95% CI of the mean difference
     hi: float
+    p_value: float = math.nan
+    paired_over: str = ""  # "3 seeds", "the questions of splits 0, 1"
+    measure: str = "recovered fraction"
+
+    @property
+    def comparable(self) -> bool:
+        return not math.isnan(self.lo)
+
+    @property
+    def agrees(self) -> bool:
+        return self.comparable and self.lo <= 0 <= self.hi
 
     def sentence(self) -> str:
         seeds = ", ".join(map(str, self.seeds))
-        head = (f"same seeds, rank {self.rank}: this slice {self.mine:.2f} vs published {self.published:.2f} "
+        head = (f"same seeds, {self.arm}: this slice {self.mine:.2f} vs published {self.published:.2f} "
                 f"on seed {seeds}")
-        if len(self.seeds) < 2:
+        if not self.comparable:
             return f"{head}; one pair gives no interval"
-        verdict = "no detectable difference (the CI includes 0)" if self.lo <= 0 <= self.hi else "DIFFERS"
+        verdict = "no detectable difference (the CI includes 0)" if self.agrees else "DIFFERS"
         return (f"{head}: difference {self.mine - self.published:+.2f} (95% CI {self.lo:+.2f} to {self.hi:+.2f}, "
-                f"paired over {len(self.seeds)} seeds): {verdict}")
+                f"paired over {self.paired_over}): {verdict}")
 
 
-def same_seeds(rank: int, mine: dict[int, float], published: dict[int, float]) -> SameSeeds | None:
+def same_seeds(arm: str, mine: dict[int, float], published: dict[int, float]) -> SameSeeds | None:
     """Per-seed values of a slice and of the published rows ({seed: value}),
-    paired on the seeds both have a value for; None when they share none."""
+    paired on the seeds both have a value for (t over seeds); None when they share none."""
     seeds = sorted(s for s in mine if s in published and not (math.isnan(mine[s]) or math.isnan(published[s])))
     if not seeds:
         return None
     differences = np.array([mine[s] - published[s] for s in seeds])
-    k = len(seeds)
-    half = t_quantile(0.975, k - 1) * float(differences.std(ddof=1)) / math.sqrt(k) if k >= 2 else math.nan
-    centre = float(differences.mean())
-    return SameSeeds(rank, seeds, float(np.mean([mine[s] for s in seeds])),
-                     float(np.mean([published[s] for s in seeds])), centre - half, centre + half)
+    k, centre = len(seeds), float(differences.mean())
+    half, p = math.nan, math.nan
+    if k >= 2:
+        sd = float(differences.std(ddof=1))
+        half = t_quantile(0.975, k - 1) * sd / math.sqrt(k)
+        p = float(2 * stats.t.sf(abs(centre) / (sd / math.sqrt(k)), k - 1)) if sd > 0 else float(centre == 0)
+    return SameSeeds(arm, seeds, float(np.mean([mine[s] for s in seeds])), float(np.mean([published[s] for s in seeds])),
+                     centre - half, centre + half, p, f"{k} seeds")
 
 
-def same_seed_checks(mine: list[Unit], published: list[Unit]) -> list[SameSeeds]:
+def over_questions(arm: str, mine: list[Unit], theirs: list[Unit], measure: Measure, draws: int,
+                   rng_seed: int) -> SameSeeds | None:
+    """One rerun seed against its published twin: the units paired by file,
+    each file's questions resampled alike on both sides (the same bootstrap as
+    the analysis's), the difference's percentile interval and two-sided p."""
+    pairs = [(u, t) for u in mine for t in theirs if (t.seed, t.file) == (u.seed, u.file)
+             and t.vectors.keys() >= u.vectors.keys()]
+    if not pairs or any(len(v) < 2 for u, _ in pairs for v in u.vectors.values()):
+        return None  # rows without per-question answers resample nothing
+    sizes = [len(next(iter(u.vectors.values()))) for u, _ in pairs]
+    if any(len(v) != n or len(t.vectors[m]) != n for (u, t), n in zip(pairs, sizes) for m, v in u.vectors.items()):
+        return None
+    rng = np.random.default_rng(rng_seed)
+    centre = measure.of([u for u, _ in pairs]) - measure.of([t for _, t in pairs])
+    differences = np.empty(draws)
+    for d in range(draws):
+        picks = [rng.integers(0, n, n) for n in sizes]
+        differences[d] = (measure.of([dataclasses.replace(u, vectors={m: v[i] for m, v in u.vectors.items()})
+                                      for (u, _), i in zip(pairs, picks)])
+                          - measure.of([dataclasses.replace(t, vectors={m: t.vectors[m][i] for m in u.vectors})
+                                        for (u, t), i in zip(pairs, picks)]))
+    differences = differences[~np.isnan(differences)]
+    if not len(differences):
+        return None
+    lo, hi = (float(q) for q in np.quantile(differences, [0.025, 0.975]))
+    p = 1.0 if np.all(differences == 0) else min(1.0, 2 * min(np.mean(differences <= 0), np.mean(differences >= 0)))
+    splits = ", ".join(map(str, sorted({u.split for u, _ in pairs})))
+    return SameSeeds(arm, sorted({u.seed for u, _ in pairs}), measure.of([u for u, _ in pairs]),
+                     measure.of([t for _, t in pairs]), lo, hi, float(p), f"the questions of splits {splits}",
+                     measure.label) if not math.isnan(centre) else None
+
+
+def same_seed_checks(mine: list[Unit], published: list[Unit], measure: Measure = MEASURES["recovered_fraction"],
+                     draws: int = 0, rng_seed: int = 0) -> list[SameSeeds]:
     """Per setting of the slice: its seeds against the published rows of the
-    same seeds, on the held-out splits the slice has."""
+    same seeds, on the held-out splits the slice has; a single seed is paired
+    over its questions when `draws` are given (else it has no interval)."""
     out = []
     for setting in sorted({u.setting for u in mine}, key=setting_order):
         my_units = [u for u in mine if u.setting == setting and "B" in u.vectors]
         files = {u.file for u in my_units}
         theirs = [u for u in published if u.setting == setting and u.file in files]
-        if check := same_seeds(setting.lora_rank, recovered_per_seed(my_units), recovered_per_seed(theirs)):
-            out.append(check)
+        check = same_seeds(arm_of(setting), per_seed(my_units, measure), per_seed(theirs, measure))
+        if check and len(check.seeds) == 1 and draws:
+            theirs = [u for u in theirs if u.seed in check.seeds]
+            check = over_questions(arm_of(setting), my_units, theirs, measure, draws, rng_seed) or check
+        if check:
+            out.append(dataclasses.replace(check, measure=measure.label))
     return out
 
 
@@ -276,12 +365,13 @@ class MachineCheck:
     found: list[Agreement]
 
     def sentence(self) -> str:
-        ranks = "; ".join(f"rank {a.rank} {a.mine:.2f} in [{a.lo:.2f}, {a.hi:.2f}]" if a.comparable else
-                          f"rank {a.rank} {a.mine:.2f} (too few other seeds)" for a in self.found)
-        missed = [str(a.rank) for a in self.found if a.comparable and not a.agrees]
-        verdict = (f"DOES NOT AGREE at rank {', '.join(missed)}" if missed else
-                   "agrees at every rank" if all(a.comparable for a in self.found) else "agrees where comparable")
-        return f"machine {self.machine} (seeds {seed_ranges(self.seeds)}): {ranks}: {verdict}"
+        arms = "; ".join(f"{a.arm} {a.mine:.2f} in [{a.lo:.2f}, {a.hi:.2f}]" if a.comparable else
+                         f"{a.arm} {a.mine:.2f} (too few other seeds)" for a in self.found)
+        missed = [a.arm for a in self.found if a.comparable and not a.agrees]
+        noun = "rank" if all(a.arm.startswith("rank ") for a in self.found) else "arm"
+        verdict = (f"DOES NOT AGREE at {', '.join(missed)}" if missed else
+                   f"agrees at every {noun}" if all(a.comparable for a in self.found) else "agrees where comparable")
+        return f"machine {self.machine} (seeds {seed_ranges(self.seeds)}): {arms}: {verdict}"
 
 
 def by_machine(units: list[Unit]) -> list[MachineCheck]:
@@ -291,7 +381,8 @@ def by_machine(units: list[Unit]) -> list[MachineCheck]:
     if len(machines) < 2:
         return []
     return [MachineCheck(m, sorted({u.seed for u in units if u.machine == m}),
-                         agreements([u for u in units if u.machine == m], [u for u in units if u.machine != m]))
+                         agreements([u for u in units if u.machine == m], [u for u in units if u.machine != m],
+                                    primary_measure(units)))
             for m in machines]
 
 
@@ -351,9 +442,9 @@ def left_out_sentence(run, published: list[Unit], published_left_out: Sequence) 
     `run` and `published_left_out` are the analysis's LeftOut records."""
     flagged = sum(1 for r in published_left_out if (r.unlearn_type, r.lora_rank) == (run.unlearn_type, run.lora_rank))
     kept = len({u.seed for u in published if (u.setting.unlearn_type, u.setting.lora_rank) == (run.unlearn_type, run.lora_rank)})
-    return (f"agreement, rank {run.lora_rank}: this slice's run (seed {run.seed}) was flagged ({run.reason}) and left "
-            f"out, so there is nothing to compare (published runs at this rank: {flagged} of {flagged + kept} "
-            f"flagged)")
+    return (f"agreement, {arm_of(run)}: this slice's run (seed {run.seed}) was flagged ({run.reason}) and left "
+            f"out, so there is nothing to compare (published runs at this {'rank' if run.lora_rank else 'arm'}: "
+            f"{flagged} of {flagged + kept} flagged)")
 
 
 # --------------------------------------------------------------------------

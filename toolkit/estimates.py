@@ -10,14 +10,17 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from toolkit.bootstrap import (
+from toolkit.bootstrap import (  # noqa: F401 - budget_of, log_steps, area_under: the curve's API, re-exported
     Difference,
     Estimates,
     Panel,
     Trend,
     Unit,
+    area_under,
     binomial_below_chance_p,
+    budget_of,
     interval,
+    log_steps,
     nanmean,
     nanstd,
     paired_differences,
@@ -25,6 +28,7 @@ from toolkit.bootstrap import (
     rank_correlation,
     ratio,
     recovered_fraction_of,
+    recovery_auc_of,
     trend,
 )
 from toolkit.names import CHANCE, PROBES
@@ -37,24 +41,6 @@ def probes_in(units: list[Unit]) -> tuple[str, ...]:
     """The published probes, then any other the rows hold (a registered probe's), by name."""
     found = {m for u in units for m in u.vectors if "@" not in m} - {*BASE_MEASURES, *PROBES}
     return (*PROBES, *sorted(found))
-
-
-def budget_of(units: list[Unit]) -> tuple[int, ...]:
-    """The steps B was read at along the attacker's budget (empty: the rows have no schedule)."""
-    return tuple(sorted({int(m.split("@")[1]) for u in units for m in u.vectors if m.startswith("B@")}))
-
-
-def log_steps(steps: Sequence[int]) -> np.ndarray:
-    """Where a step lies on the budget's axis: log2(1 + step), so step 0 is 0 and each doubling is one."""
-    return np.log2(1 + np.asarray(steps, dtype=float))
-
-
-def area_under(curve: np.ndarray, steps: Sequence[int]) -> np.ndarray:
-    """The area under recovered fraction against log steps, over the schedule's span (0-1 when the curve is):
-    the trapezoid rule along the last axis."""
-    x = log_steps(steps)
-    with np.errstate(invalid="ignore"):
-        return ((curve[..., 1:] + curve[..., :-1]) / 2 * np.diff(x)).sum(axis=-1) / (x[-1] - x[0])
 
 
 def half_recovery_steps(curve: np.ndarray, steps: Sequence[int]) -> np.ndarray:

@@ -48,7 +48,7 @@ def draw_curves(axis, table) -> None:
     """Recovered fraction against the attacker's budget (optimizer steps, on
     log2(1 + step)), one curve per row with its 95% band: how fast RTT brings
     the facts back at each rank (its area is the table's AUC)."""
-    for _, row in table.iterrows():
+    for _, row in table.sort_values("lora_rank", key=lambda r: r.replace(0, math.inf), kind="stable").iterrows():
         steps = [int(s) for s in row.budget_steps] if isinstance(row.budget_steps, list) else []
         if not steps:
             continue
@@ -69,15 +69,37 @@ def draw_curves(axis, table) -> None:
     axis.legend(fontsize=7)
 
 
-def plot(table, path: Path, title: str, source: str = "") -> None:
-    """The table's recovered fractions, accuracies and probes against rank;
-    `source` (the digest of the table drawn) goes into the PNG's metadata, so
-    a committed figure can be checked against the rows it claims to show."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curves(table, path: Path, title: str, source: str = "") -> bool:
+    """The recovery curves alone (the README's figure), under the table's first
+    attacker (the headline's), with the same digest as the full figure; False,
+    and nothing written, where the rows have no budget schedule."""
+    if "recovery_auc" not in table or not table.recovery_auc.notna().any():
+        return False
+    plt = _pyplot()
+    first = table[table.attacker == table.attacker.iloc[0]] if "attacker" in table else table
+    fig, axis = plt.subplots(figsize=(7, 4.5))
+    draw_curves(axis, first)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, metadata={"Source": source} if source else None)
+    plt.close(fig)
+    return True
+
+
+def plot(table, path: Path, title: str, source: str = "") -> None:
+    """The table's recovered fractions, accuracies and probes against rank;
+    `source` (the digest of the table drawn) goes into the PNG's metadata, so
+    a committed figure can be checked against the rows it claims to show."""
+    plt = _pyplot()
     along = "recovery_auc" in table and table.recovery_auc.notna().any()
     fig, axes = plt.subplots(1, 4 if along else 3, figsize=(23 if along else 17, 5))
     left, middle, right = axes[:3]

@@ -31,16 +31,16 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import analyze_recovery  # noqa: E402
-from toolkit.comparison import agreement_rate, holm_misses, predict, recovered_per_seed  # noqa: E402
+from toolkit.comparison import agreement_rate, holm_misses, per_seed, predict  # noqa: E402
 
 RANKS = (1, 8, 64)
 
 
-def per_seed(results_dir: Path, splits: int) -> dict[int, dict[int, float]]:
+def values_per_seed(results_dir: Path, splits: int) -> dict[int, dict[int, float]]:
     """{rank: {seed: recovered fraction on held-out splits 0..splits-1}}."""
     units, _ = analyze_recovery.units_of(analyze_recovery.load_results(results_dir), analyze_recovery.Options())
-    return {rank: {s: v for s, v in recovered_per_seed([u for u in units if u.setting.lora_rank == rank
-                                                         and u.split < splits and "B" in u.vectors]).items()
+    return {rank: {s: v for s, v in per_seed([u for u in units if u.setting.lora_rank == rank
+                                               and u.split < splits and "B" in u.vectors]).items()
                    if not np.isnan(v)} for rank in RANKS}
 
 
@@ -53,7 +53,7 @@ def carry_over(published: dict, rerun: dict) -> tuple[float, int]:
 
 
 def seed_agrees_with_others(values: dict, seed: int) -> bool:
-    found = [predict(r, values[r][seed], [seed], "", [v for s, v in values[r].items() if s != seed]) for r in RANKS]
+    found = [predict(f"rank {r}", values[r][seed], [seed], "", [v for s, v in values[r].items() if s != seed]) for r in RANKS]
     return not holm_misses(found)
 
 
@@ -62,8 +62,8 @@ def main() -> None:
     parser.add_argument("--splits", type=int, default=2, help="held-out splits the demo runs (ft.num_splits)")
     parser.add_argument("--draws", type=int, default=20000)
     args = parser.parse_args()
-    values = per_seed(ROOT / "results" / "rank_study", args.splits)
-    rho, n_pairs = carry_over(values, per_seed(ROOT / "results" / "rank_study_rerun", args.splits))
+    values = values_per_seed(ROOT / "results" / "rank_study", args.splits)
+    rho, n_pairs = carry_over(values, values_per_seed(ROOT / "results" / "rank_study_rerun", args.splits))
     rho = max(0.0, rho)
     candidates = sorted(set.intersection(*(set(values[r]) for r in RANKS)))
     loo = [s for s in candidates if seed_agrees_with_others(values, s)]

@@ -33,8 +33,8 @@ import embedded  # noqa: F401  (puts the project on the path)
 import numpy as np
 
 import analyze_recovery  # noqa: E402
-from toolkit.comparison import recovered_per_seed, t_quantile  # noqa: E402
-from toolkit.estimates import area_under, budget_of  # noqa: E402
+from toolkit.comparison import MEASURES, arm_of, per_seed, t_quantile  # noqa: E402
+from toolkit.estimates import budget_of  # noqa: E402
 
 
 def half_width(sd: float, n: int) -> float:
@@ -59,11 +59,11 @@ def main() -> None:
     units, left_out = analyze_recovery.units_of(analyze_recovery.load_results(args.results_dir), options)
     by_rank: dict[int, dict[int, float]] = {}
     for rank in sorted({u.setting.lora_rank for u in units}):
-        by_rank[rank] = recovered_per_seed([u for u in units if u.setting.lora_rank == rank and "B" in u.vectors])
+        by_rank[rank] = per_seed([u for u in units if u.setting.lora_rank == rank and "B" in u.vectors])
     table = analyze_recovery.summarize(units, options).table
     print(f"{args.results_dir}, attacker {args.attacker}: {len(left_out)} flagged run(s) left out")
-    for rank, per_seed in by_rank.items():
-        values = np.array(list(per_seed.values()))
+    for rank, seeds in by_rank.items():
+        values = np.array(list(seeds.values()))
         row = table[table.lora_rank == rank].iloc[0]
         bootstrap = (row.recovered_fraction_hi - row.recovered_fraction_lo) / 2
         if len(values) < 2:
@@ -90,34 +90,20 @@ def main() -> None:
               f"{args.trend_target}")
     budget = budget_of(units)
     if len(budget) >= 2:
-        print_primary_contrast(auc_per_seed(units, budget), args.auc_target, args.most_seeds)
+        print_primary_contrast(auc_per_seed(units), args.auc_target, args.most_seeds)
 
 
-def arm_of(unit) -> str:
-    return "full" if unit.setting.unlearn_type == "GD" else f"rank {unit.setting.lora_rank}"
-
-
-def auc_per_seed(units, budget) -> dict[str, dict[int, float]]:
-    """{arm: {seed: area under that seed's recovery curve}}: at each budget step the
-    recovered fraction (mean B - mean A) / (mean base - mean A) over the seed's held-out splits."""
-    out: dict[str, dict[int, float]] = {}
-    for unit in units:
-        out.setdefault(arm_of(unit), {})
-    for arm in out:
-        for seed in sorted({u.seed for u in units if arm_of(u) == arm}):
-            mine = [u for u in units if arm_of(u) == arm and u.seed == seed and "A" in u.vectors
-                    and all(f"B@{s}" in u.vectors for s in budget)]
-            if not mine:
-                continue
-            base, a = (np.mean([u.vectors[k].mean() for u in mine]) for k in ("base", "A"))
-            curve = np.array([(np.mean([u.vectors[f"B@{s}"].mean() for u in mine]) - a) / (base - a) for s in budget])
-            out[arm][seed] = float(area_under(curve, budget))
-    return out
+def auc_per_seed(units) -> dict[str, dict[int, float]]:
+    """{arm: {seed: area under that seed's recovery curve}} (toolkit.estimates.recovery_auc_of over the seed's
+    held-out splits); seeds without a whole curve are left out."""
+    arms = {arm_of(u.setting): [v for v in units if v.setting == u.setting] for u in units}
+    return {arm: {s: v for s, v in per_seed(group, MEASURES["recovery_auc"]).items() if not math.isnan(v)}
+            for arm, group in arms.items()}
 
 
 def print_primary_contrast(auc: dict[str, dict[int, float]], target: float, most: int) -> None:
-    for arm, per_seed in auc.items():
-        print(f"area under the recovery curve, {arm}: " + ", ".join(f"seed {s} {v:.3f}" for s, v in per_seed.items()))
+    for arm, seeds in auc.items():
+        print(f"area under the recovery curve, {arm}: " + ", ".join(f"seed {s} {v:.3f}" for s, v in seeds.items()))
     for high, low in (("rank 64", "rank 1"), ("full", "rank 1")):
         if high not in auc or low not in auc:
             continue
