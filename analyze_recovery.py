@@ -52,7 +52,7 @@ from toolkit.comparison import (
     seed_ranges,
     verdict_sentence,
 )
-from toolkit.estimates import match_forgetting, summarize
+from toolkit.estimates import budget_of, match_forgetting, summarize
 from toolkit.plots import plot, plot_curves
 from toolkit.report import attacker_heading, block_markers, figure_source, format_table, print_flags
 from toolkit.result_frames import Results, load_results, published_results
@@ -332,6 +332,12 @@ def check_inputs(args: argparse.Namespace) -> None:
             if not np.isclose(lr, ran).any():
                 raise ValueError(f"--rtt-lrs {lr:g} is not allowed; the RTT rows under {args.results_dir} ran "
                                  f"lrs {', '.join(f'{r:g}' for r in ran) or 'none'}")
+    if args.update_readme and args.headline == "primary":
+        units, _ = units_of(load_results(args.results_dir), Options(attacker=args.attacker[0]))
+        if len(budget_of(units)) < 2:
+            raise ValueError(f"--headline primary: the rows under {args.results_dir} read V at no steps of the "
+                             "attacker's budget (ft.budget), so they have no area under a recovery curve; use "
+                             "--headline full")
     if args.update_readme:
         path, (begin, end) = Path(args.update_readme), block_markers(args.block)
         if not path.is_file() or begin not in (text := path.read_text(encoding="utf-8")) or end not in text:

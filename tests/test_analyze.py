@@ -554,6 +554,9 @@ def test_a_compare_folder_that_does_not_exist_is_refused_before_anything_is_writ
     doc.write_text("no block here\n")
     assert refused(["--results-dir", str(tmp_path), "--update-readme", str(doc)], capsys).startswith(
         f"error: --update-readme: {doc} has no")
+    doc.write_text("<!-- rank-study:begin -->\n<!-- rank-study:end -->\n")
+    assert refused(["--results-dir", str(tmp_path), "--update-readme", str(doc), "--headline", "primary"],
+                   capsys).startswith(f"error: --headline primary: the rows under {tmp_path} read V at no steps")
     assert written_files(tmp_path) == sorted([*before, "doc.md"])
 
 
@@ -561,7 +564,8 @@ def test_a_compare_folder_that_does_not_exist_is_refused_before_anything_is_writ
                                            ("--recovery-threshold", "1.5"), ("--match-forgetting", "30"),
                                            ("--match-tolerance", "nan"), ("--bootstrap", "10"),
                                            ("--bootstrap", "many"), ("--attacker", "oracle"), ("--rtt-lrs", "0"),
-                                           ("--rtt-lrs", "inf")])
+                                           ("--rtt-lrs", "inf"), ("--verdict", "vibes"),
+                                           ("--headline", "short")])
 def test_every_analysis_option_outside_its_range_is_refused_in_one_line(option, value, tmp_path, capsys):
     seeded_run(tmp_path, 0, 0, 8, ["s0"], base=20, a=4, b=12)
     with pytest.raises(SystemExit) as stop:
