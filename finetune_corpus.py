@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 from toolkit.evaluation import mean_by_epoch
 from toolkit.models import with_lora
-from toolkit.names import LossType
+from toolkit.names import LossType, on_log2_budget
 from toolkit.settings import FinetuneSettings
-from toolkit.stage import Stage, StageResult, on_log2_budget, run_stage
+from toolkit.stage import Stage, StageResult, run_stage
 from toolkit.training import freeze_embeddings
 
 

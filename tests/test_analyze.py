@@ -826,24 +826,28 @@ def budget_run(results: Path, index: int, rank: int, seed: int, counts: dict[int
 
 
 def test_the_recovery_curve_its_area_and_half_steps_come_out_of_the_rows(tmp_path, capsys):
-    """Two ranks, two seeds: rank 1 recovers half by step 1 and all by step 3
-    (area 0.5), rank 8 half at step 3 (area 0.25); the table, the paired
-    difference in area and the curves panel say so."""
+    """Two ranks, two seeds: rank 1 recovers half by step 1 and all by step 2,
+    rank 8 half at step 2; the table, the paired difference in area and the
+    curves panel say so. The rows also hold an epoch's end (step 18), which
+    is not on the budget's schedule and is not read."""
     from PIL import Image
 
-    fast, slow = {0: 0, 1: 4, 3: 8}, {0: 0, 1: 2, 3: 4}
+    from toolkit.estimates import area_under
+
+    fast, slow = {0: 0, 1: 4, 2: 8, 18: 8}, {0: 0, 1: 2, 2: 4, 18: 4}
     for seed in (0, 1):
         budget_run(tmp_path, seed * 2, 1, seed, fast)
         budget_run(tmp_path, seed * 2 + 1, 8, seed, slow)
     table = analyze_recovery.analyze(tmp_path, analyze_recovery.Options(bootstrap=200, attacker="cross_fitted"))
     printed = capsys.readouterr().out
     rank1, rank8 = (table[table.lora_rank == r].iloc[0] for r in (1, 8))
-    assert rank1.recovery_auc == pytest.approx((0.25 + 0.75) / 2) and rank8.recovery_auc == pytest.approx(0.25)
-    assert rank1.half_recovery_steps == pytest.approx(1.0) and rank8.half_recovery_steps == pytest.approx(3.0)
-    assert rank1["recovered@3"] == 1.0 and list(rank1.budget_steps) == [0, 1, 3]
+    area1, area8 = (float(area_under(np.array(curve), (0, 1, 2))) for curve in ([0, 0.5, 1], [0, 0.25, 0.5]))
+    assert rank1.recovery_auc == pytest.approx(area1) and rank8.recovery_auc == pytest.approx(area8)
+    assert rank1.half_recovery_steps == pytest.approx(1.0) and rank8.half_recovery_steps == pytest.approx(2.0)
+    assert rank1["recovered@2"] == 1.0 and list(rank1.budget_steps) == [0, 1, 2]
     assert "AUC (log steps)" in printed and "steps to half" in printed
     assert ("paired difference (LORA, D): area under the recovery curve (log steps) at rank 8 minus rank 1 = "
-            "-0.250") in printed
+            f"{area8 - area1:+.3f}") in printed
     assert Image.open(tmp_path / "recovery_vs_rank.png").size[0] > 2000  # four panels: the curves drawn
     # and the curves alone (the README's figure), drawn from the same table
     curves = Image.open(tmp_path / "recovery_curves.png")
@@ -855,7 +859,9 @@ def test_full_fine_tuning_is_a_point_beside_the_ranks_paired_with_them(tmp_path,
     own row, and its difference from the lowest rank from the same bootstrap
     draws, in recovered fraction and in area under the curve; the trend stays
     over the ranks alone."""
-    fast, slow, full = {0: 0, 1: 4, 3: 8}, {0: 0, 1: 2, 3: 4}, {0: 0, 1: 0, 3: 2}
+    from toolkit.estimates import area_under
+
+    fast, slow, full = {0: 0, 1: 4, 2: 8}, {0: 0, 1: 2, 2: 4}, {0: 0, 1: 0, 2: 2}
     for seed in (0, 1):
         budget_run(tmp_path, seed * 3, 1, seed, fast)
         budget_run(tmp_path, seed * 3 + 1, 8, seed, slow)
@@ -864,9 +870,10 @@ def test_full_fine_tuning_is_a_point_beside_the_ranks_paired_with_them(tmp_path,
     table = analyze_recovery.analyze(tmp_path, analyze_recovery.Options(bootstrap=200, attacker="cross_fitted"))
     printed = capsys.readouterr().out
     assert list(zip(table.unlearn_type, table.lora_rank)) == [("GD", 0), ("LORA", 1), ("LORA", 8)]
-    assert table.recovery_auc.round(4).tolist() == [0.0625, 0.5, 0.25]
+    areas = [float(area_under(np.array(c) / 8, (0, 1, 2))) for c in ([0, 0, 2], [0, 4, 8], [0, 2, 4])]
+    assert table.recovery_auc.tolist() == pytest.approx(areas)
     assert ("paired difference (LORA, D): area under the recovery curve (log steps) at full fine-tuning minus rank 1 "
-            "= -0.438") in printed
+            f"= {areas[0] - areas[1]:+.3f}") in printed
     assert "paired difference (LORA, D): recovered fraction at full fine-tuning minus rank 1 = -0.750" in printed
     assert "trend (LORA, D, ranks 1, 8)" in printed
 
@@ -884,7 +891,9 @@ def test_a_rerun_of_a_published_seed_is_checked_arm_by_arm_in_the_area_over_its_
     recovery curve), paired over the questions of its held-out splits. Rows
     identical to the published ones agree with a zero-width interval; a rerun
     whose rank 8 recovers faster differs there, and the verdict names it."""
-    fast, slow, full = {0: 0, 1: 4, 3: 8}, {0: 0, 1: 2, 3: 4}, {0: 0, 1: 0, 3: 2}
+    from toolkit.estimates import area_under
+
+    fast, slow, full = {0: 0, 1: 4, 2: 8}, {0: 0, 1: 2, 2: 4}, {0: 0, 1: 0, 2: 2}
     published, mine = tmp_path / "published", tmp_path / "mine"
     for seed in (0, 1):
         for i, (rank, counts) in enumerate(((1, fast), (8, slow), (0, full))):
@@ -900,15 +909,16 @@ def test_a_rerun_of_a_published_seed_is_checked_arm_by_arm_in_the_area_over_its_
     assert all(c.agrees and (c.lo, c.hi) == (0.0, 0.0) and c.p_value == 1.0 for c in found)
     assert "compared on the area under the recovery curve (the study's primary measure)" in "\n".join(out)
     assert "same keys as published rows: 3 of 3 unlearning rows, 6 of 6 RTT rows identical" in out
-    assert ("same seeds, rank 1: this slice 0.50 vs published 0.50 on seed 0: difference +0.00 (95% CI +0.00 to "
-            "+0.00, paired over the questions of splits 0, 1): no detectable difference (the CI includes 0)") in out
+    area1, area8 = (float(area_under(np.array(curve), (0, 1, 2))) for curve in ([0, 0.5, 1], [0, 0.25, 0.5]))
+    assert (f"same seeds, rank 1: this slice {area1:.2f} vs published {area1:.2f} on seed 0: difference +0.00 (95% CI "
+            "+0.00 to +0.00, paired over the questions of splits 0, 1): no detectable difference (the CI includes 0)") in out
     assert out[-1] == ("verdict: your run agrees with the published study at every arm (3 arms checked together at a "
                        "family-wise 95% level, Holm)")
-    budget_run(mine, 1, 8, 0, fast)  # rank 8 now recovers as fast as rank 1: area 0.50 against 0.25
+    budget_run(mine, 1, 8, 0, fast)  # rank 8 now recovers as fast as rank 1
     found = analyze_recovery.compare(mine, published, options, verdict="same_seed")
     out = capsys.readouterr().out.strip().splitlines()
     rank8 = found[2]
-    assert rank8.mine == pytest.approx(0.5) and rank8.published == pytest.approx(0.25) and rank8.lo > 0
+    assert rank8.mine == pytest.approx(area1) and rank8.published == pytest.approx(area8) and rank8.lo > 0
     assert out[-1].startswith("verdict: your run disagrees with the published study at rank 8, beyond chance (p = ")
     # the other basis: one other published seed gives no prediction interval, so nothing to compare
     analyze_recovery.compare(mine, published, options, verdict="new_seed")
@@ -920,7 +930,7 @@ def test_the_area_of_a_group_of_units_is_the_tables_area(tmp_path):
     calculation's per-seed area) is the table's point for one seed."""
     from toolkit.bootstrap import recovery_auc_of
 
-    budget_run(tmp_path, 0, 1, 0, {0: 0, 1: 3, 3: 6, 7: 8})
+    budget_run(tmp_path, 0, 1, 0, {0: 0, 1: 3, 2: 6, 4: 8})
     options = analyze_recovery.Options(bootstrap=200, attacker="cross_fitted")
     units, _ = analyze_recovery.units_of(analyze_recovery.load_results(tmp_path), options)
     table = analyze_recovery.summarize(units, options).table

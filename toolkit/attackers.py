@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pandas as pd
 
+from toolkit.names import on_log2_budget
+
 
 def _by_epoch(mapping: dict) -> dict[int, float]:
     return {int(k): float(v) for k, v in mapping.items()}
@@ -110,11 +112,16 @@ def _at_step(rows: pd.DataFrame, step: int) -> dict[tuple, dict]:
 
 
 def budget_steps(rows: pd.DataFrame) -> list[int]:
-    """The steps every RTT run of these rows was scored at along its budget."""
+    """The steps of the budget's schedule (0, 1, 2, 4, ...) every RTT run of
+    these rows was scored at. The rows also hold each epoch's end, which
+    falls at other steps on held-out splits of other sizes: those are left
+    out, so a slice of some splits reads the same curve as the whole study."""
     if rows.empty or "forget_accs_by_step" not in rows:
         return []
     sets = [set(_by_epoch(v)) for v in rows.forget_accs_by_step if isinstance(v, dict)]
-    return sorted(set.intersection(*sets)) if sets and len(sets) == len(rows) else []
+    if not sets or len(sets) != len(rows):
+        return []
+    return sorted(s for s in set.intersection(*sets) if s == 0 or on_log2_budget(s))
 
 
 def along_budget(rows: pd.DataFrame, split: int, attacker: str) -> dict[int, np.ndarray]:

@@ -12,6 +12,11 @@ PROBES = ("lora_rtt", "quant8", "quant4")
 IGNORE_INDEX = -100
 
 
+def on_log2_budget(step: int) -> bool:
+    """Steps 1, 2, 4, 8, ...: the attacker's budget on a log scale (ft.budget: log2), where RTT scores V."""
+    return step > 0 and step & (step - 1) == 0
+
+
 class _Named(str, Enum):
     """An enum whose members are their own names as strings, so a member and
     its name compare equal and CSV cells and JSON need no conversion."""

@@ -192,11 +192,6 @@ class Training:
         return {"lr": self.scheduler.get_last_lr()[0], **metrics}
 
 
-def on_log2_budget(step: int) -> bool:
-    """Steps 1, 2, 4, 8, ...: the attacker's budget on a log scale."""
-    return step > 0 and step & (step - 1) == 0
-
-
 def run_stage(train: TrainSettings, evals: EvalFiles, objective: Objective, *,
               stop: StopRule | None = None, save: SaveSettings | None = None,
               budget: Callable[[int], bool] | None = None, budget_retain: bool = False,
