@@ -576,8 +576,22 @@ def test_every_analysis_option_outside_its_range_is_refused_in_one_line(option, 
     assert not (tmp_path / "recovery_vs_rank.csv").exists()
 
 
+def test_the_readmes_primary_block_is_what_the_second_editions_rows_give():
+    """The README's numbers for the second edition are analyze_recovery.py's
+    primary headline on the committed rows (--update-readme README.md
+    --block rank-study-speed --headline primary --attacker cross_fitted)."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text(encoding="utf-8")
+    begin, end = analyze_recovery.block_markers("rank-study-speed")
+    assert begin in text and end in text, "README.md has no rank-study-speed block"
+    block = text.split(begin, 1)[1].split(end, 1)[0].strip().removeprefix("```text").removesuffix("```").strip()
+    assert analyze_recovery.primary_headline(root / "results" / "rank_study_speed", attackers=("cross_fitted",)) == block
+    assert len(text.splitlines()) <= 250
+
+
 # Every published folder with a figure: the rows, the attackers and the RTT lrs it was drawn with.
 COMMITTED_FIGURES = [*((b[2], b[3], ()) for b in HEADLINE_BLOCKS),
+                     ("rank_study_speed", ("cross_fitted", "paper"), ()),
                      ("rank_study_pretrained_fp32", ("cross_fitted",), (3e-6, 1e-5)),
                      ("years_pretrained", ("paper", "cross_fitted"), ())]
 
