@@ -889,7 +889,8 @@ def test_rtt_scored_along_its_budget_end_to_end(tiny_llama, tmp_path, ray_sessio
     printed = io.StringIO()
     table = analyze_recovery.analyze(tmp_path / "evals", analyze_recovery.Options(bootstrap=200), stream=printed)
     assert list(zip(table.unlearn_type, table.lora_rank)) == [("GD", 0), ("LORA", 1), ("LORA", 4)]
-    assert all(list(steps) == [0, 1, 2, 4, 8, 12, 16, 24] for steps in table.budget_steps)
+    # the curve reads the schedule's steps only: the epoch ends (12, 24) fall elsewhere on splits of other sizes
+    assert all(list(steps) == [0, 1, 2, 4, 8, 16] for steps in table.budget_steps)
     # a random tiny model forgets by chance: the curve is defined wherever unlearning removed something (base != A)
     removed = ~np.isclose(table.base, table.A)
     assert removed.any() and table.recovery_auc[removed].notna().all() and table.recovery_auc_lo[removed].notna().all()
