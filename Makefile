@@ -57,4 +57,4 @@ bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_cpu.py
 
 clean:
-	rm -rf evals models/LORA models/CUT
+	rm -rf evals models/LORA models/CUT models/GD
