@@ -144,9 +144,10 @@ def primary_headline(results_dir: str | Path, options: Options = Options(), atta
                          for _, row in table.iterrows())
 
     seeds = sorted({u.seed for u in units})
+    arms = "; ".join(f"{arm_of(row)} {row.n_seeds}" for _, row in table.iterrows())
     return "\n".join([
-        f"{len(seeds)} seed(s) ({seed_ranges(seeds)}), {len(left_out)} flagged run(s) left out; attacker "
-        f"{attacker}; 95% bootstrap CIs over seeds, held-out splits and questions ({options.bootstrap} draws)",
+        f"{len(seeds)} seed(s) ({seed_ranges(seeds)}; per arm: {arms}), {len(left_out)} flagged run(s) left out; "
+        f"attacker {attacker}; 95% bootstrap CIs over seeds, held-out splits and questions ({options.bootstrap} draws)",
         f"area under the recovery curve: {per_arm('recovery_auc')}",
         f"recovered at the ceiling: {per_arm('recovered_fraction')}",
         *[d.sentence() for d in analysis.differences if d.measure == "recovery_auc"],
