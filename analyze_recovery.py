@@ -54,7 +54,7 @@ from toolkit.comparison import (
 )
 from toolkit.estimates import budget_of, match_forgetting, summarize
 from toolkit.plots import plot, plot_curves
-from toolkit.report import attacker_heading, block_markers, figure_source, format_table, print_flags
+from toolkit.report import attacker_heading, block_markers, figure_source, format_table, in_arm_order, print_flags
 from toolkit.result_frames import Results, load_results, published_results
 from toolkit.units import LeftOut, Options, step0_check, units_of
 
@@ -137,7 +137,7 @@ def primary_headline(results_dir: str | Path, options: Options = Options(), atta
     attacker = (tuple(attackers) or (options.attacker,))[0]
     units, left_out = units_of(load_results(results_dir), replace(options, attacker=attacker))
     analysis = summarize(units, options)
-    table = analysis.table.sort_values(["lora_rank"], key=lambda r: r.replace(0, np.inf))
+    table = in_arm_order(analysis.table)
 
     def per_arm(measure: str) -> str:
         return ", ".join(f"{arm_of(row)} {row[measure]:.2f} [{row[f'{measure}_lo']:.2f}, {row[f'{measure}_hi']:.2f}]"

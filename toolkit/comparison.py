@@ -27,14 +27,13 @@ LEVEL = 0.95
 class Measure:
     """What a comparison compares: one number per group of units (a seed's, a slice's)."""
 
-    name: str
     label: str
     of: Callable[[list[Unit]], float]
 
 
 MEASURES = {
-    "recovered_fraction": Measure("recovered_fraction", "recovered fraction", recovered_fraction_of),
-    "recovery_auc": Measure("recovery_auc", "area under the recovery curve", recovery_auc_of),
+    "recovered_fraction": Measure("recovered fraction", recovered_fraction_of),
+    "recovery_auc": Measure("area under the recovery curve", recovery_auc_of),
 }
 
 
@@ -173,7 +172,7 @@ def holm_misses(found: Sequence, level: float = LEVEL) -> list:
 
 def verdict_sentence(found: Sequence, not_compared: Sequence[str] = (), level: float = LEVEL) -> str:
     """The demo's last line, for a newcomer. `found`: one check per arm (an
-    Agreement or a Rerun); `not_compared`: the arms whose run was flagged."""
+    Agreement or a SameSeeds); `not_compared`: the arms whose run was flagged."""
     compared = [a for a in found if a.comparable]
     noun = "rank" if all(arm.startswith("rank ") for arm in [*(a.arm for a in found), *not_compared]) else "arm"
     if not compared:
@@ -237,7 +236,6 @@ class SameSeeds:
     hi: float
     p_value: float = math.nan
     paired_over: str = ""  # "3 seeds", "the questions of splits 0, 1"
-    measure: str = "recovered fraction"
 
     @property
     def comparable(self) -> bool:
@@ -287,8 +285,10 @@ def over_questions(arm: str, mine: list[Unit], theirs: list[Unit], measure: Meas
     sizes = [len(next(iter(u.vectors.values()))) for u, _ in pairs]
     if any(len(v) != n or len(t.vectors[m]) != n for (u, t), n in zip(pairs, sizes) for m, v in u.vectors.items()):
         return None
+    mine_value, their_value = measure.of([u for u, _ in pairs]), measure.of([t for _, t in pairs])
+    if math.isnan(mine_value - their_value):
+        return None
     rng = np.random.default_rng(rng_seed)
-    centre = measure.of([u for u, _ in pairs]) - measure.of([t for _, t in pairs])
     differences = np.empty(draws)
     for d in range(draws):
         picks = [rng.integers(0, n, n) for n in sizes]
@@ -302,9 +302,8 @@ def over_questions(arm: str, mine: list[Unit], theirs: list[Unit], measure: Meas
     lo, hi = (float(q) for q in np.quantile(differences, [0.025, 0.975]))
     p = 1.0 if np.all(differences == 0) else min(1.0, 2 * min(np.mean(differences <= 0), np.mean(differences >= 0)))
     splits = ", ".join(map(str, sorted({u.split for u, _ in pairs})))
-    return SameSeeds(arm, sorted({u.seed for u, _ in pairs}), measure.of([u for u, _ in pairs]),
-                     measure.of([t for _, t in pairs]), lo, hi, float(p), f"the questions of splits {splits}",
-                     measure.label) if not math.isnan(centre) else None
+    return SameSeeds(arm, sorted({u.seed for u, _ in pairs}), mine_value, their_value, lo, hi, float(p),
+                     f"the questions of splits {splits}")
 
 
 def same_seed_checks(mine: list[Unit], published: list[Unit], measure: Measure = MEASURES["recovered_fraction"],
@@ -322,7 +321,7 @@ def same_seed_checks(mine: list[Unit], published: list[Unit], measure: Measure =
             theirs = [u for u in theirs if u.seed in check.seeds]
             check = over_questions(arm_of(setting), my_units, theirs, measure, draws, rng_seed) or check
         if check:
-            out.append(dataclasses.replace(check, measure=measure.label))
+            out.append(check)
     return out
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from toolkit.names import CHANCE
 from toolkit.probes import marker_of, measured_probes
+from toolkit.report import in_arm_order, reads_budget
 
 
 def series(lora):
@@ -48,7 +49,7 @@ def draw_curves(axis, table) -> None:
     """Recovered fraction against the attacker's budget (optimizer steps, on
     log2(1 + step)), one curve per row with its 95% band: how fast RTT brings
     the facts back at each rank (its area is the table's AUC)."""
-    for _, row in table.sort_values("lora_rank", key=lambda r: r.replace(0, math.inf), kind="stable").iterrows():
+    for _, row in in_arm_order(table).iterrows():
         steps = [int(s) for s in row.budget_steps] if isinstance(row.budget_steps, list) else []
         if not steps:
             continue
@@ -82,7 +83,7 @@ def plot_curves(table, path: Path, title: str, source: str = "") -> bool:
     """The recovery curves alone (the README's figure), under the table's first
     attacker (the headline's), with the same digest as the full figure; False,
     and nothing written, where the rows have no budget schedule."""
-    if "recovery_auc" not in table or not table.recovery_auc.notna().any():
+    if not reads_budget(table):
         return False
     plt = _pyplot()
     first = table[table.attacker == table.attacker.iloc[0]] if "attacker" in table else table
@@ -100,7 +101,7 @@ def plot(table, path: Path, title: str, source: str = "") -> None:
     `source` (the digest of the table drawn) goes into the PNG's metadata, so
     a committed figure can be checked against the rows it claims to show."""
     plt = _pyplot()
-    along = "recovery_auc" in table and table.recovery_auc.notna().any()
+    along = reads_budget(table)
     fig, axes = plt.subplots(1, 4 if along else 3, figsize=(23 if along else 17, 5))
     left, middle, right = axes[:3]
     if along:

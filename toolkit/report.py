@@ -32,6 +32,16 @@ def half_steps_cell(row) -> str:
     return f"{value:.0f} [{lo:.0f}, {upper}]"
 
 
+def in_arm_order(table: pd.DataFrame) -> pd.DataFrame:
+    """The table's rows by LoRA rank, the full-parameter reference (rank 0) last."""
+    return table.sort_values("lora_rank", key=lambda ranks: ranks.replace(0, float("inf")), kind="stable")
+
+
+def reads_budget(table: pd.DataFrame) -> bool:
+    """Whether the rows read V along the attacker's budget (the table has recovery curves)."""
+    return "recovery_auc" in table and table.recovery_auc.notna().any()
+
+
 def figure_source(table: pd.DataFrame) -> str:
     """What a figure draws, as a digest of the printed table (kept in the PNG)."""
     return "table sha256 " + hashlib.sha256(format_table(table).encode()).hexdigest()[:16]
@@ -51,7 +61,7 @@ def format_table(table: pd.DataFrame) -> str:
     shown["retain"] = table.retain_after.map(lambda v: f"{v:.2f}")
     shown["recovered (B-A)/(base-A)"] = _with_ci(table, "recovered_fraction")
     shown["above floor"] = _with_ci(table, "recovered_above_floor")
-    if "recovery_auc" in table and table.recovery_auc.notna().any():  # along the attacker's budget
+    if reads_budget(table):
         shown["AUC (log steps)"] = _with_ci(table, "recovery_auc")
         shown["steps to half"] = table.apply(lambda row: half_steps_cell(row), axis=1)
     for probe in measured_probes(table.columns):
