@@ -53,8 +53,8 @@ from toolkit.comparison import (
     verdict_sentence,
 )
 from toolkit.estimates import budget_of, match_forgetting, summarize
-from toolkit.plots import plot, plot_curves
-from toolkit.report import attacker_heading, block_markers, figure_source, format_table, in_arm_order, print_flags
+from toolkit.plots import in_arm_order, plot, plot_curves
+from toolkit.report import attacker_heading, block_markers, figure_source, format_table, print_flags
 from toolkit.result_frames import Results, load_results, published_results
 from toolkit.units import LeftOut, Options, step0_check, units_of
 

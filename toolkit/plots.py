@@ -8,7 +8,16 @@ from pathlib import Path
 
 from toolkit.names import CHANCE
 from toolkit.probes import marker_of, measured_probes
-from toolkit.report import in_arm_order, reads_budget
+
+
+def in_arm_order(table):
+    """The table's rows by LoRA rank, the full-parameter reference (rank 0) last."""
+    return table.sort_values("lora_rank", key=lambda ranks: ranks.replace(0, math.inf), kind="stable")
+
+
+def reads_budget(table) -> bool:
+    """Whether the rows read V along the attacker's budget (the table has recovery curves)."""
+    return "recovery_auc" in table and table.recovery_auc.notna().any()
 
 
 def series(lora):

@@ -8,6 +8,7 @@ import hashlib
 import pandas as pd
 
 from toolkit.attackers import ATTACKER_NOTES
+from toolkit.plots import reads_budget
 from toolkit.probes import measured_probes
 from toolkit.units import Options
 
@@ -30,16 +31,6 @@ def half_steps_cell(row) -> str:
         return "never"
     upper = f"{hi:.0f}" if row.half_recovery_reached >= 0.975 else f">{hi:.0f}" if pd.notna(hi) else "?"
     return f"{value:.0f} [{lo:.0f}, {upper}]"
-
-
-def in_arm_order(table: pd.DataFrame) -> pd.DataFrame:
-    """The table's rows by LoRA rank, the full-parameter reference (rank 0) last."""
-    return table.sort_values("lora_rank", key=lambda ranks: ranks.replace(0, float("inf")), kind="stable")
-
-
-def reads_budget(table: pd.DataFrame) -> bool:
-    """Whether the rows read V along the attacker's budget (the table has recovery curves)."""
-    return "recovery_auc" in table and table.recovery_auc.notna().any()
 
 
 def figure_source(table: pd.DataFrame) -> str:
