@@ -1002,6 +1002,21 @@ def test_the_power_calculation_sizes_the_primary_contrast_from_each_seeds_area(m
     assert "full - rank 1 (primary): 3 paired seeds" in out
 
 
+def test_the_power_calculations_trend_runs_over_the_lora_ranks_only(monkeypatch, capsys):
+    """The full reference (rank 0) has no place on the log2(rank) axis: the
+    trend's slopes come from the LoRA ranks alone, not from a log2(0)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "benchmarks"))
+    import study_power
+
+    by_rank = {0: {0: 0.9, 1: 0.1}, 1: {0: 0.5, 1: 0.6}, 4: {0: 0.4, 1: 0.4}, 16: {0: 0.3, 1: 0.2}}
+    study_power.print_trend(by_rank, target=0.02)
+    x = np.log2([1.0, 4.0, 16.0])
+    x -= x.mean()
+    slopes = [float((x * np.array([by_rank[r][s] for r in (1, 4, 16)])).sum() / (x ** 2).sum()) for s in (0, 1)]
+    out = capsys.readouterr().out
+    assert f"trend: 2 paired seeds, slope per doubling {np.mean(slopes):+.4f}, sd {np.std(slopes, ddof=1):.4f}" in out
+
+
 def test_a_difference_with_a_missing_arm_says_it_is_not_estimable():
     """A slice still running: rank 4 has no RTT rows yet, so its paired
     difference is NaN, and the line gives no verdict (not "lower")."""

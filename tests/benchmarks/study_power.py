@@ -57,17 +57,20 @@ def main() -> None:
     args = parser.parse_args()
     options = replace(analyze_recovery.Options(), attacker=args.attacker)
     units, left_out = analyze_recovery.units_of(analyze_recovery.load_results(args.results_dir), options)
+    # per arm (a LoRA rank, or 0 for the full-parameter reference), keyed by its rank for the table and the trend
     by_rank: dict[int, dict[int, float]] = {}
     for rank in sorted({u.setting.lora_rank for u in units}):
         by_rank[rank] = per_seed([u for u in units if u.setting.lora_rank == rank and "B" in u.vectors])
     table = analyze_recovery.summarize(units, options).table
     print(f"{args.results_dir}, attacker {args.attacker}: {len(left_out)} flagged run(s) left out")
+    arm_names = {u.setting.lora_rank: arm_of(u.setting) for u in units}
     for rank, seeds in by_rank.items():
+        arm = arm_names[rank]
         values = np.array(list(seeds.values()))
         row = table[table.lora_rank == rank].iloc[0]
         bootstrap = (row.recovered_fraction_hi - row.recovered_fraction_lo) / 2
         if len(values) < 2:
-            print(f"rank {rank}: 1 seed ({values[0]:.3f}); bootstrap half-width over splits and questions "
+            print(f"{arm}: 1 seed ({values[0]:.3f}); bootstrap half-width over splits and questions "
                   f"{bootstrap:.3f}; the seed-to-seed spread needs a second seed")
             continue
         sd = float(values.std(ddof=1))
@@ -75,22 +78,29 @@ def main() -> None:
         # The table's bootstrap resamples splits and questions inside each resampled seed as well, so it runs
         # wider than t over seeds; its projection scales the spread by the ratio seen now.
         factor = bootstrap / now if now > 0 else 1.0
-        print(f"rank {rank}: {len(values)} seeds, mean {values.mean():.3f}, sd {sd:.3f}; half-width now "
+        print(f"{arm}: {len(values)} seeds, mean {values.mean():.3f}, sd {sd:.3f}; half-width now "
               f"{now:.3f} (t over seeds), {bootstrap:.3f} (the table's bootstrap, {factor:.2f}x); to {args.target}: "
               f"{seeds_needed(sd, args.target)} seeds by t, {seeds_needed(sd * factor, args.target)} for the bootstrap")
-    common = sorted(set.intersection(*(set(p) for p in by_rank.values()))) if by_rank else []
-    if len(by_rank) >= 2 and len(common) >= 2:
-        x = np.log2(np.array(sorted(by_rank), dtype=float))
-        x -= x.mean()
-        slopes = np.array([(x * np.array([by_rank[r][s] for r in sorted(by_rank)])).sum() / (x ** 2).sum()
-                           for s in common])
-        sd = float(slopes.std(ddof=1))
-        print(f"trend: {len(common)} paired seeds, slope per doubling {slopes.mean():+.4f}, sd {sd:.4f}; half-width "
-              f"now {half_width(sd, len(common)):.4f}; {seeds_needed(sd, args.trend_target)} seeds bring it to "
-              f"{args.trend_target}")
+    print_trend(by_rank, args.trend_target)
     budget = budget_of(units)
     if len(budget) >= 2:
         print_primary_contrast(auc_per_seed(units), args.auc_target, args.most_seeds)
+
+
+def print_trend(by_rank: dict[int, dict[int, float]], target: float) -> None:
+    """The paired trend over the LoRA ranks (the full reference has no rank to place on the axis): each seed's
+    slope of recovery against log2(rank), and the seeds that bring its half-width to `target`."""
+    by_rank = {rank: seeds for rank, seeds in by_rank.items() if rank}
+    common = sorted(set.intersection(*(set(p) for p in by_rank.values()))) if by_rank else []
+    if len(by_rank) < 2 or len(common) < 2:
+        return
+    x = np.log2(np.array(sorted(by_rank), dtype=float))
+    x -= x.mean()
+    slopes = np.array([(x * np.array([by_rank[r][s] for r in sorted(by_rank)])).sum() / (x ** 2).sum()
+                       for s in common])
+    sd = float(slopes.std(ddof=1))
+    print(f"trend: {len(common)} paired seeds, slope per doubling {slopes.mean():+.4f}, sd {sd:.4f}; half-width "
+          f"now {half_width(sd, len(common)):.4f}; {seeds_needed(sd, target)} seeds bring it to {target}")
 
 
 def auc_per_seed(units) -> dict[str, dict[int, float]]:
