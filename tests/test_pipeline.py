@@ -617,6 +617,37 @@ def test_the_demo_is_a_slice_of_the_second_editions_published_rows(tmp_path):
     assert not plan.baseline_rtt and not plan.floor_rtt and not plan.reference_quant
 
 
+@pytest.mark.parametrize("seed", [0])
+def test_the_second_edition_plans_exactly_the_published_rows_of_each_seed(tmp_path, seed):
+    """The study runs a seed a slice at a time over many sessions and
+    machines: every job of a published seed (five arms, RTT at two lrs on
+    five held-out splits, C, the floor, the quantization and merge probes)
+    finds its row under the key it was written with, so a later slice's
+    code reruns nothing of it and pairs with it."""
+    published = ROOT / "results" / "rank_study_speed"
+    plan = planned(config("rank_study_speed", [f"data_root={tmp_path}/data", f"results_dir={published}",
+                                               f"slice=[{seed}]"]))
+    assert len(plan.runs) == 5 and len(plan.jobs()) == 97
+    assert [job.label for job in plan.pending()] == []
+
+
+def test_the_numeric_path_slice_is_the_published_seed_0_on_the_other_path(tmp_path):
+    """conf/rank_study_speed_bf16.yaml measures the path effect by pairing
+    each arm with its fp32 twin: with the path set back to fp32, every one of
+    its jobs is a published row of seed 0 (five arms, both lrs, five splits);
+    under bf16 autocast none is, so it runs them all, into its own folder."""
+    published = ROOT / "results" / "rank_study_speed"
+    overrides = [f"data_root={tmp_path}/data", f"results_dir={published}"]
+    from omegaconf import OmegaConf
+
+    # the suite composes every config on one path unless told; the file itself asks for bf16 autocast
+    assert OmegaConf.load(ROOT / "conf" / "rank_study_speed_bf16.yaml").device.bf16_autocast is True
+    fp32 = planned(config("rank_study_speed_bf16", [*overrides, "device.bf16_autocast=false"]))
+    assert len(fp32.runs) == 5 and len(fp32.jobs()) == 55 and fp32.pending() == []
+    bf16 = planned(config("rank_study_speed_bf16", [*overrides, "device.bf16_autocast=true"]))
+    assert len(bf16.pending()) == 55
+
+
 def test_the_first_editions_demo_plans_exactly_the_published_rows_of_its_seed(tmp_path):
     """The same contract for the first edition's demo (conf/demo_taught.yaml).
     The published rows ran with bf16 autocast, and the numeric path is part of
