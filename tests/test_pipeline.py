@@ -617,7 +617,7 @@ def test_the_demo_is_a_slice_of_the_second_editions_published_rows(tmp_path):
     assert not plan.baseline_rtt and not plan.floor_rtt and not plan.reference_quant
 
 
-@pytest.mark.parametrize("seed", [0])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_the_second_edition_plans_exactly_the_published_rows_of_each_seed(tmp_path, seed):
     """The study runs a seed a slice at a time over many sessions and
     machines: every job of a published seed (five arms, RTT at two lrs on
