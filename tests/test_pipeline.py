@@ -636,10 +636,10 @@ def test_the_numeric_path_slice_is_the_published_seed_0_on_the_other_path(tmp_pa
     each arm with its fp32 twin: with the path set back to fp32, every one of
     its jobs is a published row of seed 0 (five arms, both lrs, five splits);
     under bf16 autocast none is, so it runs them all, into its own folder."""
-    published = ROOT / "results" / "rank_study_speed"
-    overrides = [f"data_root={tmp_path}/data", f"results_dir={published}"]
     from omegaconf import OmegaConf
 
+    published = ROOT / "results" / "rank_study_speed"
+    overrides = [f"data_root={tmp_path}/data", f"results_dir={published}"]
     # the suite composes every config on one path unless told; the file itself asks for bf16 autocast
     assert OmegaConf.load(ROOT / "conf" / "rank_study_speed_bf16.yaml").device.bf16_autocast is True
     fp32 = planned(config("rank_study_speed_bf16", [*overrides, "device.bf16_autocast=false"]))
